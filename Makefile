@@ -1,0 +1,107 @@
+# sturdy: build, install and test.
+#   make                 build sturdy/core.so for $(LUA) (default lua5.4)
+#   make install         install where `require "sturdy"` finds it
+#   make test            install missing Debian packages, then run the suite on $(LUA)
+#   make test-all        the suite on Lua 5.1, 5.2, 5.3, 5.4 and LuaJIT
+#   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
+#   make demo            the main job against the bundled mock API
+#   make bench           benchmarks against a bare libcurl client
+
+LUA ?= lua5.4
+LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
+LUA_PC ?= $(LUA)
+PKG_CONFIG ?= pkg-config
+
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+LUADIR ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+DESTDIR ?=
+
+CC ?= cc
+CFLAGS ?= -O2 -g
+WARNINGS := -std=c99 -pedantic -Wall -Wextra -Wmissing-prototypes -Wshadow
+WERROR ?= -Werror
+
+ifdef LUA_INCDIR
+LUA_CFLAGS := -I$(LUA_INCDIR)
+else
+LUA_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null)
+endif
+CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
+CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
+
+BUILD ?= build/$(LUA)
+POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c
+CORE_SRC := src/buf.c src/timerheap.c src/engine.c src/lsturdy.c $(POLICY_SRC)
+HEADERS := $(wildcard src/*.h)
+CORE_SO := $(BUILD)/sturdy/core.so
+
+BUSTED ?= /usr/bin/busted
+BUSTED_ARGS ?=
+SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
+
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+SAN_CC ?= gcc
+
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint demo bench clean
+
+all: $(CORE_SO)
+
+$(CORE_SO): $(CORE_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -fPIC -shared $(LUA_CFLAGS) $(CURL_CFLAGS) \
+		-o $@ $(CORE_SRC) $(CURL_LIBS) $(LDFLAGS)
+
+install: $(CORE_SO)
+	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
+	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
+
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+
+deps:
+	@sh scripts/deps.sh
+
+# The pure C policies, tested directly with a virtual clock.
+$(BUILD)/test_policies: spec/c/test_policies.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc -o $@ spec/c/test_policies.c $(POLICY_SRC) -lm $(LDFLAGS)
+
+test-c: $(BUILD)/test_policies
+	$(BUILD)/test_policies
+
+test-lua: $(CORE_SO)
+	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
+
+test: deps
+	$(MAKE) --no-print-directory test-c test-lua lint
+
+test-all: deps
+	@set -e; for l in $(SUITE_LUAS); do \
+		echo "== $$l"; $(MAKE) --no-print-directory LUA=$$l test-c test-lua; done
+
+# Lua itself is not instrumented, so the sanitizer runtime is preloaded.
+test-asan: deps
+	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
+		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
+		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/test_policies
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 build/asan-$(LUA)/test_policies
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
+		$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='build/asan-$(LUA)/?.so' $(BUSTED_ARGS) spec
+
+lint:
+	luacheck --quiet lua spec examples bench
+
+demo: deps $(CORE_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" examples/demo.lua
+
+bench: deps $(CORE_SO)
+	@sh bench/run.sh $(LUA) $(BUILD)
+
+clean:
+	rm -rf build

@@ -1,0 +1,407 @@
+--- sturdy: LLM API calls that hold up in production.
+-- The client facade: validates configuration, turns requests into engine
+-- specs, and results into responses or sturdy.Error values.
+local core = require "sturdy.core"
+local cjson = require "cjson.safe"
+
+local sturdy = { _VERSION = "0.1.0" }
+
+local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
+local setmetatable, error, floor = setmetatable, error, math.floor
+local lower, format, concat = string.lower, string.format, table.concat
+
+---------------------------------------------------------------------------
+-- Errors
+---------------------------------------------------------------------------
+
+local Error = { __name = "sturdy.Error" }
+Error.__index = Error
+
+-- One friendly line per kind; the technical part goes to err.detail.
+local MESSAGES = {
+  rate_limited = "rate limited by the server",
+  overloaded = "the server is overloaded",
+  server = "the server failed",
+  request_timeout = "the server timed out reading the request",
+  conflict = "the server reported a conflict",
+  bad_request = "the server rejected the request as invalid",
+  auth = "the server rejected the credentials",
+  permission = "the credentials lack permission for this request",
+  not_found = "the server does not know this path or model",
+  too_large = "the request is too large for the server",
+  client_error = "the server refused the request",
+  bad_response = "the server's response could not be used",
+  response_too_large = "the response is larger than max_response",
+  connection = "the connection failed or broke",
+  dns = "the host name could not be resolved",
+  tls = "the TLS connection could not be verified or set up",
+  connect_timeout = "timed out connecting",
+  first_byte_timeout = "timed out waiting for the response to start",
+  idle_timeout = "the response stalled",
+  total_timeout = "the call ran past its deadline",
+  budget_exhausted = "retries stopped: the retry budget is spent",
+  canceled = "the call was canceled",
+  bad_url = "the URL is not usable",
+  transport = "the transfer failed",
+}
+
+--- Flattens a string to one printable line of at most n bytes.
+local function one_line(s, n)
+  s = tostring(s):gsub("[%c]+", " ")
+  if #s > n then s = s:sub(1, n) .. "..." end
+  return s
+end
+
+-- Reads a provider error body: Anthropic {"type":"error","error":{...}} and
+-- OpenAI {"error":{...}}; anything else is kept as its first bytes.
+local function parse_error_body(err, body)
+  if body == nil or body == "" then return end
+  local doc = body:find("^%s*{") and cjson.decode(body)
+  local e = type(doc) == "table" and doc.error
+  if type(e) == "table" then
+    err.type = type(e.type) == "string" and e.type or (type(e.code) == "string" and e.code or nil)
+    if type(e.message) == "string" then err.detail = one_line(e.message, 500) end
+  else
+    err.detail = one_line(body, 200)
+  end
+end
+
+function Error.new(fields)
+  local err = setmetatable(fields, Error)
+  err.message = err.message or MESSAGES[err.kind] or err.kind
+  err.retryable = err.retryable or false
+  return err
+end
+
+function Error:__tostring()
+  local parts = { "sturdy: ", self.kind or "error" }
+  if self.status or self.type then
+    parts[#parts + 1] = " ("
+    parts[#parts + 1] = concat({ self.status and tostring(self.status) or nil, self.type }, " ")
+    parts[#parts + 1] = ")"
+  end
+  parts[#parts + 1] = ": "
+  parts[#parts + 1] = self.message
+  if self.detail and self.detail ~= "" then
+    parts[#parts + 1] = " - " .. self.detail
+  end
+  if self.retry_after then parts[#parts + 1] = format("; retry after %gs", self.retry_after) end
+  if self.attempts and #self.attempts > 1 then
+    parts[#parts + 1] = format("; %d attempts", #self.attempts)
+  end
+  if self.request_id then parts[#parts + 1] = " [" .. self.request_id .. "]" end
+  return one_line(concat(parts), 1000)
+end
+
+sturdy.Error = Error
+
+function sturdy.is_error(v)
+  return getmetatable(v) == Error
+end
+
+---------------------------------------------------------------------------
+-- Option checking: unknown names and wrong types raise, naming the option.
+---------------------------------------------------------------------------
+
+local function fail(msg, ...)
+  error("sturdy: " .. format(msg, ...), 0)
+end
+
+local CHECKS = {
+  string = function(v) return type(v) == "string" end,
+  number = function(v) return type(v) == "number" and v == v end,
+  positive = function(v) return type(v) == "number" and v > 0 and v < math.huge end,
+  count = function(v) return type(v) == "number" and v >= 1 and v == floor(v) end,
+  table = function(v) return type(v) == "table" end,
+  ["function"] = function(v) return type(v) == "function" end,
+  boolean = function(v) return type(v) == "boolean" end,
+  ["positive|false"] = function(v) return v == false or (type(v) == "number" and v > 0) end,
+  ["table|false"] = function(v) return v == false or type(v) == "table" end,
+  ["number|table"] = function(v) return type(v) == "table" or (type(v) == "number" and v > 0) end,
+}
+
+local WANTS = {
+  positive = "a positive number", count = "a whole number >= 1",
+  ["positive|false"] = "a positive number or false", ["table|false"] = "a table or false",
+  ["number|table"] = "a positive number or a table of them by class",
+}
+
+local function check_options(t, schema, where)
+  if type(t) ~= "table" then fail("%s must be a table, got %s", where, type(t)) end
+  for k, v in pairs(t) do
+    local want = schema[k]
+    if want == nil then
+      fail("unknown option '%s' in %s", tostring(k), where)
+    end
+    if type(want) == "table" then
+      check_options(v, want, where .. "." .. k)
+    elseif not CHECKS[want](v) then
+      fail("option '%s' in %s must be %s, got %s", k, where, WANTS[want] or ("a " .. want),
+           type(v) == "string" and format("%q", one_line(v, 40)) or type(v))
+    end
+  end
+end
+
+local TIMEOUT_SCHEMA = {
+  connect = "positive|false", first_byte = "positive|false",
+  idle = "positive|false", total = "positive|false",
+}
+
+local CLIENT_SCHEMA = {
+  base_url = "string", headers = "table", key = "string",
+  timeout = TIMEOUT_SCHEMA,
+  retry = {
+    attempts = "count", base = "number|table", cap = "positive", jitter = "string",
+    honor_retry_after = "positive", retry_on = "table", never_retry_on = "table",
+    budget = "table|false",
+  },
+  tls = {
+    ca_file = "string", ca_path = "string", client_cert = "string", client_key = "string",
+    client_key_password = "string",
+  },
+  proxy = "string", no_proxy = "string", user_agent = "string",
+  max_response = "positive", on_retry = "function", seed = "positive",
+}
+
+local BUDGET_SCHEMA = { ratio = "number", min_per_s = "number", window = "positive" }
+
+local REQUEST_SCHEMA = {
+  method = "string", path = "string", url = "string", headers = "table", body = "string",
+  json = "table", key = "string", timeout = TIMEOUT_SCHEMA, max_response = "positive",
+  attempts = "count",
+}
+
+local CLASSES = {
+  throttled = true, overloaded = true, transient = true, timeout = true, fatal = true,
+}
+local JITTERS = { full = true, equal = true, decorrelated = true, none = true }
+
+local DEFAULT_TIMEOUT = { connect = 10, first_byte = 60, idle = 30, total = 600 }
+
+---------------------------------------------------------------------------
+-- Headers
+---------------------------------------------------------------------------
+
+local function check_header(name, value, where)
+  if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+%-.^_`|~]+$") then
+    fail("header name %s in %s is not a valid HTTP token", format("%q", tostring(name)), where)
+  end
+  if type(value) ~= "string" and type(value) ~= "number" then
+    fail("header '%s' in %s must be a string, got %s", name, where, type(value))
+  end
+  value = tostring(value)
+  if value:find("[\r\n%z]") then
+    -- the value is not echoed: it may be a secret
+    fail("header '%s' in %s contains CR, LF or NUL", name, where)
+  end
+  return value
+end
+
+-- Header lines for libcurl, later tables overriding earlier ones by name.
+local function header_lines(client_lines, client_names, headers, has_body)
+  local lines, seen = {}, {}
+  if headers then
+    for name, value in pairs(headers) do
+      value = check_header(name, value, "request headers")
+      local lname = lower(name)
+      if seen[lname] then fail("header '%s' given twice in request headers", name) end
+      seen[lname] = true
+      lines[#lines + 1] = name .. ": " .. value
+    end
+  end
+  for i = 1, #client_lines do
+    if not seen[client_names[i]] then lines[#lines + 1] = client_lines[i] end
+  end
+  if has_body and not seen["content-type"] and not client_names["content-type"] then
+    lines[#lines + 1] = "Content-Type: application/json"
+  end
+  -- libcurl's Expect: 100-continue only adds a round trip for API calls
+  lines[#lines + 1] = "Expect:"
+  return lines
+end
+
+local header_meta = {
+  __index = function(t, k)
+    if type(k) == "string" then return rawget(t, lower(k)) end
+  end,
+}
+
+---------------------------------------------------------------------------
+-- Client
+---------------------------------------------------------------------------
+
+local Client = {}
+Client.__index = Client
+
+local function ms(v)
+  return v and floor(v * 1000 + 0.5) or 0
+end
+
+local function engine_options(cfg)
+  local retry = cfg.retry or {}
+  local opts = {
+    proxy = cfg.proxy, no_proxy = cfg.no_proxy,
+    user_agent = cfg.user_agent or ("sturdy/" .. sturdy._VERSION),
+    seed = cfg.seed, on_retry = cfg.on_retry,
+    attempts = retry.attempts, jitter = retry.jitter,
+    cap_ms = retry.cap and ms(retry.cap),
+    honor_retry_after_ms = retry.honor_retry_after and ms(retry.honor_retry_after),
+  }
+  for k, v in pairs(cfg.tls or {}) do opts[k] = v end
+  if retry.jitter and not JITTERS[retry.jitter] then
+    fail("option 'jitter' in retry must be one of full, equal, decorrelated, none; got %q", retry.jitter)
+  end
+  if type(retry.base) == "number" then
+    opts.base_ms = {}
+    for class in pairs(CLASSES) do opts.base_ms[class] = ms(retry.base) end
+  elseif type(retry.base) == "table" then
+    opts.base_ms = {}
+    for class, v in pairs(retry.base) do
+      if not CLASSES[class] then fail("unknown class '%s' in retry.base", tostring(class)) end
+      if type(v) ~= "number" or v <= 0 then fail("retry.base.%s must be a positive number", class) end
+      opts.base_ms[class] = ms(v)
+    end
+  end
+  -- retry_on / never_retry_on take class names or HTTP statuses
+  opts.retried, opts.status_retried = {}, {}
+  for _, spec in ipairs { { retry.retry_on, true, "retry_on" }, { retry.never_retry_on, false, "never_retry_on" } } do
+    for _, v in ipairs(spec[1] or {}) do
+      if CLASSES[v] then
+        opts.retried[v] = spec[2]
+      elseif type(v) == "number" and v >= 100 and v <= 599 and v == floor(v) then
+        opts.status_retried[v] = spec[2]
+      else
+        fail("retry.%s takes class names (throttled, overloaded, transient, timeout, fatal) "
+             .. "or HTTP statuses, got %s", spec[3], tostring(v))
+      end
+    end
+  end
+  if retry.budget == false then
+    opts.budget = false
+  elseif retry.budget then
+    check_options(retry.budget, BUDGET_SCHEMA, "retry.budget")
+    opts.budget = {
+      ratio = retry.budget.ratio, min_per_s = retry.budget.min_per_s,
+      slot_ms = retry.budget.window and ms(retry.budget.window) / 10,
+    }
+  end
+  return opts
+end
+
+local function host_of(url)
+  return url and url:match("^%a[%w+.-]*://([^/?#]+)")
+end
+
+--- Creates a client. See README for the options.
+function sturdy.client(cfg)
+  cfg = cfg or {}
+  check_options(cfg, CLIENT_SCHEMA, "client options")
+  if cfg.base_url and not cfg.base_url:find("^https?://[^/]") then
+    fail("option 'base_url' must start with http:// or https:// and name a host, got %q",
+         one_line(cfg.base_url, 80))
+  end
+  local timeout = {}
+  for k, v in pairs(DEFAULT_TIMEOUT) do timeout[k] = v end
+  for k, v in pairs(cfg.timeout or {}) do timeout[k] = v end
+
+  local lines, names = {}, {}
+  for name, value in pairs(cfg.headers or {}) do
+    value = check_header(name, value, "client headers")
+    lines[#lines + 1] = name .. ": " .. value
+    names[#names + 1] = lower(name)
+    names[lower(name)] = true
+  end
+
+  local self = setmetatable({
+    base_url = cfg.base_url and cfg.base_url:gsub("/+$", ""),
+    key = cfg.key or host_of(cfg.base_url),
+    timeout = timeout,
+    max_response = cfg.max_response,
+    _header_lines = lines, _header_names = names,
+  }, Client)
+  self._engine = core.engine(engine_options(cfg))
+  return self
+end
+
+local function timeouts_ms(spec, base, override)
+  for k, v in pairs(base) do
+    local o = override and override[k]
+    if o ~= nil then v = o end
+    spec[k .. "_ms"] = v and ms(v) or 0
+  end
+end
+
+-- Turns a request table into the engine's spec; raises on a malformed one.
+function Client:_spec(req)
+  check_options(req, REQUEST_SCHEMA, "request")
+  local url = req.url
+  if not url then
+    if not self.base_url then fail("request needs 'url', or 'path' with a client base_url") end
+    local path = req.path or "/"
+    if path:sub(1, 1) ~= "/" then fail("request 'path' must start with '/', got %q", one_line(path, 80)) end
+    url = self.base_url .. path
+  elseif not url:find("^https?://[^/]") then
+    fail("request 'url' must start with http:// or https://, got %q", one_line(url, 80))
+  end
+  local body = req.body
+  if req.json then
+    if body then fail("request takes 'body' or 'json', not both") end
+    local err
+    body, err = cjson.encode(req.json)
+    if not body then fail("request 'json' cannot be encoded: %s", err) end
+  end
+  local method = req.method or (body and "POST" or "GET")
+  if not method:find("^%u+$") then fail("request 'method' must be an upper-case HTTP method, got %q", method) end
+  local spec = {
+    method = method, url = url, body = body,
+    key = req.key or self.key or host_of(url),
+    headers = header_lines(self._header_lines, self._header_names, req.headers, body ~= nil),
+    max_response = req.max_response or self.max_response,
+    attempts = req.attempts,
+  }
+  timeouts_ms(spec, self.timeout, req.timeout)
+  return spec
+end
+
+local function to_response(r)
+  setmetatable(r.headers, header_meta)
+  if r.kind == nil then return r end
+  local err = Error.new {
+    kind = r.kind, class = r.class, status = r.status, detail = r.detail,
+    retry_after = r.retry_after, committed = r.committed, attempts = r.attempts,
+    request_id = r.request_id, headers = r.headers, body = r.body, timings = r.timings,
+    retryable = r.class ~= "fatal" and r.class ~= "canceled",
+  }
+  if r.status then parse_error_body(err, r.body) end
+  if r.cause then
+    r.cause.message = MESSAGES[r.cause.kind]
+    r.cause.detail = err.detail
+    err.cause = Error.new(r.cause)
+  end
+  return nil, err
+end
+
+--- Sends a request and waits for its outcome: a response, or nil and a sturdy.Error.
+function Client:request(req)
+  if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
+  local r = self._engine:perform(self:_spec(req))
+  return to_response(r)
+end
+
+function Client:stats()
+  return self._engine:stats()
+end
+
+function Client:close()
+  self._engine:close()
+end
+
+Client.__close = Client.close
+
+function Client:__tostring()
+  return format("sturdy.client (%s)", self.base_url or "no base_url")
+end
+
+sturdy.Client = Client
+
+return sturdy

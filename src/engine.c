@@ -1,0 +1,1020 @@
+#define _POSIX_C_SOURCE 200809L
+
+#include "engine.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <curl/curl.h>
+
+#include "budget.h"
+#include "buf.h"
+#include "httpdate.h"
+#include "timerheap.h"
+
+#define KEY_BUCKETS 64
+#define EASY_POOL_MAX 64
+
+/* Policy state of one upstream key, shared by every request that names it. */
+typedef struct st_keystate {
+    struct st_keystate *next;
+    st_budget budget;
+    char name[]; /* flexible array: the key itself */
+} st_keystate;
+
+typedef struct st_list {
+    st_request *head, *tail;
+} st_list;
+
+struct st_request {
+    st_engine *eng;
+    st_request *prev, *next;   /* in running, waiting or done list */
+    st_list *list;             /* which one, NULL when none */
+    st_timer timer;            /* retry wait */
+    st_req_state state;
+    CURL *easy;
+    void *userdata;
+
+    /* what was asked */
+    char *method, *url, *body;
+    size_t body_len;
+    struct curl_slist *headers;
+    st_keystate *ks;
+    int64_t connect_ms, first_byte_ms, idle_ms, deadline_ms; /* deadline: absolute, 0 none */
+    size_t max_response;
+    unsigned max_attempts;
+
+    /* the attempt under way */
+    int64_t attempt_start_ms, last_byte_ms;
+    int got_bytes, too_large;
+    const char *watchdog_kind;  /* set when our own timeout ended the attempt */
+    st_buf raw_headers;         /* "name\0value\0" pairs of the latest response */
+    size_t nheaders;
+    st_buf body_buf;
+    char errbuf[CURL_ERROR_SIZE];
+
+    /* across attempts */
+    st_attempt *attempts;
+    size_t nattempts, cap_attempts;
+    double prev_delay_ms;
+    char request_id[128];
+    int64_t retry_after_ms;     /* last usable hint, -1 none */
+    int committed;
+
+    /* the outcome */
+    st_outcome outcome;
+    long status;
+    st_outcome cause;
+    long cause_status;
+    st_header *header_index;
+    st_timings timings;
+    int http_version;
+};
+
+struct st_engine {
+    CURLM *multi;
+    st_transport_config tc;     /* strings owned */
+    st_retry_policy policy;
+    st_rng rng;
+    st_timerheap timers;
+    st_list running, waiting, done;
+    st_keystate *keys[KEY_BUCKETS];
+    CURL *easy_pool[EASY_POOL_MAX];
+    int npool;
+    st_retry_hook retry_hook;
+    void *retry_hook_ud;
+    uint64_t n_requests, n_attempts, n_retries, n_connections;
+};
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static char *dup_str(const char *s)
+{
+    size_t n;
+    char *d;
+    if (s == NULL)
+        return NULL;
+    n = strlen(s) + 1;
+    d = malloc(n);
+    if (d != NULL)
+        memcpy(d, s, n);
+    return d;
+}
+
+static void set_err(char *err, size_t errlen, const char *msg)
+{
+    if (errlen)
+        snprintf(err, errlen, "%s", msg);
+}
+
+/* ---- lists ---------------------------------------------------------------- */
+
+static void list_push(st_list *l, st_request *r)
+{
+    r->list = l;
+    r->next = NULL;
+    r->prev = l->tail;
+    if (l->tail)
+        l->tail->next = r;
+    else
+        l->head = r;
+    l->tail = r;
+}
+
+static void list_unlink(st_request *r)
+{
+    st_list *l = r->list;
+    if (l == NULL)
+        return;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        l->tail = r->prev;
+    r->prev = r->next = NULL;
+    r->list = NULL;
+}
+
+static int list_count(const st_list *l)
+{
+    int n = 0;
+    const st_request *r;
+    for (r = l->head; r; r = r->next)
+        n++;
+    return n;
+}
+
+/* ---- keys ----------------------------------------------------------------- */
+
+static unsigned key_hash(const char *s)
+{
+    unsigned h = 2166136261u; /* FNV-1a */
+    while (*s)
+        h = (h ^ (unsigned char)*s++) * 16777619u;
+    return h;
+}
+
+static st_keystate *key_get(st_engine *e, const char *name)
+{
+    unsigned b = key_hash(name) % KEY_BUCKETS;
+    st_keystate *k;
+    size_t n;
+
+    for (k = e->keys[b]; k; k = k->next)
+        if (strcmp(k->name, name) == 0)
+            return k;
+    n = strlen(name) + 1;
+    k = malloc(sizeof *k + n);
+    if (k == NULL)
+        return NULL;
+    memcpy(k->name, name, n);
+    st_budget_init(&k->budget, e->policy.budget_ratio, e->policy.budget_min_per_s,
+                   e->policy.budget_slot_ms, mono_ms());
+    k->next = e->keys[b];
+    e->keys[b] = k;
+    return k;
+}
+
+/* ---- response headers ----------------------------------------------------- */
+
+static const char *header_find(const st_request *r, const char *lname)
+{
+    const char *p = r->raw_headers.data;
+    size_t i;
+    for (i = 0; i < r->nheaders; i++) {
+        const char *v = p + strlen(p) + 1;
+        if (strcmp(p, lname) == 0)
+            return v;
+        p = v + strlen(v) + 1;
+    }
+    return NULL;
+}
+
+static size_t on_header(char *data, size_t size, size_t n, void *ud)
+{
+    st_request *r = ud;
+    size_t len = size * n, name_len;
+    const char *colon, *end = data + len;
+    char zero = 0;
+
+    r->last_byte_ms = mono_ms();
+    r->got_bytes = 1;
+    if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        /* a new response (after 100-continue or a proxy's CONNECT): forget the last one */
+        st_buf_reset(&r->raw_headers);
+        r->nheaders = 0;
+        return len;
+    }
+    while (end > data && (end[-1] == '\r' || end[-1] == '\n'))
+        end--;
+    colon = memchr(data, ':', (size_t)(end - data));
+    if (colon == NULL || colon == data)
+        return len; /* the blank line ending the headers, or a folded line */
+    name_len = (size_t)(colon - data);
+    colon++;
+    while (colon < end && (*colon == ' ' || *colon == '\t'))
+        colon++;
+    while (end > colon && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    {
+        size_t start = r->raw_headers.len, i;
+        if (!st_buf_append(&r->raw_headers, data, name_len)
+            || !st_buf_append(&r->raw_headers, &zero, 1)
+            || !st_buf_append(&r->raw_headers, colon, (size_t)(end - colon))
+            || !st_buf_append(&r->raw_headers, &zero, 1))
+            return 0;
+        for (i = start; i < start + name_len; i++)
+            r->raw_headers.data[i] = (char)tolower((unsigned char)r->raw_headers.data[i]);
+    }
+    r->nheaders++;
+    return len;
+}
+
+static size_t on_body(char *data, size_t size, size_t n, void *ud)
+{
+    st_request *r = ud;
+    size_t len = size * n;
+
+    r->last_byte_ms = mono_ms();
+    r->got_bytes = 1;
+    if (len > r->max_response - r->body_buf.len || r->body_buf.len > r->max_response) {
+        r->too_large = 1;
+        return 0;
+    }
+    if (!st_buf_append(&r->body_buf, data, len))
+        return 0;
+    return len;
+}
+
+/* ---- attempts ------------------------------------------------------------- */
+
+static CURL *easy_get(st_engine *e)
+{
+    if (e->npool > 0)
+        return e->easy_pool[--e->npool];
+    return curl_easy_init();
+}
+
+static void easy_put(st_engine *e, CURL *easy)
+{
+    if (e->npool < EASY_POOL_MAX) {
+        curl_easy_reset(easy);
+        e->easy_pool[e->npool++] = easy;
+    } else {
+        curl_easy_cleanup(easy);
+    }
+}
+
+static int easy_setup(st_engine *e, st_request *r)
+{
+    CURL *c = r->easy;
+    const st_transport_config *tc = &e->tc;
+
+    curl_easy_setopt(c, CURLOPT_URL, r->url);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(c, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (r->connect_ms > 0)
+        curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)r->connect_ms);
+    if (r->max_response > 0)
+        curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_response);
+    if (tc->ca_file)
+        curl_easy_setopt(c, CURLOPT_CAINFO, tc->ca_file);
+    if (tc->ca_path)
+        curl_easy_setopt(c, CURLOPT_CAPATH, tc->ca_path);
+    if (tc->client_cert)
+        curl_easy_setopt(c, CURLOPT_SSLCERT, tc->client_cert);
+    if (tc->client_key)
+        curl_easy_setopt(c, CURLOPT_SSLKEY, tc->client_key);
+    if (tc->client_key_password)
+        curl_easy_setopt(c, CURLOPT_KEYPASSWD, tc->client_key_password);
+    if (tc->proxy)
+        curl_easy_setopt(c, CURLOPT_PROXY, tc->proxy);
+    if (tc->no_proxy)
+        curl_easy_setopt(c, CURLOPT_NOPROXY, tc->no_proxy);
+    if (tc->user_agent)
+        curl_easy_setopt(c, CURLOPT_USERAGENT, tc->user_agent);
+
+    if (strcmp(r->method, "GET") == 0 && r->body == NULL) {
+        curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(r->method, "HEAD") == 0) {
+        curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+    } else {
+        if (r->body != NULL || strcmp(r->method, "POST") == 0) {
+            curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+            curl_easy_setopt(c, CURLOPT_POSTFIELDS, r->body ? r->body : "");
+        }
+        if (strcmp(r->method, "POST") != 0)
+            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, r->method);
+    }
+    return 1;
+}
+
+static int attempt_start(st_engine *e, st_request *r)
+{
+    r->attempt_start_ms = mono_ms();
+    r->last_byte_ms = r->attempt_start_ms;
+    r->got_bytes = 0;
+    r->too_large = 0;
+    r->watchdog_kind = NULL;
+    r->errbuf[0] = '\0';
+    r->nheaders = 0;
+    st_buf_reset(&r->raw_headers);
+    st_buf_reset(&r->body_buf);
+    if (curl_multi_add_handle(e->multi, r->easy) != CURLM_OK)
+        return 0;
+    r->state = ST_REQ_RUNNING;
+    list_push(&e->running, r);
+    e->n_attempts++;
+    return 1;
+}
+
+static int attempt_log(st_request *r, long status, const char *kind)
+{
+    if (r->nattempts == r->cap_attempts) {
+        size_t cap = r->cap_attempts ? r->cap_attempts * 2 : 4;
+        st_attempt *a = realloc(r->attempts, cap * sizeof *a);
+        if (a == NULL)
+            return 0;
+        r->attempts = a;
+        r->cap_attempts = cap;
+    }
+    r->attempts[r->nattempts].status = status;
+    r->attempts[r->nattempts].kind = kind;
+    r->attempts[r->nattempts].delay_ms = 0;
+    r->nattempts++;
+    return 1;
+}
+
+static void finish(st_engine *e, st_request *r, st_outcome o)
+{
+    r->outcome = o;
+    r->state = ST_REQ_DONE;
+    list_push(&e->done, r);
+}
+
+static int64_t server_hint_ms(const st_request *r)
+{
+    const char *v;
+    int64_t ms;
+
+    if ((v = header_find(r, "retry-after-ms")) != NULL && st_retry_after_ms_parse(v, strlen(v), &ms))
+        return ms;
+    if ((v = header_find(r, "retry-after")) != NULL && st_retry_after_parse(v, strlen(v), wall_ms(), &ms))
+        return ms;
+    return -1;
+}
+
+static int is_retried(const st_retry_policy *p, st_class cls, long status, const char *should_retry)
+{
+    if (cls == ST_CLASS_SUCCESS || cls == ST_CLASS_CANCELED)
+        return 0;
+    if (should_retry != NULL) {
+        if (strcmp(should_retry, "true") == 0)
+            return 1;
+        if (strcmp(should_retry, "false") == 0)
+            return 0;
+    }
+    if (status > 0 && status < ST_STATUS_OVERRIDES && p->status_retried[status] >= 0)
+        return p->status_retried[status];
+    return p->retried[cls];
+}
+
+static void keep_request_id(st_request *r)
+{
+    const char *id = header_find(r, "request-id");
+    if (id == NULL)
+        id = header_find(r, "x-request-id");
+    if (id != NULL)
+        snprintf(r->request_id, sizeof r->request_id, "%s", id);
+}
+
+/* An attempt ended with outcome o: finish the request or schedule the next attempt. */
+static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
+{
+    const st_retry_policy *p = &e->policy;
+    int64_t now = mono_ms(), hint;
+    double delay;
+
+    list_unlink(r);
+    curl_multi_remove_handle(e->multi, r->easy);
+    r->status = status;
+    keep_request_id(r);
+    attempt_log(r, status, o.kind);
+
+    if (o.cls == ST_CLASS_SUCCESS) {
+        if (r->ks)
+            st_budget_deposit(&r->ks->budget, now);
+        finish(e, r, o);
+        return;
+    }
+    hint = status > 0 ? server_hint_ms(r) : -1;
+    if (hint > 0)
+        r->retry_after_ms = hint;
+    if (r->committed || r->nattempts >= r->max_attempts
+        || !is_retried(p, o.cls, status, header_find(r, "x-should-retry"))
+        || (hint > 0 && hint > p->honor_retry_after_ms)) {
+        finish(e, r, o);
+        return;
+    }
+    if (hint > 0) {
+        delay = (double)hint;
+    } else {
+        delay = st_backoff_delay(p->jitter, p->base_ms[o.cls], p->cap_ms,
+                                 (unsigned)r->nattempts, r->prev_delay_ms, &e->rng);
+    }
+    if (r->deadline_ms > 0 && now + (int64_t)delay >= r->deadline_ms) {
+        finish(e, r, o);
+        return;
+    }
+    if (p->budget_enabled && r->ks && !st_budget_try_withdraw(&r->ks->budget, now)) {
+        st_outcome exhausted = { o.cls, "budget_exhausted" };
+        r->cause = o;
+        r->cause_status = status;
+        finish(e, r, exhausted);
+        return;
+    }
+    r->prev_delay_ms = delay;
+    r->attempts[r->nattempts - 1].delay_ms = delay;
+    r->timer.due_ms = now + (int64_t)delay;
+    if (!st_timerheap_push(&e->timers, &r->timer)) {
+        finish(e, r, o);
+        return;
+    }
+    r->state = ST_REQ_WAITING;
+    list_push(&e->waiting, r);
+    e->n_retries++;
+    if (e->retry_hook) {
+        st_retry_info info;
+        info.key = r->ks ? r->ks->name : "";
+        info.attempt = (unsigned)r->nattempts;
+        info.cls = o.cls;
+        info.kind = o.kind;
+        info.status = status;
+        info.delay_ms = delay;
+        info.hinted = hint > 0;
+        e->retry_hook(e->retry_hook_ud, &info);
+    }
+}
+
+static st_outcome outcome_of_transport(CURLcode code)
+{
+    st_outcome o = { ST_CLASS_TRANSIENT, "connection" };
+
+    switch (code) {
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        o.kind = "dns";
+        break;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
+        break;
+    case CURLE_OPERATION_TIMEDOUT:
+        /* the only curl timeout we set is the connect one; ours are watchdogs */
+        o.cls = ST_CLASS_TIMEOUT;
+        o.kind = "connect_timeout";
+        break;
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_SSL_CRL_BADFILE:
+        o.cls = ST_CLASS_FATAL;
+        o.kind = "tls";
+        break;
+    case CURLE_URL_MALFORMAT:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+        o.cls = ST_CLASS_FATAL;
+        o.kind = "bad_url";
+        break;
+    default:
+        o.cls = ST_CLASS_FATAL;
+        o.kind = "transport";
+        break;
+    }
+    return o;
+}
+
+static void record_timings(st_engine *e, st_request *r)
+{
+    curl_off_t dns = 0, conn = 0, tls = 0, ttfb = 0, total = 0;
+    long version = 0, nconn = 0;
+    CURL *c = r->easy;
+
+    curl_easy_getinfo(c, CURLINFO_NAMELOOKUP_TIME_T, &dns);
+    curl_easy_getinfo(c, CURLINFO_CONNECT_TIME_T, &conn);
+    curl_easy_getinfo(c, CURLINFO_APPCONNECT_TIME_T, &tls);
+    curl_easy_getinfo(c, CURLINFO_STARTTRANSFER_TIME_T, &ttfb);
+    curl_easy_getinfo(c, CURLINFO_TOTAL_TIME_T, &total);
+    curl_easy_getinfo(c, CURLINFO_HTTP_VERSION, &version);
+    curl_easy_getinfo(c, CURLINFO_NUM_CONNECTS, &nconn);
+    /* phases, not curl's cumulative marks; a reused connection has no connect or TLS phase */
+    r->timings.dns = dns / 1e6;
+    r->timings.connect = conn > dns ? (conn - dns) / 1e6 : 0;
+    r->timings.tls = tls > conn ? (tls - conn) / 1e6 : 0;
+    r->timings.ttfb = ttfb / 1e6;
+    r->timings.total = total / 1e6;
+    switch (version) {
+    case CURL_HTTP_VERSION_1_0: r->http_version = 10; break;
+    case CURL_HTTP_VERSION_1_1: r->http_version = 11; break;
+    case CURL_HTTP_VERSION_2_0: r->http_version = 20; break;
+    default: r->http_version = 0; break;
+    }
+    e->n_connections += (uint64_t)nconn;
+}
+
+static void collect(st_engine *e)
+{
+    CURLMsg *m;
+    int left;
+
+    while ((m = curl_multi_info_read(e->multi, &left)) != NULL) {
+        st_request *r = NULL;
+        long status = 0;
+        st_outcome o;
+
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+        if (r == NULL || r->state != ST_REQ_RUNNING)
+            continue;
+        record_timings(e, r);
+        if (m->data.result == CURLE_OK) {
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+            o = st_outcome_of_status(status);
+        } else if (r->too_large || m->data.result == CURLE_FILESIZE_EXCEEDED) {
+            o.cls = ST_CLASS_FATAL;
+            o.kind = "response_too_large";
+            snprintf(r->errbuf, sizeof r->errbuf, "response body exceeds max_response (%lu bytes)",
+                     (unsigned long)r->max_response);
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        } else {
+            o = outcome_of_transport(m->data.result);
+            if (r->errbuf[0] == '\0')
+                snprintf(r->errbuf, sizeof r->errbuf, "%s", curl_easy_strerror(m->data.result));
+        }
+        attempt_done(e, r, o, status);
+    }
+}
+
+/* Our own timeouts: first byte, idle and the overall deadline. Returns the
+ * earliest time one of them can next fire (INT64_MAX when none). */
+static int64_t watchdogs(st_engine *e, int64_t now)
+{
+    int64_t next = INT64_MAX;
+    st_request *r = e->running.head;
+
+    while (r) {
+        st_request *following = r->next;
+        const char *kind = NULL;
+        int64_t due = INT64_MAX;
+
+        if (r->deadline_ms > 0) {
+            due = r->deadline_ms;
+            if (now >= due)
+                kind = "total_timeout";
+        }
+        if (kind == NULL && !r->got_bytes && r->first_byte_ms > 0) {
+            int64_t d = r->attempt_start_ms + r->first_byte_ms;
+            if (now >= d)
+                kind = "first_byte_timeout";
+            else if (d < due)
+                due = d;
+        }
+        if (kind == NULL && r->got_bytes && r->idle_ms > 0) {
+            int64_t d = r->last_byte_ms + r->idle_ms;
+            if (now >= d)
+                kind = "idle_timeout";
+            else if (d < due)
+                due = d;
+        }
+        if (kind != NULL) {
+            st_outcome o;
+            long status = 0;
+            o.cls = ST_CLASS_TIMEOUT;
+            o.kind = kind;
+            record_timings(e, r);
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+            snprintf(r->errbuf, sizeof r->errbuf, "%s after %.3f s", kind,
+                     (now - r->attempt_start_ms) / 1000.0);
+            attempt_done(e, r, o, status);
+        } else if (due < next) {
+            next = due;
+        }
+        r = following;
+    }
+    return next;
+}
+
+static void fire_timers(st_engine *e, int64_t now)
+{
+    st_timer *t;
+    while ((t = st_timerheap_peek(&e->timers)) != NULL && t->due_ms <= now) {
+        st_request *r = (st_request *)((char *)t - offsetof(st_request, timer));
+        st_timerheap_remove(&e->timers, t);
+        list_unlink(r);
+        if (!attempt_start(e, r)) {
+            st_outcome o = { ST_CLASS_FATAL, "transport" };
+            snprintf(r->errbuf, sizeof r->errbuf, "could not start the next attempt");
+            finish(e, r, o);
+        }
+    }
+}
+
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+int st_engine_step(st_engine *e, int64_t max_wait_ms)
+{
+    int still = 0;
+    int64_t now = mono_ms(), next, wait;
+    long curl_wait = -1;
+    st_timer *t;
+
+    fire_timers(e, now);
+    curl_multi_perform(e->multi, &still);
+    collect(e);
+    next = watchdogs(e, mono_ms());
+
+    if (e->done.head == NULL && max_wait_ms > 0 && (e->running.head || e->waiting.head)) {
+        now = mono_ms();
+        wait = max_wait_ms;
+        curl_multi_timeout(e->multi, &curl_wait);
+        if (curl_wait >= 0)
+            wait = min64(wait, curl_wait);
+        if ((t = st_timerheap_peek(&e->timers)) != NULL)
+            wait = min64(wait, t->due_ms - now);
+        if (next != INT64_MAX)
+            wait = min64(wait, next - now);
+        if (wait > 0)
+            curl_multi_poll(e->multi, NULL, 0, (int)min64(wait, 1000000), NULL);
+        fire_timers(e, mono_ms());
+        curl_multi_perform(e->multi, &still);
+        collect(e);
+        watchdogs(e, mono_ms());
+    }
+    return list_count(&e->running) + list_count(&e->waiting);
+}
+
+int64_t st_engine_timeout(st_engine *e)
+{
+    int64_t now = mono_ms(), wait = -1;
+    long curl_wait = -1;
+    st_timer *t;
+    const st_request *r;
+
+    if (e->done.head)
+        return 0;
+    if (e->running.head) {
+        curl_multi_timeout(e->multi, &curl_wait);
+        wait = curl_wait;
+    }
+    if ((t = st_timerheap_peek(&e->timers)) != NULL) {
+        int64_t d = t->due_ms - now;
+        wait = wait < 0 ? d : min64(wait, d);
+    }
+    for (r = e->running.head; r; r = r->next) {
+        int64_t d = INT64_MAX;
+        if (r->deadline_ms > 0)
+            d = r->deadline_ms;
+        if (!r->got_bytes && r->first_byte_ms > 0)
+            d = min64(d, r->attempt_start_ms + r->first_byte_ms);
+        if (r->got_bytes && r->idle_ms > 0)
+            d = min64(d, r->last_byte_ms + r->idle_ms);
+        if (d != INT64_MAX)
+            wait = wait < 0 ? d - now : min64(wait, d - now);
+    }
+    return wait < 0 ? wait : (wait > 0 ? wait : 0);
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
+static void request_release(st_request *r)
+{
+    if (r->easy)
+        easy_put(r->eng, r->easy);
+    curl_slist_free_all(r->headers);
+    free(r->method);
+    free(r->url);
+    free(r->body);
+    free(r->attempts);
+    free(r->header_index);
+    st_buf_free(&r->raw_headers);
+    st_buf_free(&r->body_buf);
+    free(r);
+}
+
+st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *err, size_t errlen)
+{
+    st_request *r = calloc(1, sizeof *r);
+    size_t i;
+
+    if (r == NULL) {
+        set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    r->eng = e;
+    r->retry_after_ms = -1;
+    r->method = dup_str(spec->method ? spec->method : "GET");
+    r->url = dup_str(spec->url);
+    if (spec->body != NULL) {
+        r->body = malloc(spec->body_len + 1);
+        if (r->body) {
+            memcpy(r->body, spec->body, spec->body_len);
+            r->body[spec->body_len] = '\0';
+        }
+        r->body_len = spec->body_len;
+    }
+    r->easy = easy_get(e);
+    if (r->method == NULL || r->url == NULL || r->easy == NULL || (spec->body && r->body == NULL))
+        goto oom;
+    for (i = 0; i < spec->nheaders; i++) {
+        struct curl_slist *l = curl_slist_append(r->headers, spec->headers[i]);
+        if (l == NULL)
+            goto oom;
+        r->headers = l;
+    }
+    if (spec->key && spec->key[0] && (r->ks = key_get(e, spec->key)) == NULL)
+        goto oom;
+    r->connect_ms = spec->connect_ms;
+    r->first_byte_ms = spec->first_byte_ms;
+    r->idle_ms = spec->idle_ms;
+    r->deadline_ms = spec->total_ms > 0 ? mono_ms() + spec->total_ms : 0;
+    r->max_response = spec->max_response ? spec->max_response : (size_t)64 << 20;
+    r->max_attempts = spec->attempts ? spec->attempts : e->policy.attempts;
+    if (r->max_attempts == 0)
+        r->max_attempts = 1;
+    easy_setup(e, r);
+    if (!attempt_start(e, r)) {
+        set_err(err, errlen, "could not add the transfer to the engine");
+        request_release(r);
+        return NULL;
+    }
+    e->n_requests++;
+    return r;
+oom:
+    set_err(err, errlen, "out of memory");
+    request_release(r);
+    return NULL;
+}
+
+void st_engine_cancel(st_engine *e, st_request *r)
+{
+    static const st_outcome canceled = { ST_CLASS_CANCELED, "canceled" };
+
+    if (r->state == ST_REQ_DONE)
+        return;
+    list_unlink(r);
+    if (r->state == ST_REQ_RUNNING)
+        curl_multi_remove_handle(e->multi, r->easy);
+    else
+        st_timerheap_remove(&e->timers, &r->timer);
+    attempt_log(r, 0, canceled.kind);
+    snprintf(r->errbuf, sizeof r->errbuf, "canceled by the caller");
+    finish(e, r, canceled);
+}
+
+st_request *st_engine_take_done(st_engine *e)
+{
+    st_request *r = e->done.head;
+    if (r)
+        list_unlink(r);
+    return r;
+}
+
+st_req_state st_request_state(const st_request *r)
+{
+    return r->state;
+}
+
+void st_request_set_userdata(st_request *r, void *ud)
+{
+    r->userdata = ud;
+}
+
+void *st_request_userdata(const st_request *r)
+{
+    return r->userdata;
+}
+
+void st_request_result(st_request *r, st_result *out)
+{
+    size_t i;
+    const char *p;
+
+    memset(out, 0, sizeof *out);
+    if (r->header_index == NULL && r->nheaders > 0) {
+        r->header_index = malloc(r->nheaders * sizeof *r->header_index);
+        if (r->header_index != NULL) {
+            p = r->raw_headers.data;
+            for (i = 0; i < r->nheaders; i++) {
+                r->header_index[i].name = p;
+                p += strlen(p) + 1;
+                r->header_index[i].value = p;
+                p += strlen(p) + 1;
+            }
+        }
+    }
+    out->outcome = r->outcome;
+    out->status = r->status;
+    out->body = r->body_buf.data ? r->body_buf.data : "";
+    out->body_len = r->body_buf.len;
+    out->headers = r->header_index;
+    out->nheaders = r->header_index ? r->nheaders : 0;
+    out->timings = r->timings;
+    out->http_version = r->http_version;
+    out->attempts = r->attempts;
+    out->nattempts = r->nattempts;
+    out->detail = r->outcome.kind ? r->errbuf : "";
+    out->request_id = r->request_id;
+    out->retry_after = r->retry_after_ms > 0 ? r->retry_after_ms / 1000.0 : -1;
+    out->committed = r->committed;
+    out->cause = r->cause;
+    out->cause_status = r->cause_status;
+}
+
+void st_request_free(st_request *r)
+{
+    if (r == NULL)
+        return;
+    if (r->state != ST_REQ_DONE)
+        st_engine_cancel(r->eng, r);
+    list_unlink(r);
+    request_release(r);
+}
+
+/* ---- engine --------------------------------------------------------------- */
+
+void st_retry_policy_defaults(st_retry_policy *p)
+{
+    int i;
+
+    memset(p, 0, sizeof *p);
+    p->attempts = 4;
+    p->base_ms[ST_CLASS_THROTTLED] = 1000;
+    p->base_ms[ST_CLASS_OVERLOADED] = 2000;
+    p->base_ms[ST_CLASS_TRANSIENT] = 500;
+    p->base_ms[ST_CLASS_TIMEOUT] = 500;
+    p->base_ms[ST_CLASS_FATAL] = 500;
+    p->cap_ms = 30000;
+    p->jitter = ST_JITTER_FULL;
+    p->honor_retry_after_ms = 60000;
+    for (i = 0; i < ST_CLASS_COUNT; i++)
+        p->retried[i] = (unsigned char)st_class_retried_by_default((st_class)i);
+    memset(p->status_retried, -1, sizeof p->status_retried);
+    p->budget_enabled = 1;
+    p->budget_ratio = 0.2;
+    p->budget_min_per_s = 3;
+    p->budget_slot_ms = 1000;
+}
+
+static int copy_config(st_transport_config *dst, const st_transport_config *src)
+{
+    const char *const *from[] = { &src->ca_file, &src->ca_path, &src->client_cert, &src->client_key,
+                                  &src->client_key_password, &src->proxy, &src->no_proxy, &src->user_agent };
+    const char **to[] = { &dst->ca_file, &dst->ca_path, &dst->client_cert, &dst->client_key,
+                          &dst->client_key_password, &dst->proxy, &dst->no_proxy, &dst->user_agent };
+    size_t i;
+
+    memset(dst, 0, sizeof *dst);
+    for (i = 0; i < sizeof from / sizeof from[0]; i++) {
+        if (*from[i] != NULL && (*to[i] = dup_str(*from[i])) == NULL)
+            return 0;
+    }
+    return 1;
+}
+
+static void free_config(st_transport_config *tc)
+{
+    /* the password is wiped, not only freed: it is a secret */
+    if (tc->client_key_password) {
+        volatile char *p = (volatile char *)tc->client_key_password;
+        while (*p)
+            *p++ = 0;
+    }
+    free((char *)tc->ca_file);
+    free((char *)tc->ca_path);
+    free((char *)tc->client_cert);
+    free((char *)tc->client_key);
+    free((char *)tc->client_key_password);
+    free((char *)tc->proxy);
+    free((char *)tc->no_proxy);
+    free((char *)tc->user_agent);
+    memset(tc, 0, sizeof *tc);
+}
+
+st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *rp,
+                         uint64_t seed, char *err, size_t errlen)
+{
+    static int curl_ready = 0;
+    st_engine *e;
+
+    if (!curl_ready) {
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+            set_err(err, errlen, "libcurl failed to initialize");
+            return NULL;
+        }
+        curl_ready = 1;
+    }
+    e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    e->multi = curl_multi_init();
+    if (e->multi == NULL || !copy_config(&e->tc, tc)) {
+        set_err(err, errlen, "out of memory");
+        st_engine_free(e);
+        return NULL;
+    }
+    if (rp)
+        e->policy = *rp;
+    else
+        st_retry_policy_defaults(&e->policy);
+    st_rng_seed(&e->rng, seed);
+    curl_multi_setopt(e->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    return e;
+}
+
+void st_engine_set_retry_hook(st_engine *e, st_retry_hook hook, void *ud)
+{
+    e->retry_hook = hook;
+    e->retry_hook_ud = ud;
+}
+
+void st_engine_free(st_engine *e)
+{
+    st_request *r;
+    int i;
+
+    if (e == NULL)
+        return;
+    while ((r = e->running.head) != NULL || (r = e->waiting.head) != NULL)
+        st_engine_cancel(e, r);
+    while ((r = st_engine_take_done(e)) != NULL)
+        request_release(r);
+    for (i = 0; i < KEY_BUCKETS; i++) {
+        st_keystate *k = e->keys[i];
+        while (k) {
+            st_keystate *next = k->next;
+            free(k);
+            k = next;
+        }
+    }
+    for (i = 0; i < e->npool; i++)
+        curl_easy_cleanup(e->easy_pool[i]);
+    if (e->multi)
+        curl_multi_cleanup(e->multi);
+    st_timerheap_free(&e->timers);
+    free_config(&e->tc);
+    free(e);
+}
+
+void st_engine_stats_get(const st_engine *e, st_engine_stats *out)
+{
+    out->requests = e->n_requests;
+    out->attempts = e->n_attempts;
+    out->retries = e->n_retries;
+    out->connections = e->n_connections;
+    out->running = list_count(&e->running);
+    out->waiting = list_count(&e->waiting);
+}

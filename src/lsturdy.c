@@ -1,0 +1,422 @@
+/* sturdy.core: the binding. It turns Lua values into engine structs and
+ * results back into tables; the logic lives in the engine and the policies. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "compat.h"
+#include "engine.h"
+
+#define ENGINE_MT "sturdy.engine"
+#define MAX_SPEC_HEADERS 256
+
+typedef struct l_engine {
+    st_engine *e;
+    lua_State *L;       /* the state driving the engine right now, for hooks */
+    int on_retry_ref;
+} l_engine;
+
+#define check_engine(L, i) ((l_engine *)luaL_checkudata((L), (i), ENGINE_MT))
+
+static l_engine *open_engine(lua_State *L, int i)
+{
+    l_engine *le = check_engine(L, i);
+    if (le->e == NULL)
+        luaL_error(L, "sturdy: the client is closed");
+    return le;
+}
+
+/* ---- reading option tables ------------------------------------------------ */
+
+static const char *opt_string(lua_State *L, int t, const char *name)
+{
+    const char *s;
+    lua_getfield(L, t, name);
+    s = lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
+    lua_pop(L, 1); /* the string stays alive: the table holds it */
+    return s;
+}
+
+static double opt_number(lua_State *L, int t, const char *name, double def)
+{
+    double v = def;
+    lua_getfield(L, t, name);
+    if (!lua_isnil(L, -1))
+        v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static void read_retry_policy(lua_State *L, int t, st_retry_policy *p)
+{
+    int i;
+
+    st_retry_policy_defaults(p);
+    p->attempts = (unsigned)opt_number(L, t, "attempts", p->attempts);
+    p->cap_ms = opt_number(L, t, "cap_ms", p->cap_ms);
+    p->honor_retry_after_ms = (int64_t)opt_number(L, t, "honor_retry_after_ms",
+                                                  (double)p->honor_retry_after_ms);
+    {
+        const char *j = opt_string(L, t, "jitter");
+        if (j && !st_jitter_parse(j, &p->jitter))
+            luaL_error(L, "sturdy: unknown jitter mode '%s'", j);
+    }
+    lua_getfield(L, t, "base_ms");
+    if (lua_istable(L, -1)) {
+        for (i = 0; i < ST_CLASS_COUNT; i++)
+            p->base_ms[i] = opt_number(L, lua_gettop(L), st_class_name((st_class)i), p->base_ms[i]);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "retried");
+    if (lua_istable(L, -1)) {
+        for (i = 0; i < ST_CLASS_COUNT; i++) {
+            lua_getfield(L, -1, st_class_name((st_class)i));
+            if (!lua_isnil(L, -1))
+                p->retried[i] = (unsigned char)lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "status_retried");
+    if (lua_istable(L, -1)) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            lua_Number status = lua_tonumber(L, -2);
+            if (status >= 100 && status < ST_STATUS_OVERRIDES)
+                p->status_retried[(int)status] = (signed char)lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "budget");
+    if (lua_istable(L, -1)) {
+        int b = lua_gettop(L);
+        p->budget_ratio = opt_number(L, b, "ratio", p->budget_ratio);
+        p->budget_min_per_s = opt_number(L, b, "min_per_s", p->budget_min_per_s);
+        p->budget_slot_ms = (int64_t)opt_number(L, b, "slot_ms", (double)p->budget_slot_ms);
+    } else if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
+        p->budget_enabled = 0;
+    }
+    lua_pop(L, 1);
+}
+
+/* ---- results -------------------------------------------------------------- */
+
+static void set_num(lua_State *L, const char *k, double v)
+{
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_int(lua_State *L, const char *k, long v)
+{
+    lua_pushinteger(L, (lua_Integer)v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_str(lua_State *L, const char *k, const char *v)
+{
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+/* Headers as a table keyed by lowercase name; a repeated header becomes a list. */
+static void push_headers(lua_State *L, const st_result *res)
+{
+    size_t i;
+    lua_createtable(L, 0, (int)res->nheaders);
+    for (i = 0; i < res->nheaders; i++) {
+        const st_header *h = &res->headers[i];
+        lua_getfield(L, -1, h->name);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushstring(L, h->value);
+        } else if (lua_istable(L, -1)) {
+            lua_pushstring(L, h->value);
+            lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+        } else {
+            lua_createtable(L, 2, 0);
+            lua_insert(L, -2);
+            lua_rawseti(L, -2, 1);
+            lua_pushstring(L, h->value);
+            lua_rawseti(L, -2, 2);
+        }
+        lua_setfield(L, -2, h->name);
+    }
+}
+
+static void push_outcome_fields(lua_State *L, st_outcome o, long status)
+{
+    set_str(L, "kind", o.kind);
+    set_str(L, "class", st_class_name(o.cls));
+    if (status > 0)
+        set_int(L, "status", status);
+}
+
+static void push_result(lua_State *L, st_request *r)
+{
+    st_result res;
+    size_t i;
+
+    st_request_result(r, &res);
+    lua_createtable(L, 0, 12);
+    if (res.status > 0)
+        set_int(L, "status", res.status);
+    lua_pushlstring(L, res.body, res.body_len);
+    lua_setfield(L, -2, "body");
+    push_headers(L, &res);
+    lua_setfield(L, -2, "headers");
+    lua_createtable(L, 0, 5);
+    set_num(L, "dns", res.timings.dns);
+    set_num(L, "connect", res.timings.connect);
+    set_num(L, "tls", res.timings.tls);
+    set_num(L, "ttfb", res.timings.ttfb);
+    set_num(L, "total", res.timings.total);
+    lua_setfield(L, -2, "timings");
+    if (res.http_version)
+        set_num(L, "http_version", res.http_version / 10.0);
+    lua_createtable(L, (int)res.nattempts, 0);
+    for (i = 0; i < res.nattempts; i++) {
+        lua_createtable(L, 0, 3);
+        if (res.attempts[i].status > 0)
+            set_int(L, "status", res.attempts[i].status);
+        if (res.attempts[i].kind)
+            set_str(L, "kind", res.attempts[i].kind);
+        set_num(L, "delay", res.attempts[i].delay_ms / 1000.0);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_setfield(L, -2, "attempts");
+    if (res.request_id[0])
+        set_str(L, "request_id", res.request_id);
+    if (res.outcome.kind == NULL)
+        return;
+    push_outcome_fields(L, res.outcome, res.status);
+    set_str(L, "detail", res.detail);
+    if (res.retry_after >= 0)
+        set_num(L, "retry_after", res.retry_after);
+    lua_pushboolean(L, res.committed);
+    lua_setfield(L, -2, "committed");
+    if (res.cause.kind) {
+        lua_createtable(L, 0, 3);
+        push_outcome_fields(L, res.cause, res.cause_status);
+        lua_setfield(L, -2, "cause");
+    }
+}
+
+/* ---- hooks ---------------------------------------------------------------- */
+
+static int call_retry_hook(lua_State *L)
+{
+    const st_retry_info *info = lua_touserdata(L, 1);
+    lua_pushvalue(L, 2); /* the hook */
+    lua_createtable(L, 0, 7);
+    set_str(L, "key", info->key);
+    set_int(L, "attempt", (long)info->attempt);
+    set_str(L, "class", st_class_name(info->cls));
+    set_str(L, "kind", info->kind);
+    if (info->status > 0)
+        set_int(L, "status", info->status);
+    set_num(L, "delay", info->delay_ms / 1000.0);
+    lua_pushboolean(L, info->hinted);
+    lua_setfield(L, -2, "hinted");
+    lua_call(L, 1, 0);
+    return 0;
+}
+
+static void retry_hook(void *ud, const st_retry_info *info)
+{
+    l_engine *le = ud;
+    lua_State *L = le->L;
+
+    if (L == NULL || le->on_retry_ref == LUA_NOREF)
+        return;
+    lua_pushcfunction(L, call_retry_hook);
+    lua_pushlightuserdata(L, (void *)info);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, le->on_retry_ref);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+        /* a failing hook must not take the request down with it */
+        fprintf(stderr, "sturdy: on_retry hook failed: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
+/* ---- engine methods ------------------------------------------------------- */
+
+static int l_engine_new(lua_State *L)
+{
+    st_transport_config tc;
+    st_retry_policy policy;
+    l_engine *le;
+    uint64_t seed;
+    char err[256];
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = opt_string(L, 1, "ca_file");
+    tc.ca_path = opt_string(L, 1, "ca_path");
+    tc.client_cert = opt_string(L, 1, "client_cert");
+    tc.client_key = opt_string(L, 1, "client_key");
+    tc.client_key_password = opt_string(L, 1, "client_key_password");
+    tc.proxy = opt_string(L, 1, "proxy");
+    tc.no_proxy = opt_string(L, 1, "no_proxy");
+    tc.user_agent = opt_string(L, 1, "user_agent");
+    read_retry_policy(L, 1, &policy);
+
+    /* the userdata exists in a safe state before anything can fail */
+    le = lua_newuserdata(L, sizeof *le);
+    le->e = NULL;
+    le->L = NULL;
+    le->on_retry_ref = LUA_NOREF;
+    luaL_setmetatable(L, ENGINE_MT);
+
+    seed = (uint64_t)opt_number(L, 1, "seed", 0);
+    if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
+        seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20);
+    le->e = st_engine_new(&tc, &policy, seed, err, sizeof err);
+    if (le->e == NULL)
+        return luaL_error(L, "sturdy: %s", err);
+    lua_getfield(L, 1, "on_retry");
+    if (lua_isfunction(L, -1)) {
+        le->on_retry_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        st_engine_set_retry_hook(le->e, retry_hook, le);
+    } else {
+        lua_pop(L, 1);
+    }
+    return 1;
+}
+
+static void read_spec(lua_State *L, int t, st_request_spec *spec, const char **headers)
+{
+    size_t n, i;
+
+    memset(spec, 0, sizeof *spec);
+    spec->method = opt_string(L, t, "method");
+    spec->url = opt_string(L, t, "url");
+    if (spec->url == NULL)
+        luaL_error(L, "sturdy: request has no url");
+    spec->key = opt_string(L, t, "key");
+    lua_getfield(L, t, "body");
+    if (!lua_isnil(L, -1))
+        spec->body = lua_tolstring(L, -1, &spec->body_len);
+    lua_pop(L, 1);
+    lua_getfield(L, t, "headers");
+    if (lua_istable(L, -1)) {
+        n = lua_rawlen(L, -1);
+        if (n > MAX_SPEC_HEADERS)
+            luaL_error(L, "sturdy: too many headers (%d at most)", MAX_SPEC_HEADERS);
+        for (i = 0; i < n; i++) {
+            lua_rawgeti(L, -1, (int)i + 1);
+            headers[i] = lua_tostring(L, -1);
+            lua_pop(L, 1); /* the table keeps the string alive */
+            if (headers[i] == NULL)
+                luaL_error(L, "sturdy: header line %d is not a string", (int)i + 1);
+        }
+        spec->headers = headers;
+        spec->nheaders = n;
+    }
+    lua_pop(L, 1);
+    spec->connect_ms = (int64_t)opt_number(L, t, "connect_ms", 0);
+    spec->first_byte_ms = (int64_t)opt_number(L, t, "first_byte_ms", 0);
+    spec->idle_ms = (int64_t)opt_number(L, t, "idle_ms", 0);
+    spec->total_ms = (int64_t)opt_number(L, t, "total_ms", 0);
+    spec->max_response = (size_t)opt_number(L, t, "max_response", 0);
+    spec->attempts = (unsigned)opt_number(L, t, "attempts", 0);
+}
+
+/* engine:perform(spec) -> result table. Submits, then drives the engine until
+ * this request is done. */
+static int l_engine_perform(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *headers[MAX_SPEC_HEADERS];
+    st_request_spec spec;
+    st_request *r;
+    char err[256];
+
+    luaL_checktype(L, 2, LUA_TTABLE);
+    read_spec(L, 2, &spec, headers);
+    r = st_engine_submit(le->e, &spec, err, sizeof err);
+    if (r == NULL)
+        return luaL_error(L, "sturdy: %s", err);
+    le->L = L;
+    while (st_request_state(r) != ST_REQ_DONE)
+        st_engine_step(le->e, 1000);
+    le->L = NULL;
+    push_result(L, r);
+    st_request_free(r);
+    return 1;
+}
+
+static int l_engine_stats(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_engine_stats s;
+
+    st_engine_stats_get(le->e, &s);
+    lua_createtable(L, 0, 6);
+    set_num(L, "requests", (double)s.requests);
+    set_num(L, "attempts", (double)s.attempts);
+    set_num(L, "retries", (double)s.retries);
+    set_num(L, "connections", (double)s.connections);
+    set_int(L, "running", s.running);
+    set_int(L, "waiting", s.waiting);
+    return 1;
+}
+
+static int l_engine_close(lua_State *L)
+{
+    l_engine *le = check_engine(L, 1);
+    if (le->e) {
+        st_engine_free(le->e);
+        le->e = NULL;
+    }
+    if (le->on_retry_ref != LUA_NOREF) {
+        luaL_unref(L, LUA_REGISTRYINDEX, le->on_retry_ref);
+        le->on_retry_ref = LUA_NOREF;
+    }
+    return 0;
+}
+
+static int l_engine_tostring(lua_State *L)
+{
+    l_engine *le = check_engine(L, 1);
+    lua_pushfstring(L, "sturdy.engine (%s)", le->e ? "open" : "closed");
+    return 1;
+}
+
+static const luaL_Reg engine_methods[] = {
+    { "perform", l_engine_perform },
+    { "stats", l_engine_stats },
+    { "close", l_engine_close },
+    { NULL, NULL }
+};
+
+static const luaL_Reg engine_meta[] = {
+    { "__gc", l_engine_close },
+    { "__tostring", l_engine_tostring },
+    { NULL, NULL }
+};
+
+static const luaL_Reg core_functions[] = {
+    { "engine", l_engine_new },
+    { NULL, NULL }
+};
+
+int luaopen_sturdy_core(lua_State *L);
+
+int luaopen_sturdy_core(lua_State *L)
+{
+    luaL_newmetatable(L, ENGINE_MT);
+    luaL_setfuncs(L, engine_meta, 0);
+    luaL_newlib(L, engine_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+
+    luaL_newlib(L, core_functions);
+    return 1;
+}
