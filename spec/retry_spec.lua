@@ -175,6 +175,64 @@ describe("retries", function()
     c:close()
   end)
 
+  describe("streamed calls", function()
+    local STREAM = '{"model":"claude-test","max_tokens":16,"stream":true,'
+      .. '"messages":[{"role":"user","content":"hello there"}]}'
+
+    it("hands the body out as it arrives", function()
+      local c = client()
+      local chunks = {}
+      local res = assert(c:request { path = "/v1/messages", body = STREAM,
+                                     on_data = function(chunk) chunks[#chunks + 1] = chunk end })
+      local all = table.concat(chunks)
+      assert.matches("event: message_start", all, 1, true)
+      assert.matches("event: message_stop", all, 1, true)
+      assert.equal("", res.body)
+      c:close()
+    end)
+
+    it("retries a failure that came before any byte reached the caller", function()
+      local c = client()
+      local chunks = {}
+      local res = assert(c:request { path = "/v1/messages", body = STREAM, headers = steps("s-drop", "drop|200"),
+                                     on_data = function(chunk) chunks[#chunks + 1] = chunk end })
+      assert.equal(2, #res.attempts)
+      assert.matches("message_stop", table.concat(chunks), 1, true)
+      c:close()
+    end)
+
+    it("never retries once bytes reached the caller, and says so", function()
+      local c = client()
+      local got = 0
+      local _, err = c:request { path = "/v1/messages", body = STREAM, timeout = { idle = 0.2 },
+                                 headers = steps("s-stall", "stall_mid;stall=1000|200"),
+                                 on_data = function(chunk) got = got + #chunk end }
+      assert.is_true(got > 0)
+      assert.equal("idle_timeout", err.kind)
+      assert.is_true(err.committed)
+      assert.equal(1, received(m, "s-stall"))
+      c:close()
+    end)
+
+    it("cancels when on_data returns false", function()
+      local c = client()
+      local _, err = c:request { path = "/v1/messages", body = STREAM, headers = steps("s-cancel", "200;drip=100"),
+                                 on_data = function() return false end }
+      assert.equal("canceled", err.kind)
+      assert.equal("canceled", err.class)
+      c:close()
+    end)
+
+    it("lets an error raised in on_data reach the caller", function()
+      local c = client()
+      assert.has_error(function()
+        c:request { path = "/v1/messages", body = STREAM, on_data = function() error("boom", 0) end }
+      end, "boom")
+      assert(c:request { path = "/echo" })
+      c:close()
+    end)
+  end)
+
   it("stops a retry storm with the budget: 300 calls against a constant 503", function()
     local c = client({ base = { overloaded = 0.001 }, attempts = 4 })
     local started = os.time()

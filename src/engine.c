@@ -46,6 +46,8 @@ struct st_request {
     int64_t connect_ms, first_byte_ms, idle_ms, deadline_ms; /* deadline: absolute, 0 none */
     size_t max_response;
     unsigned max_attempts;
+    int stream;
+    size_t streamed;            /* body bytes of this attempt already handed out */
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
@@ -255,7 +257,7 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud)
 
     r->last_byte_ms = mono_ms();
     r->got_bytes = 1;
-    if (len > r->max_response - r->body_buf.len || r->body_buf.len > r->max_response) {
+    if (len > r->max_response - (r->streamed + r->body_buf.len)) {
         r->too_large = 1;
         return 0;
     }
@@ -347,6 +349,7 @@ static int attempt_start(st_engine *e, st_request *r)
     r->watchdog_kind = NULL;
     r->errbuf[0] = '\0';
     r->nheaders = 0;
+    r->streamed = 0;
     st_buf_reset(&r->raw_headers);
     st_buf_reset(&r->body_buf);
     if (curl_multi_add_handle(e->multi, r->easy) != CURLM_OK)
@@ -464,6 +467,8 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
     }
     r->prev_delay_ms = delay;
     r->attempts[r->nattempts - 1].delay_ms = delay;
+    if (r->stream)
+        st_buf_reset(&r->body_buf); /* never handed out: the next attempt starts afresh */
     r->timer.due_ms = now + (int64_t)delay;
     if (!st_timerheap_push(&e->timers, &r->timer)) {
         finish(e, r, o);
@@ -780,6 +785,7 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     r->idle_ms = spec->idle_ms;
     r->deadline_ms = spec->total_ms > 0 ? mono_ms() + spec->total_ms : 0;
     r->max_response = spec->max_response ? spec->max_response : (size_t)64 << 20;
+    r->stream = spec->stream;
     r->max_attempts = spec->attempts ? spec->attempts : e->policy.attempts;
     if (r->max_attempts == 0)
         r->max_attempts = 1;
@@ -824,6 +830,23 @@ st_request *st_engine_take_done(st_engine *e)
 st_req_state st_request_state(const st_request *r)
 {
     return r->state;
+}
+
+const char *st_request_pending_body(const st_request *r, size_t *len)
+{
+    /* a failed attempt's bytes are not handed out: it may yet be retried, or it ends in an error */
+    int usable = r->state == ST_REQ_RUNNING || (r->state == ST_REQ_DONE && r->outcome.kind == NULL);
+    *len = r->stream && usable ? r->body_buf.len : 0;
+    return r->body_buf.data;
+}
+
+void st_request_body_delivered(st_request *r)
+{
+    if (!r->stream || r->body_buf.len == 0)
+        return;
+    r->committed = 1;
+    r->streamed += r->body_buf.len;
+    st_buf_reset(&r->body_buf);
 }
 
 void st_request_set_userdata(st_request *r, void *ud)

@@ -48,6 +48,7 @@ typedef struct st_request_spec {
     int64_t connect_ms, first_byte_ms, idle_ms, total_ms; /* 0 = no limit */
     size_t max_response;
     unsigned attempts;          /* 0 = the policy's */
+    int stream;                 /* body handed out as it arrives (st_request_take_body) */
 } st_request_spec;
 
 typedef enum st_req_state {
@@ -119,6 +120,10 @@ int64_t st_engine_timeout(st_engine *e);
 
 st_req_state st_request_state(const st_request *r);
 void st_request_result(st_request *r, st_result *out);
+/* For a streamed request: the body bytes received and not yet handed out.
+ * Once the caller has them the call is committed and is never retried. */
+const char *st_request_pending_body(const st_request *r, size_t *len);
+void st_request_body_delivered(st_request *r);
 void st_request_set_userdata(st_request *r, void *ud);
 void *st_request_userdata(const st_request *r);
 /* Frees a finished request (or cancels and frees an unfinished one). */

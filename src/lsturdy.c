@@ -326,6 +326,33 @@ static void read_spec(lua_State *L, int t, st_request_spec *spec, const char **h
     spec->total_ms = (int64_t)opt_number(L, t, "total_ms", 0);
     spec->max_response = (size_t)opt_number(L, t, "max_response", 0);
     spec->attempts = (unsigned)opt_number(L, t, "attempts", 0);
+    lua_getfield(L, t, "on_data");
+    spec->stream = lua_isfunction(L, -1);
+    lua_pop(L, 1);
+}
+
+/* Hands the body bytes received so far to on_data (at the stack index given).
+ * Returns 0 when the callback asked to stop by returning false; raises its error
+ * after canceling and freeing the request. */
+static int deliver_body(lua_State *L, l_engine *le, st_request *r, int on_data)
+{
+    size_t len;
+    const char *p = st_request_pending_body(r, &len);
+    int keep_going;
+
+    if (len == 0)
+        return 1;
+    lua_pushvalue(L, on_data);
+    lua_pushlstring(L, p, len);
+    st_request_body_delivered(r);
+    if (lua_pcall(L, 1, 1, 0) != 0) {
+        le->L = NULL;
+        st_request_free(r);
+        return lua_error(L);
+    }
+    keep_going = !(lua_isboolean(L, -1) && !lua_toboolean(L, -1));
+    lua_pop(L, 1);
+    return keep_going;
 }
 
 /* engine:perform(spec) -> result table. Submits, then drives the engine until
@@ -336,16 +363,24 @@ static int l_engine_perform(lua_State *L)
     const char *headers[MAX_SPEC_HEADERS];
     st_request_spec spec;
     st_request *r;
+    int on_data;
     char err[256];
 
     luaL_checktype(L, 2, LUA_TTABLE);
     read_spec(L, 2, &spec, headers);
+    lua_getfield(L, 2, "on_data");
+    on_data = lua_gettop(L);
     r = st_engine_submit(le->e, &spec, err, sizeof err);
     if (r == NULL)
         return luaL_error(L, "sturdy: %s", err);
     le->L = L;
-    while (st_request_state(r) != ST_REQ_DONE)
+    for (;;) {
         st_engine_step(le->e, 1000);
+        if (spec.stream && !deliver_body(L, le, r, on_data))
+            st_engine_cancel(le->e, r);
+        if (st_request_state(r) == ST_REQ_DONE)
+            break;
+    }
     le->L = NULL;
     push_result(L, r);
     st_request_free(r);

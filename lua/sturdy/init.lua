@@ -168,7 +168,7 @@ local BUDGET_SCHEMA = { ratio = "number", min_per_s = "number", window = "positi
 local REQUEST_SCHEMA = {
   method = "string", path = "string", url = "string", headers = "table", body = "string",
   json = "table", key = "string", timeout = TIMEOUT_SCHEMA, max_response = "positive",
-  attempts = "count",
+  attempts = "count", on_data = "function",
 }
 
 local CLASSES = {
@@ -357,7 +357,7 @@ function Client:_spec(req)
     key = req.key or self.key or host_of(url),
     headers = header_lines(self._header_lines, self._header_names, req.headers, body ~= nil),
     max_response = req.max_response or self.max_response,
-    attempts = req.attempts,
+    attempts = req.attempts, on_data = req.on_data,
   }
   timeouts_ms(spec, self.timeout, req.timeout)
   return spec
