@@ -1,0 +1,113 @@
+#!/bin/sh
+# Runs the benchmarks against the mock API that spec/support/with_mock.lua has
+# started (it sets STURDY_MOCK_URL). Called by bench/run.sh; run from the
+# repository root.
+#
+# usage: sh bench/driver.sh LUA BUILD
+# env:   BENCH_ROUNDS (7), BENCH_N_SEQ (2000), BENCH_N_MULTI (10000)
+# shellcheck disable=SC2317  # the benchmark functions are called indirectly
+set -u
+
+LUA=${1:?usage: driver.sh LUA BUILD}
+BUILD=${2:?usage: driver.sh LUA BUILD}
+: "${STURDY_MOCK_URL:?STURDY_MOCK_URL is not set: run me under spec/support/with_mock.lua}"
+export STURDY_CPATH="${STURDY_CPATH:-$BUILD/?.so}"
+
+BARE=$BUILD/bench-bare
+BODY=bench/request.json
+URL=$STURDY_MOCK_URL/v1/messages
+ROUNDS=${BENCH_ROUNDS:-7}
+N_SEQ=${BENCH_N_SEQ:-2000}
+N_MULTI=${BENCH_N_MULTI:-10000}
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+: >"$TMP/summary"
+status=0
+
+# --- the benchmarks: each takes N and prints one requests_per_s=... line ---
+
+bare_seq() { "$BARE" seq "$URL" "$1" "$BODY"; }
+sturdy_seq() { "$LUA" bench/seq.lua "$1" "$BODY"; }
+bare_multi_16() { "$BARE" multi "$URL" "$1" 16 "$BODY"; }
+bare_multi_64() { "$BARE" multi "$URL" "$1" 64 "$BODY"; }
+
+# --- machinery ---
+
+# measure FN N: runs one benchmark, prints its line, records its rate in $TMP/FN
+measure() {
+    line=$("$1" "$2")
+    rc=$?
+    printf '    %-16s %s\n' "$1" "${line:-(no output, exit $rc)}"
+    case $line in
+    requests_per_s=*) ;;
+    *) status=1; return ;;
+    esac
+    [ "$rc" -eq 0 ] || status=1
+    rate=${line#requests_per_s=}
+    echo "${rate%% *}" >>"$TMP/$1"
+}
+
+# median FN: the median of the rates recorded for FN
+median() {
+    [ -s "$TMP/$1" ] || { echo "n/a"; return; }
+    sort -g "$TMP/$1" | awk '{ v[NR] = $1 }
+        END { if (NR % 2) printf "%.1f\n", v[(NR + 1) / 2];
+              else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# ratio A B: A/B with two decimals
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f\n", a / b; else print "n/a" }'
+}
+
+# section TITLE N BASE BASE_LABEL CAND CAND_LABEL
+#   A warm-up of each side, then ROUNDS rounds; rounds alternate which side
+#   goes first so neither always runs on a warmer (or more tired) machine.
+#   CAND may be "-" while the candidate does not exist yet.
+section() {
+    title=$1 n=$2 base=$3 base_label=$4 cand=$5 cand_label=$6
+    echo "== $title: N=$n, $ROUNDS rounds"
+    warm=$((n / 10 > 100 ? n / 10 : 100))
+    "$base" "$warm" >/dev/null
+    [ "$cand" = - ] || "$cand" "$warm" >/dev/null
+    r=1
+    while [ "$r" -le "$ROUNDS" ]; do
+        echo "  round $r"
+        if [ "$cand" = - ]; then
+            measure "$base" "$n"
+        elif [ $((r % 2)) -eq 1 ]; then
+            measure "$base" "$n"
+            measure "$cand" "$n"
+        else
+            measure "$cand" "$n"
+            measure "$base" "$n"
+        fi
+        r=$((r + 1))
+    done
+    mb=$(median "$base")
+    echo "  median $base_label: $mb requests/s"
+    if [ "$cand" = - ]; then
+        echo "  $cand_label: not yet available"
+        echo "$title: $base_label $mb/s; $cand_label: not yet available" >>"$TMP/summary"
+    else
+        mc=$(median "$cand")
+        q=$(ratio "$mc" "$mb")
+        echo "  median $cand_label: $mc requests/s"
+        echo "  $cand_label/$base_label = $q"
+        echo "$title: $base_label $mb/s, $cand_label $mc/s, $cand_label/$base_label = $q" >>"$TMP/summary"
+    fi
+    echo
+}
+
+echo "bench: $(curl-config --version 2>/dev/null || echo libcurl), $LUA, mock at $STURDY_MOCK_URL"
+echo
+
+section "sequential" "$N_SEQ" bare_seq bare sturdy_seq sturdy
+section "concurrent c=16" "$N_MULTI" bare_multi_16 "bare multi" - "sturdy batch"
+section "concurrent c=64" "$N_MULTI" bare_multi_64 "bare multi" - "sturdy batch"
+
+echo "== summary (medians of alternating rounds in this run)"
+cat "$TMP/summary"
+[ "$status" -eq 0 ] || echo "bench: some requests failed or a benchmark did not report; see above" >&2
+exit "$status"
