@@ -46,7 +46,7 @@ end
 
 -- Run curl; returns its stdout and exit code.
 local function curl(args)
-  local p = io.popen("curl -s " .. args .. " 2>/dev/null; echo \"\n__rc=$?\"")
+  local p = io.popen("env -u LD_PRELOAD curl -s " .. args .. " 2>/dev/null; echo \"\n__rc=$?\"")
   local out = p:read("*a")
   p:close()
   local body, rc = out:match("^(.*)\n__rc=(%d+)\n$")

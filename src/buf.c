@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int st_buf_append(st_buf *b, const void *p, size_t n)
+int st_buf_reserve(st_buf *b, size_t n)
 {
     if (n > b->cap - b->len) {
         size_t cap = b->cap ? b->cap : 256;
@@ -19,6 +19,13 @@ int st_buf_append(st_buf *b, const void *p, size_t n)
         b->data = d;
         b->cap = cap;
     }
+    return 1;
+}
+
+int st_buf_append(st_buf *b, const void *p, size_t n)
+{
+    if (!st_buf_reserve(b, n))
+        return 0;
     if (n)
         memcpy(b->data + b->len, p, n);
     b->len += n;

@@ -2,7 +2,6 @@
 
 #include "engine.h"
 
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +70,6 @@ struct st_request {
     long status;
     st_outcome cause;
     long cause_status;
-    st_header *header_index;
     st_timings timings;
     int http_version;
 };
@@ -213,9 +211,9 @@ static const char *header_find(const st_request *r, const char *lname)
 static size_t on_header(char *data, size_t size, size_t n, void *ud)
 {
     st_request *r = ud;
-    size_t len = size * n, name_len;
-    const char *colon, *end = data + len;
-    char zero = 0;
+    size_t len = size * n, name_len, value_len, i;
+    const char *colon, *value, *end = data + len;
+    char *dst;
 
     r->last_byte_ms = mono_ms();
     r->got_bytes = 1;
@@ -231,21 +229,23 @@ static size_t on_header(char *data, size_t size, size_t n, void *ud)
     if (colon == NULL || colon == data)
         return len; /* the blank line ending the headers, or a folded line */
     name_len = (size_t)(colon - data);
-    colon++;
-    while (colon < end && (*colon == ' ' || *colon == '\t'))
-        colon++;
-    while (end > colon && (end[-1] == ' ' || end[-1] == '\t'))
+    value = colon + 1;
+    while (value < end && (*value == ' ' || *value == '\t'))
+        value++;
+    while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
         end--;
-    {
-        size_t start = r->raw_headers.len, i;
-        if (!st_buf_append(&r->raw_headers, data, name_len)
-            || !st_buf_append(&r->raw_headers, &zero, 1)
-            || !st_buf_append(&r->raw_headers, colon, (size_t)(end - colon))
-            || !st_buf_append(&r->raw_headers, &zero, 1))
-            return 0;
-        for (i = start; i < start + name_len; i++)
-            r->raw_headers.data[i] = (char)tolower((unsigned char)r->raw_headers.data[i]);
+    value_len = (size_t)(end - value);
+    if (!st_buf_reserve(&r->raw_headers, name_len + value_len + 2))
+        return 0;
+    dst = r->raw_headers.data + r->raw_headers.len;
+    for (i = 0; i < name_len; i++) {
+        char c = data[i];
+        dst[i] = (c >= 'A' && c <= 'Z') ? (char)(c + ('a' - 'A')) : c;
     }
+    dst[name_len] = '\0';
+    memcpy(dst + name_len + 1, value, value_len);
+    dst[name_len + 1 + value_len] = '\0';
+    r->raw_headers.len += name_len + value_len + 2;
     r->nheaders++;
     return len;
 }
@@ -742,7 +742,6 @@ static void request_release(st_request *r)
     free(r->url);
     free(r->body);
     free(r->attempts);
-    free(r->header_index);
     st_buf_free(&r->raw_headers);
     st_buf_free(&r->body_buf);
     free(r);
@@ -861,28 +860,13 @@ void *st_request_userdata(const st_request *r)
 
 void st_request_result(st_request *r, st_result *out)
 {
-    size_t i;
-    const char *p;
-
     memset(out, 0, sizeof *out);
-    if (r->header_index == NULL && r->nheaders > 0) {
-        r->header_index = malloc(r->nheaders * sizeof *r->header_index);
-        if (r->header_index != NULL) {
-            p = r->raw_headers.data;
-            for (i = 0; i < r->nheaders; i++) {
-                r->header_index[i].name = p;
-                p += strlen(p) + 1;
-                r->header_index[i].value = p;
-                p += strlen(p) + 1;
-            }
-        }
-    }
     out->outcome = r->outcome;
     out->status = r->status;
     out->body = r->body_buf.data ? r->body_buf.data : "";
     out->body_len = r->body_buf.len;
-    out->headers = r->header_index;
-    out->nheaders = r->header_index ? r->nheaders : 0;
+    out->headers = r->raw_headers.data ? r->raw_headers.data : "";
+    out->headers_len = r->raw_headers.len;
     out->timings = r->timings;
     out->http_version = r->http_version;
     out->attempts = r->attempts;

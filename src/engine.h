@@ -65,18 +65,14 @@ typedef struct st_timings {
     double dns, connect, tls, ttfb, total; /* seconds */
 } st_timings;
 
-typedef struct st_header {
-    const char *name, *value; /* name lowercased; both point into the request */
-} st_header;
-
 /* What a finished request tells its owner. Valid until st_request_free. */
 typedef struct st_result {
     st_outcome outcome;       /* outcome.kind NULL = success */
     long status;              /* 0 = no response */
     const char *body;
     size_t body_len;
-    const st_header *headers;
-    size_t nheaders;
+    const char *headers;      /* "name\0value\0" pairs, names lowercased, in arrival order */
+    size_t headers_len;
     st_timings timings;
     int http_version;         /* 10, 11, 20, 30; 0 unknown */
     const st_attempt *attempts;

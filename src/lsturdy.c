@@ -125,29 +125,43 @@ static void set_str(lua_State *L, const char *k, const char *v)
     lua_setfield(L, -2, k);
 }
 
-/* Headers as a table keyed by lowercase name; a repeated header becomes a list. */
-static void push_headers(lua_State *L, const st_result *res)
+/* Headers as a table keyed by lowercase name; a repeated header becomes a list.
+ * The engine keeps them as "name\0value\0" pairs; the table is built only when
+ * someone looks at res.headers. */
+static void push_headers(lua_State *L, const char *p, size_t len)
 {
-    size_t i;
-    lua_createtable(L, 0, (int)res->nheaders);
-    for (i = 0; i < res->nheaders; i++) {
-        const st_header *h = &res->headers[i];
-        lua_getfield(L, -1, h->name);
+    const char *end = p + len;
+
+    lua_newtable(L);
+    while (p < end) {
+        const char *name = p;
+        const char *value = name + strlen(name) + 1;
+        size_t value_len = strlen(value);
+        p = value + value_len + 1;
+        lua_getfield(L, -1, name);
         if (lua_isnil(L, -1)) {
             lua_pop(L, 1);
-            lua_pushstring(L, h->value);
+            lua_pushlstring(L, value, value_len);
         } else if (lua_istable(L, -1)) {
-            lua_pushstring(L, h->value);
+            lua_pushlstring(L, value, value_len);
             lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
         } else {
             lua_createtable(L, 2, 0);
             lua_insert(L, -2);
             lua_rawseti(L, -2, 1);
-            lua_pushstring(L, h->value);
+            lua_pushlstring(L, value, value_len);
             lua_rawseti(L, -2, 2);
         }
-        lua_setfield(L, -2, h->name);
+        lua_setfield(L, -2, name);
     }
+}
+
+static int l_headers(lua_State *L)
+{
+    size_t len;
+    const char *raw = luaL_checklstring(L, 1, &len);
+    push_headers(L, raw, len);
+    return 1;
 }
 
 static void push_outcome_fields(lua_State *L, st_outcome o, long status)
@@ -169,8 +183,8 @@ static void push_result(lua_State *L, st_request *r)
         set_int(L, "status", res.status);
     lua_pushlstring(L, res.body, res.body_len);
     lua_setfield(L, -2, "body");
-    push_headers(L, &res);
-    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, res.headers, res.headers_len);
+    lua_setfield(L, -2, "raw_headers");
     lua_createtable(L, 0, 5);
     set_num(L, "dns", res.timings.dns);
     set_num(L, "connect", res.timings.connect);
@@ -290,45 +304,38 @@ static int l_engine_new(lua_State *L)
     return 1;
 }
 
-static void read_spec(lua_State *L, int t, st_request_spec *spec, const char **headers)
+/* The request arrives as positional arguments from `first` on, cheaper than a
+ * table on the hot path: method, url, key, body, header lines, connect_ms,
+ * first_byte_ms, idle_ms, total_ms, max_response, attempts, on_data. */
+static void read_spec(lua_State *L, int first, st_request_spec *spec, const char **headers)
 {
     size_t n, i;
 
     memset(spec, 0, sizeof *spec);
-    spec->method = opt_string(L, t, "method");
-    spec->url = opt_string(L, t, "url");
-    if (spec->url == NULL)
-        luaL_error(L, "sturdy: request has no url");
-    spec->key = opt_string(L, t, "key");
-    lua_getfield(L, t, "body");
-    if (!lua_isnil(L, -1))
-        spec->body = lua_tolstring(L, -1, &spec->body_len);
-    lua_pop(L, 1);
-    lua_getfield(L, t, "headers");
-    if (lua_istable(L, -1)) {
-        n = lua_rawlen(L, -1);
-        if (n > MAX_SPEC_HEADERS)
-            luaL_error(L, "sturdy: too many headers (%d at most)", MAX_SPEC_HEADERS);
-        for (i = 0; i < n; i++) {
-            lua_rawgeti(L, -1, (int)i + 1);
-            headers[i] = lua_tostring(L, -1);
-            lua_pop(L, 1); /* the table keeps the string alive */
-            if (headers[i] == NULL)
-                luaL_error(L, "sturdy: header line %d is not a string", (int)i + 1);
-        }
-        spec->headers = headers;
-        spec->nheaders = n;
+    spec->method = luaL_checkstring(L, first);
+    spec->url = luaL_checkstring(L, first + 1);
+    spec->key = luaL_optstring(L, first + 2, NULL);
+    spec->body = luaL_optlstring(L, first + 3, NULL, &spec->body_len);
+    luaL_checktype(L, first + 4, LUA_TTABLE);
+    n = lua_rawlen(L, first + 4);
+    if (n > MAX_SPEC_HEADERS)
+        luaL_error(L, "sturdy: too many headers (%d at most)", MAX_SPEC_HEADERS);
+    for (i = 0; i < n; i++) {
+        lua_rawgeti(L, first + 4, (int)i + 1);
+        headers[i] = lua_tostring(L, -1);
+        lua_pop(L, 1); /* the table keeps the string alive */
+        if (headers[i] == NULL)
+            luaL_error(L, "sturdy: header line %d is not a string", (int)i + 1);
     }
-    lua_pop(L, 1);
-    spec->connect_ms = (int64_t)opt_number(L, t, "connect_ms", 0);
-    spec->first_byte_ms = (int64_t)opt_number(L, t, "first_byte_ms", 0);
-    spec->idle_ms = (int64_t)opt_number(L, t, "idle_ms", 0);
-    spec->total_ms = (int64_t)opt_number(L, t, "total_ms", 0);
-    spec->max_response = (size_t)opt_number(L, t, "max_response", 0);
-    spec->attempts = (unsigned)opt_number(L, t, "attempts", 0);
-    lua_getfield(L, t, "on_data");
-    spec->stream = lua_isfunction(L, -1);
-    lua_pop(L, 1);
+    spec->headers = headers;
+    spec->nheaders = n;
+    spec->connect_ms = (int64_t)luaL_optnumber(L, first + 5, 0);
+    spec->first_byte_ms = (int64_t)luaL_optnumber(L, first + 6, 0);
+    spec->idle_ms = (int64_t)luaL_optnumber(L, first + 7, 0);
+    spec->total_ms = (int64_t)luaL_optnumber(L, first + 8, 0);
+    spec->max_response = (size_t)luaL_optnumber(L, first + 9, 0);
+    spec->attempts = (unsigned)luaL_optnumber(L, first + 10, 0);
+    spec->stream = lua_isfunction(L, first + 11);
 }
 
 /* Hands the body bytes received so far to on_data (at the stack index given).
@@ -355,7 +362,7 @@ static int deliver_body(lua_State *L, l_engine *le, st_request *r, int on_data)
     return keep_going;
 }
 
-/* engine:perform(spec) -> result table. Submits, then drives the engine until
+/* engine:perform(...) -> result table (arguments as read_spec reads them). Submits, then drives the engine until
  * this request is done. */
 static int l_engine_perform(lua_State *L)
 {
@@ -366,10 +373,8 @@ static int l_engine_perform(lua_State *L)
     int on_data;
     char err[256];
 
-    luaL_checktype(L, 2, LUA_TTABLE);
     read_spec(L, 2, &spec, headers);
-    lua_getfield(L, 2, "on_data");
-    on_data = lua_gettop(L);
+    on_data = 13;
     r = st_engine_submit(le->e, &spec, err, sizeof err);
     if (r == NULL)
         return luaL_error(L, "sturdy: %s", err);
@@ -439,6 +444,7 @@ static const luaL_Reg engine_meta[] = {
 
 static const luaL_Reg core_functions[] = {
     { "engine", l_engine_new },
+    { "headers", l_headers },
     { NULL, NULL }
 };
 

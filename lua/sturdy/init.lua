@@ -15,7 +15,12 @@ local lower, format, concat = string.lower, string.format, table.concat
 ---------------------------------------------------------------------------
 
 local Error = { __name = "sturdy.Error" }
-Error.__index = Error
+-- lazy_headers is defined with the client; the error shares it
+local lazy_headers
+Error.__index = function(t, k)
+  if k == "headers" then return lazy_headers(t) end
+  return Error[k]
+end
 
 -- One friendly line per kind; the technical part goes to err.detail.
 local MESSAGES = {
@@ -197,26 +202,41 @@ local function check_header(name, value, where)
   return value
 end
 
--- Header lines for libcurl, later tables overriding earlier ones by name.
-local function header_lines(client_lines, client_names, headers, has_body)
-  local lines, seen = {}, {}
-  if headers then
-    for name, value in pairs(headers) do
-      value = check_header(name, value, "request headers")
-      local lname = lower(name)
-      if seen[lname] then fail("header '%s' given twice in request headers", name) end
-      seen[lname] = true
-      lines[#lines + 1] = name .. ": " .. value
-    end
+-- libcurl's Expect: 100-continue only adds a round trip for API calls
+local NO_EXPECT = "Expect:"
+local JSON_TYPE = "Content-Type: application/json"
+
+-- The header lines every request of a client starts from, with and without a body.
+local function base_lines(client_lines, client_names)
+  local with_body, without = {}, {}
+  for i = 1, #client_lines do
+    with_body[i], without[i] = client_lines[i], client_lines[i]
   end
+  if not client_names["content-type"] then with_body[#with_body + 1] = JSON_TYPE end
+  with_body[#with_body + 1] = NO_EXPECT
+  without[#without + 1] = NO_EXPECT
+  return { [true] = with_body, [false] = without }
+end
+
+-- Header lines for libcurl: the request's own, then the client's it does not override.
+local function header_lines(client, headers, has_body)
+  if headers == nil then return client._lines[has_body] end
+  local lines, seen = {}, {}
+  for name, value in pairs(headers) do
+    value = check_header(name, value, "request headers")
+    local lname = lower(name)
+    if seen[lname] then fail("header '%s' given twice in request headers", name) end
+    seen[lname] = true
+    lines[#lines + 1] = name .. ": " .. value
+  end
+  local client_lines, client_names = client._header_lines, client._header_names
   for i = 1, #client_lines do
     if not seen[client_names[i]] then lines[#lines + 1] = client_lines[i] end
   end
   if has_body and not seen["content-type"] and not client_names["content-type"] then
-    lines[#lines + 1] = "Content-Type: application/json"
+    lines[#lines + 1] = JSON_TYPE
   end
-  -- libcurl's Expect: 100-continue only adds a round trip for API calls
-  lines[#lines + 1] = "Expect:"
+  lines[#lines + 1] = NO_EXPECT
   return lines
 end
 
@@ -225,6 +245,19 @@ local header_meta = {
     if type(k) == "string" then return rawget(t, lower(k)) end
   end,
 }
+
+-- res.headers and err.headers are built from the engine's raw block on first use.
+function lazy_headers(t)
+  local h = setmetatable(core.headers(rawget(t, "raw_headers") or ""), header_meta)
+  rawset(t, "headers", h)
+  return h
+end
+
+local Response = { __name = "sturdy.Response" }
+Response.__index = function(t, k)
+  if k == "headers" then return lazy_headers(t) end
+end
+sturdy.Response = Response
 
 ---------------------------------------------------------------------------
 -- Client
@@ -235,6 +268,19 @@ Client.__index = Client
 
 local function ms(v)
   return v and floor(v * 1000 + 0.5) or 0
+end
+
+local TIMEOUT_NAMES = { "connect", "first_byte", "idle", "total" }
+
+-- Timeouts in ms for the engine (0 = none), a request's own overriding the client's.
+local function timeouts_ms(base, override)
+  local out = {}
+  for i, name in ipairs(TIMEOUT_NAMES) do
+    local v = base[name]
+    if override and override[name] ~= nil then v = override[name] end
+    out[i] = v and ms(v) or 0
+  end
+  return out
 end
 
 local function engine_options(cfg)
@@ -318,26 +364,21 @@ function sturdy.client(cfg)
     timeout = timeout,
     max_response = cfg.max_response,
     _header_lines = lines, _header_names = names,
+    _lines = base_lines(lines, names),
+    _timeout_ms = timeouts_ms(timeout),
   }, Client)
   self._engine = core.engine(engine_options(cfg))
   return self
 end
 
-local function timeouts_ms(spec, base, override)
-  for k, v in pairs(base) do
-    local o = override and override[k]
-    if o ~= nil then v = o end
-    spec[k .. "_ms"] = v and ms(v) or 0
-  end
-end
-
--- Turns a request table into the engine's spec; raises on a malformed one.
-function Client:_spec(req)
+-- Checks a request table and returns the engine's positional arguments.
+function Client:_args(req)
+  if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
   check_options(req, REQUEST_SCHEMA, "request")
   local url = req.url
   if not url then
-    if not self.base_url then fail("request needs 'url', or 'path' with a client base_url") end
     local path = req.path or "/"
+    if not self.base_url then fail("request needs 'url', or 'path' with a client base_url") end
     if path:sub(1, 1) ~= "/" then fail("request 'path' must start with '/', got %q", one_line(path, 80)) end
     url = self.base_url .. path
   elseif not url:find("^https?://[^/]") then
@@ -352,24 +393,18 @@ function Client:_spec(req)
   end
   local method = req.method or (body and "POST" or "GET")
   if not method:find("^%u+$") then fail("request 'method' must be an upper-case HTTP method, got %q", method) end
-  local spec = {
-    method = method, url = url, body = body,
-    key = req.key or self.key or host_of(url),
-    headers = header_lines(self._header_lines, self._header_names, req.headers, body ~= nil),
-    max_response = req.max_response or self.max_response,
-    attempts = req.attempts, on_data = req.on_data,
-  }
-  timeouts_ms(spec, self.timeout, req.timeout)
-  return spec
+  local t = req.timeout and timeouts_ms(self.timeout, req.timeout) or self._timeout_ms
+  return method, url, req.key or self.key or host_of(url), body,
+    header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
+    req.max_response or self.max_response, req.attempts, req.on_data
 end
 
 local function to_response(r)
-  setmetatable(r.headers, header_meta)
-  if r.kind == nil then return r end
+  if r.kind == nil then return setmetatable(r, Response) end
   local err = Error.new {
     kind = r.kind, class = r.class, status = r.status, detail = r.detail,
     retry_after = r.retry_after, committed = r.committed, attempts = r.attempts,
-    request_id = r.request_id, headers = r.headers, body = r.body, timings = r.timings,
+    request_id = r.request_id, raw_headers = r.raw_headers, body = r.body, timings = r.timings,
     retryable = r.class ~= "fatal" and r.class ~= "canceled",
   }
   if r.status then parse_error_body(err, r.body) end
@@ -383,9 +418,7 @@ end
 
 --- Sends a request and waits for its outcome: a response, or nil and a sturdy.Error.
 function Client:request(req)
-  if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
-  local r = self._engine:perform(self:_spec(req))
-  return to_response(r)
+  return to_response(self._engine:perform(self:_args(req)))
 end
 
 function Client:stats()
