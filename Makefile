@@ -43,7 +43,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint demo bench clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench clean
 
 all: $(CORE_SO)
 
@@ -95,6 +95,18 @@ test-asan: deps
 
 lint:
 	luacheck --quiet lua spec examples bench
+
+# The rock installs into a scratch tree and loads from outside the checkout.
+# Debian keeps curl.h under the multiarch include directory; lua-cjson comes
+# from Debian's package, so LuaRocks is not asked to fetch it.
+CURL_INCDIR ?= $(shell $(PKG_CONFIG) --variable=includedir libcurl 2>/dev/null)
+check-rock: deps
+	@tree=$$(mktemp -d) && \
+	luarocks --lua-version=$(LUA_VERSION) make --deps-mode=none rockspec/sturdy-scm-1.rockspec \
+		--tree "$$tree" CURL_INCDIR=$(CURL_INCDIR) >/dev/null && \
+	cd / && eval "$$(luarocks --lua-version=$(LUA_VERSION) path --tree "$$tree")" && \
+	$(LUA) -e 'local s = require "sturdy"; assert(s.client and s.Error); print("rock ok: sturdy " .. s._VERSION .. " from " .. package.searchpath("sturdy.core", package.cpath))' ; \
+	rc=$$?; rm -rf "$$tree"; exit $$rc
 
 demo: deps $(CORE_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
