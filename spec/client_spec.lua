@@ -70,6 +70,25 @@ describe("sturdy client", function()
       assert.is_nil(echo.headers["expect"])
     end)
 
+    it("sends each method right on a reused connection and handle", function()
+      local sequence = {
+        { "POST", "{}" }, { "GET" }, { "HEAD" }, { "DELETE" }, { "PUT", "[1]" }, { "PATCH", "{}" },
+        { "GET" }, { "POST" }, { "HEAD" }, { "POST", "x" },
+      }
+      for _, step in ipairs(sequence) do
+        local res = assert(client:request { method = step[1], path = "/echo", body = step[2] })
+        assert.equal(200, res.status)
+        if step[1] == "HEAD" then
+          assert.equal("", res.body)
+        else
+          local echo = cjson.decode(res.body)
+          assert.equal(step[1], echo.method)
+          assert.equal(step[2] or "", echo.body)
+        end
+      end
+      assert.equal(1, client:stats().connections)
+    end)
+
     it("encodes a json table", function()
       local res = assert(client:request { path = "/echo", json = { a = 1 } })
       local echo = cjson.decode(res.body)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <curl/curl.h>
@@ -16,6 +17,8 @@
 
 #define KEY_BUCKETS 64
 #define EASY_POOL_MAX 64
+#define REQUEST_POOL_MAX 64
+#define POOLED_BUF_MAX (256 * 1024) /* larger buffers go back to the system */
 
 /* Policy state of one upstream key, shared by every request that names it. */
 typedef struct st_keystate {
@@ -50,6 +53,7 @@ struct st_request {
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
+    uint64_t rx_bytes, rx_seen; /* received, and as of last_byte_ms: callbacks read no clock */
     int got_bytes, too_large;
     const char *watchdog_kind;  /* set when our own timeout ended the attempt */
     st_buf raw_headers;         /* "name\0value\0" pairs of the latest response */
@@ -84,6 +88,8 @@ struct st_engine {
     st_keystate *keys[KEY_BUCKETS];
     CURL *easy_pool[EASY_POOL_MAX];
     int npool;
+    st_request *request_pool[REQUEST_POOL_MAX]; /* released requests, buffers kept */
+    int nrequests_pooled;
     st_retry_hook retry_hook;
     void *retry_hook_ud;
     uint64_t n_requests, n_attempts, n_retries, n_connections;
@@ -195,13 +201,15 @@ static st_keystate *key_get(st_engine *e, const char *name)
 
 /* ---- response headers ----------------------------------------------------- */
 
+/* Case-insensitive: names are kept as received (lowercasing them costs more
+ * than the few lookups the engine makes). */
 static const char *header_find(const st_request *r, const char *lname)
 {
     const char *p = r->raw_headers.data;
     size_t i;
     for (i = 0; i < r->nheaders; i++) {
         const char *v = p + strlen(p) + 1;
-        if (strcmp(p, lname) == 0)
+        if (strcasecmp(p, lname) == 0)
             return v;
         p = v + strlen(v) + 1;
     }
@@ -211,12 +219,11 @@ static const char *header_find(const st_request *r, const char *lname)
 static size_t on_header(char *data, size_t size, size_t n, void *ud)
 {
     st_request *r = ud;
-    size_t len = size * n, name_len, value_len, i;
+    size_t len = size * n, name_len, value_len;
     const char *colon, *value, *end = data + len;
     char *dst;
 
-    r->last_byte_ms = mono_ms();
-    r->got_bytes = 1;
+    r->rx_bytes += len;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         /* a new response (after 100-continue or a proxy's CONNECT): forget the last one */
         st_buf_reset(&r->raw_headers);
@@ -238,10 +245,7 @@ static size_t on_header(char *data, size_t size, size_t n, void *ud)
     if (!st_buf_reserve(&r->raw_headers, name_len + value_len + 2))
         return 0;
     dst = r->raw_headers.data + r->raw_headers.len;
-    for (i = 0; i < name_len; i++) {
-        char c = data[i];
-        dst[i] = (c >= 'A' && c <= 'Z') ? (char)(c + ('a' - 'A')) : c;
-    }
+    memcpy(dst, data, name_len);
     dst[name_len] = '\0';
     memcpy(dst + name_len + 1, value, value_len);
     dst[name_len + 1 + value_len] = '\0';
@@ -255,8 +259,7 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud)
     st_request *r = ud;
     size_t len = size * n;
 
-    r->last_byte_ms = mono_ms();
-    r->got_bytes = 1;
+    r->rx_bytes += len;
     if (len > r->max_response - (r->streamed + r->body_buf.len)) {
         r->too_large = 1;
         return 0;
@@ -268,46 +271,20 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud)
 
 /* ---- attempts ------------------------------------------------------------- */
 
-static CURL *easy_get(st_engine *e)
+/* Options that stay the same for every transfer of an engine, set once per
+ * easy handle; pooled handles keep them (no curl_easy_reset on the hot path). */
+static void easy_init_engine_options(st_engine *e, CURL *c)
 {
-    if (e->npool > 0)
-        return e->easy_pool[--e->npool];
-    return curl_easy_init();
-}
-
-static void easy_put(st_engine *e, CURL *easy)
-{
-    if (e->npool < EASY_POOL_MAX) {
-        curl_easy_reset(easy);
-        e->easy_pool[e->npool++] = easy;
-    } else {
-        curl_easy_cleanup(easy);
-    }
-}
-
-static int easy_setup(st_engine *e, st_request *r)
-{
-    CURL *c = r->easy;
     const st_transport_config *tc = &e->tc;
 
-    curl_easy_setopt(c, CURLOPT_URL, r->url);
-    curl_easy_setopt(c, CURLOPT_PRIVATE, r);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
     curl_easy_setopt(c, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-    if (r->connect_ms > 0)
-        curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)r->connect_ms);
-    if (r->max_response > 0)
-        curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_response);
     if (tc->ca_file)
         curl_easy_setopt(c, CURLOPT_CAINFO, tc->ca_file);
     if (tc->ca_path)
@@ -324,26 +301,61 @@ static int easy_setup(st_engine *e, st_request *r)
         curl_easy_setopt(c, CURLOPT_NOPROXY, tc->no_proxy);
     if (tc->user_agent)
         curl_easy_setopt(c, CURLOPT_USERAGENT, tc->user_agent);
+}
 
-    if (strcmp(r->method, "GET") == 0 && r->body == NULL) {
-        curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
-    } else if (strcmp(r->method, "HEAD") == 0) {
-        curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+static CURL *easy_get(st_engine *e)
+{
+    CURL *c;
+    if (e->npool > 0)
+        return e->easy_pool[--e->npool];
+    c = curl_easy_init();
+    if (c != NULL)
+        easy_init_engine_options(e, c);
+    return c;
+}
+
+static void easy_put(st_engine *e, CURL *easy)
+{
+    if (e->npool < EASY_POOL_MAX)
+        e->easy_pool[e->npool++] = easy;
+    else
+        curl_easy_cleanup(easy);
+}
+
+/* Options of this request. Every one that any request sets is set here each
+ * time, since a pooled handle still carries the previous request's. */
+static void easy_setup(st_request *r)
+{
+    CURL *c = r->easy;
+    const char *m = r->method;
+    int get = strcmp(m, "GET") == 0, head = strcmp(m, "HEAD") == 0, post = strcmp(m, "POST") == 0;
+
+    curl_easy_setopt(c, CURLOPT_URL, r->url);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)r->connect_ms); /* 0: libcurl's default */
+    curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_response);
+    if (r->body == NULL && !post) {
+        if (head)
+            curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+        else
+            curl_easy_setopt(c, CURLOPT_HTTPGET, 1L); /* also clears NOBODY and POST */
     } else {
-        if (r->body != NULL || strcmp(r->method, "POST") == 0) {
-            curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
-            curl_easy_setopt(c, CURLOPT_POSTFIELDS, r->body ? r->body : "");
-        }
-        if (strcmp(r->method, "POST") != 0)
-            curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, r->method);
+        curl_easy_setopt(c, CURLOPT_NOBODY, 0L);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, r->body ? r->body : "");
     }
-    return 1;
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, (get || head || post) ? NULL : m);
 }
 
 static int attempt_start(st_engine *e, st_request *r)
 {
     r->attempt_start_ms = mono_ms();
     r->last_byte_ms = r->attempt_start_ms;
+    r->rx_bytes = r->rx_seen = 0;
     r->got_bytes = 0;
     r->too_large = 0;
     r->watchdog_kind = NULL;
@@ -401,9 +413,9 @@ static int is_retried(const st_retry_policy *p, st_class cls, long status, const
     if (cls == ST_CLASS_SUCCESS || cls == ST_CLASS_CANCELED)
         return 0;
     if (should_retry != NULL) {
-        if (strcmp(should_retry, "true") == 0)
+        if (strcasecmp(should_retry, "true") == 0)
             return 1;
-        if (strcmp(should_retry, "false") == 0)
+        if (strcasecmp(should_retry, "false") == 0)
             return 0;
     }
     if (status > 0 && status < ST_STATUS_OVERRIDES && p->status_retried[status] >= 0)
@@ -611,6 +623,12 @@ static int64_t watchdogs(st_engine *e, int64_t now)
         const char *kind = NULL;
         int64_t due = INT64_MAX;
 
+        if (r->rx_bytes != r->rx_seen) { /* bytes came in since the last look */
+            r->rx_seen = r->rx_bytes;
+            r->last_byte_ms = now;
+            r->got_bytes = 1;
+        }
+
         if (r->deadline_ms > 0) {
             due = r->deadline_ms;
             if (now >= due)
@@ -733,23 +751,65 @@ int64_t st_engine_timeout(st_engine *e)
 
 /* ---- requests ------------------------------------------------------------- */
 
-static void request_release(st_request *r)
+static void request_destroy(st_request *r)
 {
-    if (r->easy)
-        easy_put(r->eng, r->easy);
-    curl_slist_free_all(r->headers);
-    free(r->method);
-    free(r->url);
-    free(r->body);
     free(r->attempts);
     st_buf_free(&r->raw_headers);
     st_buf_free(&r->body_buf);
     free(r);
 }
 
+/* Frees what a request asked for; the request itself, with its buffers, is
+ * kept for the next one, sparing the allocator on the hot path. */
+static void request_release(st_request *r)
+{
+    st_engine *e = r->eng;
+
+    if (r->easy)
+        easy_put(e, r->easy);
+    curl_slist_free_all(r->headers);
+    free(r->method);
+    free(r->url);
+    free(r->body);
+    if (e->nrequests_pooled == REQUEST_POOL_MAX) {
+        request_destroy(r);
+        return;
+    }
+    if (r->body_buf.cap > POOLED_BUF_MAX)
+        st_buf_free(&r->body_buf);
+    if (r->raw_headers.cap > POOLED_BUF_MAX)
+        st_buf_free(&r->raw_headers);
+    e->request_pool[e->nrequests_pooled++] = r;
+}
+
+/* A zeroed request, reusing a pooled one's buffers when there is one. */
+static st_request *request_new(st_engine *e)
+{
+    st_request *r;
+    st_buf raw, body;
+    st_attempt *attempts;
+    size_t cap_attempts;
+
+    if (e->nrequests_pooled == 0)
+        return calloc(1, sizeof(st_request));
+    r = e->request_pool[--e->nrequests_pooled];
+    raw = r->raw_headers;
+    body = r->body_buf;
+    attempts = r->attempts;
+    cap_attempts = r->cap_attempts;
+    memset(r, 0, sizeof *r);
+    st_buf_reset(&raw);
+    st_buf_reset(&body);
+    r->raw_headers = raw;
+    r->body_buf = body;
+    r->attempts = attempts;
+    r->cap_attempts = cap_attempts;
+    return r;
+}
+
 st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *err, size_t errlen)
 {
-    st_request *r = calloc(1, sizeof *r);
+    st_request *r = request_new(e);
     size_t i;
 
     if (r == NULL) {
@@ -788,7 +848,7 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     r->max_attempts = spec->attempts ? spec->attempts : e->policy.attempts;
     if (r->max_attempts == 0)
         r->max_attempts = 1;
-    easy_setup(e, r);
+    easy_setup(r);
     if (!attempt_start(e, r)) {
         set_err(err, errlen, "could not add the transfer to the engine");
         request_release(r);
@@ -999,6 +1059,8 @@ void st_engine_free(st_engine *e)
         st_engine_cancel(e, r);
     while ((r = st_engine_take_done(e)) != NULL)
         request_release(r);
+    for (i = 0; i < e->nrequests_pooled; i++)
+        request_destroy(e->request_pool[i]);
     for (i = 0; i < KEY_BUCKETS; i++) {
         st_keystate *k = e->keys[i];
         while (k) {

@@ -71,7 +71,7 @@ typedef struct st_result {
     long status;              /* 0 = no response */
     const char *body;
     size_t body_len;
-    const char *headers;      /* "name\0value\0" pairs, names lowercased, in arrival order */
+    const char *headers;      /* "name\0value\0" pairs as received, in arrival order */
     size_t headers_len;
     st_timings timings;
     int http_version;         /* 10, 11, 20, 30; 0 unknown */

@@ -1,5 +1,6 @@
 /* sturdy.core: the binding. It turns Lua values into engine structs and
  * results back into tables; the logic lives in the engine and the policies. */
+#include <ctype.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,12 +132,18 @@ static void set_str(lua_State *L, const char *k, const char *v)
 static void push_headers(lua_State *L, const char *p, size_t len)
 {
     const char *end = p + len;
+    char name[256];
 
     lua_newtable(L);
     while (p < end) {
-        const char *name = p;
-        const char *value = name + strlen(name) + 1;
+        size_t name_len = strlen(p), i;
+        const char *value = p + name_len + 1;
         size_t value_len = strlen(value);
+        if (name_len >= sizeof name)
+            name_len = sizeof name - 1; /* no real header name is this long */
+        for (i = 0; i < name_len; i++)
+            name[i] = (char)tolower((unsigned char)p[i]);
+        name[name_len] = '\0';
         p = value + value_len + 1;
         lua_getfield(L, -1, name);
         if (lua_isnil(L, -1)) {

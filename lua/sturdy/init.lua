@@ -125,6 +125,9 @@ local CHECKS = {
   ["number|table"] = function(v) return type(v) == "table" or (type(v) == "number" and v > 0) end,
 }
 
+-- Checked by type() alone, without a call (requests pass through here)
+local PLAIN_TYPES = { string = true, table = true, ["function"] = true, boolean = true }
+
 local WANTS = {
   positive = "a positive number", count = "a whole number >= 1",
   ["positive|false"] = "a positive number or false", ["table|false"] = "a table or false",
@@ -140,7 +143,7 @@ local function check_options(t, schema, where)
     end
     if type(want) == "table" then
       check_options(v, want, where .. "." .. k)
-    elseif not CHECKS[want](v) then
+    elseif not (PLAIN_TYPES[want] and type(v) == want) and not CHECKS[want](v) then
       fail("option '%s' in %s must be %s, got %s", k, where, WANTS[want] or ("a " .. want),
            type(v) == "string" and format("%q", one_line(v, 40)) or type(v))
     end
@@ -270,6 +273,8 @@ local function ms(v)
   return v and floor(v * 1000 + 0.5) or 0
 end
 
+local KNOWN_METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = true, HEAD = true }
+
 local TIMEOUT_NAMES = { "connect", "first_byte", "idle", "total" }
 
 -- Timeouts in ms for the engine (0 = none), a request's own overriding the client's.
@@ -379,7 +384,7 @@ function Client:_args(req)
   if not url then
     local path = req.path or "/"
     if not self.base_url then fail("request needs 'url', or 'path' with a client base_url") end
-    if path:sub(1, 1) ~= "/" then fail("request 'path' must start with '/', got %q", one_line(path, 80)) end
+    if path:byte(1) ~= 47 then fail("request 'path' must start with '/', got %q", one_line(path, 80)) end
     url = self.base_url .. path
   elseif not url:find("^https?://[^/]") then
     fail("request 'url' must start with http:// or https://, got %q", one_line(url, 80))
@@ -392,7 +397,9 @@ function Client:_args(req)
     if not body then fail("request 'json' cannot be encoded: %s", err) end
   end
   local method = req.method or (body and "POST" or "GET")
-  if not method:find("^%u+$") then fail("request 'method' must be an upper-case HTTP method, got %q", method) end
+  if not KNOWN_METHODS[method] and not method:find("^%u+$") then
+    fail("request 'method' must be an upper-case HTTP method, got %q", method)
+  end
   local t = req.timeout and timeouts_ms(self.timeout, req.timeout) or self._timeout_ms
   return method, url, req.key or self.key or host_of(url), body,
     header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
