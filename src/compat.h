@@ -12,6 +12,10 @@
 #define lua_absindex(L, i) \
     (((i) > 0 || (i) <= LUA_REGISTRYINDEX) ? (i) : lua_gettop(L) + (i) + 1)
 
+/* a userdata's environment table plays the 5.2 user value (always a table here) */
+#define lua_setuservalue(L, i) lua_setfenv((L), (i))
+#define lua_getuservalue(L, i) lua_getfenv((L), (i))
+
 /* LuaJIT 2.1 already has these (its lauxlib.h defines luaL_newlib) */
 #ifndef luaL_newlib
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/select.h>
 #include <time.h>
 
 #include <curl/curl.h>
@@ -881,6 +882,8 @@ void st_engine_cancel(st_engine *e, st_request *r)
 st_request *st_engine_take_done(st_engine *e)
 {
     st_request *r = e->done.head;
+    while (r && r->userdata == NULL)
+        r = r->next;
     if (r)
         list_unlink(r);
     return r;
@@ -1042,6 +1045,38 @@ st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *r
     return e;
 }
 
+size_t st_engine_fds(const st_engine *e, st_fd *out, size_t max)
+{
+    fd_set rd, wr, ex;
+    int maxfd = -1, fd;
+    size_t n = 0;
+
+    FD_ZERO(&rd);
+    FD_ZERO(&wr);
+    FD_ZERO(&ex);
+    if (curl_multi_fdset(e->multi, &rd, &wr, &ex, &maxfd) != CURLM_OK)
+        return 0;
+    for (fd = 0; fd <= maxfd; fd++) {
+        int events = (FD_ISSET(fd, &rd) || FD_ISSET(fd, &ex) ? ST_FD_READ : 0)
+                   | (FD_ISSET(fd, &wr) ? ST_FD_WRITE : 0);
+        if (events == 0)
+            continue;
+        if (n < max) {
+            out[n].fd = fd;
+            out[n].events = events;
+        }
+        n++;
+    }
+    return n;
+}
+
+void st_engine_cancel_all(st_engine *e)
+{
+    st_request *r;
+    while ((r = e->running.head) != NULL || (r = e->waiting.head) != NULL)
+        st_engine_cancel(e, r);
+}
+
 void st_engine_set_retry_hook(st_engine *e, st_retry_hook hook, void *ud)
 {
     e->retry_hook = hook;
@@ -1055,10 +1090,11 @@ void st_engine_free(st_engine *e)
 
     if (e == NULL)
         return;
-    while ((r = e->running.head) != NULL || (r = e->waiting.head) != NULL)
-        st_engine_cancel(e, r);
-    while ((r = st_engine_take_done(e)) != NULL)
+    st_engine_cancel_all(e);
+    while ((r = e->done.head) != NULL) {
+        list_unlink(r);
         request_release(r);
+    }
     for (i = 0; i < e->nrequests_pooled; i++)
         request_destroy(e->request_pool[i]);
     for (i = 0; i < KEY_BUCKETS; i++) {
@@ -1086,4 +1122,5 @@ void st_engine_stats_get(const st_engine *e, st_engine_stats *out)
     out->connections = e->n_connections;
     out->running = list_count(&e->running);
     out->waiting = list_count(&e->waiting);
+    out->done = list_count(&e->done);
 }

@@ -109,10 +109,25 @@ void st_engine_cancel(st_engine *e, st_request *r);
 /* Drives transfers and timers, waiting at most max_wait_ms for activity.
  * Returns how many requests are still running or waiting. */
 int st_engine_step(st_engine *e, int64_t max_wait_ms);
-/* Finished requests, oldest first; each is handed out once. */
+/* Finished requests that carry userdata, oldest first; each is handed out
+ * once. One without userdata is waited on by its owner, who frees it. */
 st_request *st_engine_take_done(st_engine *e);
 /* Milliseconds until the engine next needs driving (-1: nothing pending). */
 int64_t st_engine_timeout(st_engine *e);
+/* Ends every request that is not done yet with kind "canceled". */
+void st_engine_cancel_all(st_engine *e);
+
+/* The sockets libcurl is waiting on, for event loops that wait on them and
+ * then drive the engine. (Through curl_multi_fdset: sockets numbered at or
+ * above FD_SETSIZE are not listed; st_engine_timeout still bounds the wait.) */
+#define ST_FD_READ 1
+#define ST_FD_WRITE 2
+typedef struct st_fd {
+    int fd;
+    int events; /* ST_FD_READ | ST_FD_WRITE */
+} st_fd;
+/* Copies up to max entries; returns how many sockets there are in all. */
+size_t st_engine_fds(const st_engine *e, st_fd *out, size_t max);
 
 st_req_state st_request_state(const st_request *r);
 void st_request_result(st_request *r, st_result *out);
@@ -127,7 +142,7 @@ void st_request_free(st_request *r);
 
 typedef struct st_engine_stats {
     uint64_t requests, attempts, retries, connections;
-    int running, waiting;
+    int running, waiting, done; /* done: finished, not yet taken */
 } st_engine_stats;
 void st_engine_stats_get(const st_engine *e, st_engine_stats *out);
 

@@ -1,11 +1,14 @@
 /* sturdy.core: the binding. It turns Lua values into engine structs and
  * results back into tables; the logic lives in the engine and the policies. */
+#define _POSIX_C_SOURCE 200809L
+
 #include <ctype.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -14,6 +17,8 @@
 #include "engine.h"
 
 #define ENGINE_MT "sturdy.engine"
+#define REQUEST_MT "sturdy.request"
+#define MAX_FDS 1024
 #define MAX_SPEC_HEADERS 256
 
 typedef struct l_engine {
@@ -22,7 +27,18 @@ typedef struct l_engine {
     int on_retry_ref;
 } l_engine;
 
+/* A submitted request. Its user value is { handle, engine }: the Lua handle
+ * the results go to, and the engine, kept alive while the request is. While in
+ * flight the request is referenced from the registry, so a handle nobody holds
+ * still completes and fires its callback. */
+typedef struct l_request {
+    st_request *r;   /* NULL once finished and taken, or detached by close */
+    l_engine *le;
+    int ref;         /* registry reference while in flight */
+} l_request;
+
 #define check_engine(L, i) ((l_engine *)luaL_checkudata((L), (i), ENGINE_MT))
+#define check_request(L, i) ((l_request *)luaL_checkudata((L), (i), REQUEST_MT))
 
 static l_engine *open_engine(lua_State *L, int i)
 {
@@ -399,6 +415,146 @@ static int l_engine_perform(lua_State *L)
     return 1;
 }
 
+/* engine:submit(handle, ...) -> request. Starts the request (arguments as
+ * read_spec reads them, from the second on) without waiting for anything. */
+static int l_engine_submit(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *headers[MAX_SPEC_HEADERS];
+    st_request_spec spec;
+    l_request *lr;
+    char err[256];
+
+    luaL_checktype(L, 2, LUA_TTABLE);
+    read_spec(L, 3, &spec, headers);
+    if (spec.stream)
+        return luaL_error(L, "sturdy: on_data is only for blocking requests");
+    lr = lua_newuserdata(L, sizeof *lr);
+    lr->r = NULL;
+    lr->le = le;
+    lr->ref = LUA_NOREF;
+    luaL_setmetatable(L, REQUEST_MT);
+    lua_createtable(L, 2, 0);
+    lua_pushvalue(L, 2);
+    lua_rawseti(L, -2, 1);
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, 2);
+    lua_setuservalue(L, -2);
+
+    lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
+    if (lr->r == NULL)
+        return luaL_error(L, "sturdy: %s", err);
+    st_request_set_userdata(lr->r, lr);
+    lua_pushvalue(L, -1);
+    lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 1;
+}
+
+/* engine:step(max_wait_ms) -> requests still active. */
+static int l_engine_step(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_Number wait = luaL_optnumber(L, 2, 0);
+    int active;
+
+    le->L = L;
+    active = st_engine_step(le->e, wait > 0 ? (int64_t)wait : 0);
+    le->L = NULL;
+    lua_pushinteger(L, active);
+    return 1;
+}
+
+/* Stores a finished request's result in its handle's `raw` field and lets it go. */
+static void finish_request(lua_State *L, l_request *lr, int request_index)
+{
+    st_request *r = lr->r;
+
+    lua_getuservalue(L, request_index);
+    lua_rawgeti(L, -1, 1);          /* the handle */
+    push_result(L, r);
+    lua_setfield(L, -2, "raw");
+    lua_remove(L, -2);              /* leaves the handle */
+    lr->r = NULL;
+    st_request_free(r);
+    luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
+    lr->ref = LUA_NOREF;
+}
+
+/* engine:take_done() -> list of the handles of requests that finished. */
+static int l_engine_take_done(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_request *r;
+    int n = 0;
+
+    lua_newtable(L);
+    while ((r = st_engine_take_done(le->e)) != NULL) {
+        l_request *lr = st_request_userdata(r);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
+        finish_request(L, lr, lua_gettop(L));
+        lua_remove(L, -2);
+        lua_rawseti(L, -2, ++n);
+    }
+    return 1;
+}
+
+/* engine:cancel_all(): every unfinished request ends as canceled (take_done hands them out). */
+static int l_engine_cancel_all(lua_State *L)
+{
+    st_engine_cancel_all(open_engine(L, 1)->e);
+    return 0;
+}
+
+static int l_engine_fds(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_fd fds[MAX_FDS];
+    size_t n = st_engine_fds(le->e, fds, MAX_FDS), i;
+
+    if (n > MAX_FDS)
+        n = MAX_FDS;
+    lua_createtable(L, (int)n, 0);
+    for (i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        set_int(L, "fd", fds[i].fd);
+        lua_pushboolean(L, fds[i].events & ST_FD_READ);
+        lua_setfield(L, -2, "read");
+        lua_pushboolean(L, (fds[i].events & ST_FD_WRITE) != 0);
+        lua_setfield(L, -2, "write");
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
+/* engine:timeout() -> ms until the engine needs driving, or nil when idle. */
+static int l_engine_timeout(lua_State *L)
+{
+    int64_t t = st_engine_timeout(open_engine(L, 1)->e);
+    if (t < 0)
+        lua_pushnil(L);
+    else
+        lua_pushnumber(L, (lua_Number)t);
+    return 1;
+}
+
+static int l_request_cancel(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    if (lr->r != NULL && lr->le->e != NULL)
+        st_engine_cancel(lr->le->e, lr->r);
+    return 0;
+}
+
+static int l_request_gc(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    /* at state close an unfinished request may be collected before its engine */
+    if (lr->r != NULL && lr->le->e != NULL)
+        st_request_free(lr->r);
+    lr->r = NULL;
+    return 0;
+}
+
 static int l_engine_stats(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
@@ -412,13 +568,28 @@ static int l_engine_stats(lua_State *L)
     set_num(L, "connections", (double)s.connections);
     set_int(L, "running", s.running);
     set_int(L, "waiting", s.waiting);
+    set_int(L, "done", s.done);
     return 1;
 }
 
 static int l_engine_close(lua_State *L)
 {
     l_engine *le = check_engine(L, 1);
+    st_request *r;
+
+    if (le->e && le->L != NULL)
+        return luaL_error(L, "sturdy: the client cannot be closed from a hook while it waits on a request");
     if (le->e) {
+        /* requests still held by Lua are let go first, so none points into a freed engine */
+        st_engine_cancel_all(le->e);
+        while ((r = st_engine_take_done(le->e)) != NULL) {
+            l_request *lr = st_request_userdata(r);
+            lr->r = NULL;
+            if (lr->ref != LUA_NOREF)
+                luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
+            lr->ref = LUA_NOREF;
+            st_request_free(r);
+        }
         st_engine_free(le->e);
         le->e = NULL;
     }
@@ -438,6 +609,12 @@ static int l_engine_tostring(lua_State *L)
 
 static const luaL_Reg engine_methods[] = {
     { "perform", l_engine_perform },
+    { "submit", l_engine_submit },
+    { "step", l_engine_step },
+    { "take_done", l_engine_take_done },
+    { "cancel_all", l_engine_cancel_all },
+    { "fds", l_engine_fds },
+    { "timeout", l_engine_timeout },
     { "stats", l_engine_stats },
     { "close", l_engine_close },
     { NULL, NULL }
@@ -449,7 +626,34 @@ static const luaL_Reg engine_meta[] = {
     { NULL, NULL }
 };
 
+static const luaL_Reg request_methods[] = {
+    { "cancel", l_request_cancel },
+    { NULL, NULL }
+};
+
+static const luaL_Reg request_meta[] = {
+    { "__gc", l_request_gc },
+    { NULL, NULL }
+};
+
+static int l_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+    return 1;
+}
+
+/* Monotonic seconds, for timeouts measured in Lua. */
+static int l_monotime(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
 static const luaL_Reg core_functions[] = {
+    { "isatty", l_isatty },
+    { "monotime", l_monotime },
     { "engine", l_engine_new },
     { "headers", l_headers },
     { NULL, NULL }
@@ -462,6 +666,11 @@ int luaopen_sturdy_core(lua_State *L)
     luaL_newmetatable(L, ENGINE_MT);
     luaL_setfuncs(L, engine_meta, 0);
     luaL_newlib(L, engine_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, REQUEST_MT);
+    luaL_setfuncs(L, request_meta, 0);
+    luaL_newlib(L, request_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 

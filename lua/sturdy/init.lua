@@ -169,6 +169,7 @@ local CLIENT_SCHEMA = {
   },
   proxy = "string", no_proxy = "string", user_agent = "string",
   max_response = "positive", on_retry = "function", seed = "positive",
+  on_error = "function", yield = "function",
 }
 
 local BUDGET_SCHEMA = { ratio = "number", min_per_s = "number", window = "positive" }
@@ -366,11 +367,13 @@ function sturdy.client(cfg)
   local self = setmetatable({
     base_url = cfg.base_url and cfg.base_url:gsub("/+$", ""),
     key = cfg.key or host_of(cfg.base_url),
-    timeout = timeout,
+    _timeout = timeout,
     max_response = cfg.max_response,
     _header_lines = lines, _header_names = names,
     _lines = base_lines(lines, names),
     _timeout_ms = timeouts_ms(timeout),
+    _on_error = cfg.on_error, _yield = cfg.yield,
+    _active = 0,
   }, Client)
   self._engine = core.engine(engine_options(cfg))
   return self
@@ -400,7 +403,7 @@ function Client:_args(req)
   if not KNOWN_METHODS[method] and not method:find("^%u+$") then
     fail("request 'method' must be an upper-case HTTP method, got %q", method)
   end
-  local t = req.timeout and timeouts_ms(self.timeout, req.timeout) or self._timeout_ms
+  local t = req.timeout and timeouts_ms(self._timeout, req.timeout) or self._timeout_ms
   return method, url, req.key or self.key or host_of(url), body,
     header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
     req.max_response or self.max_response, req.attempts, req.on_data
@@ -423,17 +426,231 @@ local function to_response(r)
   return nil, err
 end
 
+---------------------------------------------------------------------------
+-- Non-blocking use: handles, poll, run, batch
+---------------------------------------------------------------------------
+
+local Handle = { __name = "sturdy.Handle" }
+Handle.__index = Handle
+sturdy.Handle = Handle
+
+local BATCH_SCHEMA = { concurrency = "count", on_progress = "function", progress = "boolean" }
+
+-- Seconds (nil = none) to the engine's milliseconds.
+local function wait_ms(timeout, where)
+  if timeout == nil then return nil end
+  if type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout then
+    fail("%s takes a timeout in seconds >= 0, got %s", where, tostring(timeout))
+  end
+  return timeout * 1000
+end
+
+local now = core.monotime
+sturdy.monotime = now
+
+--- Starts a request and returns a handle at once. callback(res, err), if
+-- given, runs from a later poll, run or wait, never from submit itself.
+function Client:submit(req, callback)
+  if callback ~= nil and type(callback) ~= "function" then
+    fail("submit's callback must be a function, got %s", type(callback))
+  end
+  local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
+  h._request = self._engine:submit(h, self:_args(req))
+  self._active = self._active + 1
+  return h
+end
+
+-- Runs the callback of each finished handle. Errors raised by callbacks go to
+-- on_error, or are returned as a list.
+function Client:_dispatch()
+  local finished = self._engine:take_done()
+  local errors
+  for i = 1, #finished do
+    local h = finished[i]
+    h._res, h._err = to_response(h.raw)
+    h.raw, h._request, h._done = nil, nil, true
+    self._active = self._active - 1
+    if h.callback then
+      local ok, e = pcall(h.callback, h._res, h._err)
+      if not ok then
+        if self._on_error then
+          pcall(self._on_error, e, h)
+        else
+          errors = errors or {}
+          errors[#errors + 1] = e
+        end
+      end
+    end
+  end
+  return errors
+end
+
+--- Does the work that is ready, waiting at most timeout seconds (default 0)
+-- for some; fires callbacks. Returns how many calls are still active, and a
+-- list of callback errors when there were any and no on_error hook.
+function Client:poll(timeout)
+  local ms_ = wait_ms(timeout, "poll") or 0
+  self._engine:step(ms_)
+  local errors = self:_dispatch()
+  return self._active, errors
+end
+
+--- Drives the engine until no call is in flight or waiting.
+function Client:run()
+  local all
+  while self._active > 0 do
+    local _, errors = self:poll(1)
+    if errors then
+      all = all or {}
+      for _, e in ipairs(errors) do all[#all + 1] = e end
+    end
+  end
+  return all
+end
+
+--- The sockets the engine waits on ({fd, read, write} each) and the seconds
+-- until it next needs driving (nil when idle), for external event loops.
+function Client:fds()
+  return self._engine:fds()
+end
+
+function Client:timeout()
+  local t = self._engine:timeout()
+  return t and t / 1000
+end
+
+function Client:pending()
+  return self._active
+end
+
+function Handle:done()
+  return self._done
+end
+
+--- res, err once done; nothing before.
+function Handle:result()
+  if self._done then return self._res, self._err end
+end
+
+--- Drives the engine until this call is done (other callbacks may fire), or
+-- until timeout seconds pass: then nil and an error of kind "wait_timeout".
+function Handle:wait(timeout)
+  local limit = wait_ms(timeout, "wait")
+  local deadline = limit and now() + limit / 1000
+  local client = self.client
+  while not self._done do
+    local left = deadline and (deadline - now()) * 1000
+    if left and left <= 0 then
+      return nil, Error.new { kind = "wait_timeout", class = "timeout", pending = true,
+                              message = "the call is still in flight" }
+    end
+    client._engine:step(left and math.min(left, 1000) or 1000)
+    client:_dispatch()
+  end
+  return self._res, self._err
+end
+
+--- Ends the call with kind "canceled"; its callback fires once, from the next
+-- poll, run or wait.
+function Handle:cancel()
+  if not self._done and self._request then self._request:cancel() end
+end
+
 --- Sends a request and waits for its outcome: a response, or nil and a sturdy.Error.
+-- With the client's `yield` option, inside a coroutine, it yields while waiting.
 function Client:request(req)
+  local yield = self._yield
+  if yield then
+    local co, main = coroutine.running()
+    if co and not main then
+      local h = self:submit(req)
+      while true do
+        self:poll(0)
+        if h._done then return h._res, h._err end
+        yield()
+      end
+    end
+  end
   return to_response(self._engine:perform(self:_args(req)))
+end
+
+local function progress_bar(done, total, failed)
+  local width = 30
+  local filled = total > 0 and floor(width * done / total) or width
+  io.stderr:write(format("\r[%s%s] %d/%d%s", string.rep("#", filled), string.rep(".", width - filled),
+                         done, total, failed > 0 and format(" (%d failed)", failed) or ""))
+  if done == total then io.stderr:write("\n") end
+end
+
+--- Runs a list of requests, at most `concurrency` in flight, and returns the
+-- outcomes in input order: each a response or a sturdy.Error; then the errors
+-- on_progress raised, if it raised any and there is no on_error hook.
+function Client:batch(requests, opts)
+  if type(requests) ~= "table" then fail("batch takes a list of requests, got %s", type(requests)) end
+  opts = opts or {}
+  check_options(opts, BATCH_SCHEMA, "batch options")
+  local total = #requests
+  for i = 1, total do
+    if type(requests[i]) ~= "table" then fail("batch request #%d must be a table, got %s", i, type(requests[i])) end
+    self:_args(requests[i]) -- every request is checked before any is sent
+  end
+  local concurrency = opts.concurrency or 32
+  local on_progress = opts.on_progress
+  if opts.progress and core.isatty(2) then
+    local user = on_progress
+    on_progress = function(done, n, failed)
+      progress_bar(done, n, failed)
+      if user then user(done, n, failed) end
+    end
+  end
+  local results, next_index, in_flight, done, failed = {}, 1, 0, 0, 0
+  local errors
+  local launch
+  local function finished(i, res, err)
+    results[i] = res or err
+    in_flight, done = in_flight - 1, done + 1
+    if err then failed = failed + 1 end
+    if on_progress then
+      local ok, e = pcall(on_progress, done, total, failed)
+      if not ok then
+        if self._on_error then
+          pcall(self._on_error, e)
+        else
+          errors = errors or {}
+          errors[#errors + 1] = e
+        end
+      end
+    end
+    launch()
+  end
+  function launch()
+    while in_flight < concurrency and next_index <= total do
+      local i = next_index
+      next_index, in_flight = i + 1, in_flight + 1
+      self:submit(requests[i], function(res, err) finished(i, res, err) end)
+    end
+  end
+  launch()
+  while done < total do
+    local _, errs = self:poll(1)
+    for _, e in ipairs(errs or {}) do errors = errors or {}; errors[#errors + 1] = e end
+  end
+  -- errors raised by on_progress are returned beside the complete results
+  return results, errors
 end
 
 function Client:stats()
   return self._engine:stats()
 end
 
+--- Cancels what is in flight or waiting, fires those callbacks once, and
+-- frees the engine. Later calls raise; closing twice is harmless.
 function Client:close()
+  if self._closed then return end
+  self._engine:cancel_all()
+  self:_dispatch()
   self._engine:close()
+  self._closed = true
 end
 
 Client.__close = Client.close
