@@ -16,8 +16,8 @@ export STURDY_CPATH="${STURDY_CPATH:-$BUILD/?.so}"
 BARE=$BUILD/bench-bare
 BODY=bench/request.json
 URL=$STURDY_MOCK_URL/v1/messages
-ROUNDS=${BENCH_ROUNDS:-7}
-N_SEQ=${BENCH_N_SEQ:-2000}
+ROUNDS=${BENCH_ROUNDS:-9}
+N_SEQ=${BENCH_N_SEQ:-3000}
 N_MULTI=${BENCH_N_MULTI:-10000}
 
 TMP=$(mktemp -d)
@@ -31,6 +31,8 @@ bare_seq() { "$BARE" seq "$URL" "$1" "$BODY"; }
 sturdy_seq() { "$LUA" bench/seq.lua "$1" "$BODY"; }
 bare_multi_16() { "$BARE" multi "$URL" "$1" 16 "$BODY"; }
 bare_multi_64() { "$BARE" multi "$URL" "$1" 64 "$BODY"; }
+sturdy_batch_16() { "$LUA" bench/batch.lua "$1" 16 "$BODY"; }
+sturdy_batch_64() { "$LUA" bench/batch.lua "$1" 64 "$BODY"; }
 
 # --- machinery ---
 
@@ -104,8 +106,8 @@ echo "bench: $(curl-config --version 2>/dev/null || echo libcurl), $LUA, mock at
 echo
 
 section "sequential" "$N_SEQ" bare_seq bare sturdy_seq sturdy
-section "concurrent c=16" "$N_MULTI" bare_multi_16 "bare multi" - "sturdy batch"
-section "concurrent c=64" "$N_MULTI" bare_multi_64 "bare multi" - "sturdy batch"
+section "concurrent c=16" "$N_MULTI" bare_multi_16 "bare multi" sturdy_batch_16 "sturdy batch"
+section "concurrent c=64" "$N_MULTI" bare_multi_64 "bare multi" sturdy_batch_64 "sturdy batch"
 
 echo "== summary (medians of alternating rounds in this run)"
 cat "$TMP/summary"

@@ -1,0 +1,71 @@
+-- The examples and the demo run against the mock, as a user would run them.
+local mock = require "spec.support.mock"
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+describe("examples", function()
+  local m
+  local lua = arg and arg[-1] or "lua"
+
+  setup(function() m = assert(mock.start()) end)
+  teardown(function() m:stop() end)
+
+  local function run(script)
+    local cmd = ("STURDY_MOCK_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s 2>&1; echo \"exit=$?\""):format(
+      shell_quote(m.http_url), shell_quote(package.path), shell_quote(package.cpath), lua, script)
+    local p = io.popen(cmd)
+    local out = p:read("*a")
+    p:close()
+    local code = tonumber(out:match("exit=(%d+)%s*$"))
+    return code, out
+  end
+
+  it("event_loop_luv.lua runs inside luv's loop", function()
+    local ok = pcall(require, "luv")
+    if not ok then
+      pending("luv is not installed for this Lua")
+      return
+    end
+    local code, out = run("examples/event_loop_luv.lua")
+    assert.equal(0, code, out)
+    local ticks = tonumber(out:match("done: 20 ok, 0 failed, the loop ticked (%d+) times"))
+    assert.is_true(ticks and ticks > 5, out) -- the loop kept running while calls were in flight
+  end)
+
+  it("single_call.lua prints a reply", function()
+    local code, out = run("examples/single_call.lua")
+    assert.equal(0, code, out)
+    assert.matches("200\treq_", out)
+  end)
+
+  it("batch.lua keeps every result", function()
+    local code, out = run("examples/batch.lua")
+    assert.equal(0, code, out)
+    assert.matches("50 of 50 succeeded, 5 retries", out, 1, true)
+  end)
+
+  it("game_loop.lua never waits on the server inside a frame", function()
+    local code, out = run("examples/game_loop.lua")
+    assert.equal(0, code, out)
+    local replies, frames, slowest = out:match("(%d+) replies over (%d+) frames; the slowest poll took ([%d.]+) ms")
+    assert.equal("8", replies, out)
+    assert.is_true(tonumber(frames) >= 15, out)
+    assert.is_true(tonumber(slowest) < 100, out)
+  end)
+
+  it("coroutines.lua finishes the quickest task first", function()
+    local code, out = run("examples/coroutines.lua")
+    assert.equal(0, code, out)
+    local first = out:match("task (%d)")
+    assert.equal("2", first, out)
+  end)
+
+  it("demo.lua runs the main job and reports", function()
+    local code, out = run("examples/demo.lua")
+    assert.equal(0, code, out)
+    assert.matches("succeeded:", out)
+    assert.matches("retries:", out)
+  end)
+end)
