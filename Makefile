@@ -31,8 +31,9 @@ CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
 CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
-POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c
-CORE_SRC := src/buf.c src/timerheap.c src/engine.c src/lsturdy.c $(POLICY_SRC)
+POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c
+CORE_SRC := src/buf.c src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
+C_TESTS := test_policies test_breaker test_latency test_ratelimit
 HEADERS := $(wildcard src/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
 
@@ -50,7 +51,7 @@ all: $(CORE_SO)
 $(CORE_SO): $(CORE_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -fPIC -shared $(LUA_CFLAGS) $(CURL_CFLAGS) \
-		-o $@ $(CORE_SRC) $(CURL_LIBS) $(LDFLAGS)
+		-o $@ $(CORE_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
 install: $(CORE_SO)
 	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
@@ -64,12 +65,12 @@ deps:
 	@sh scripts/deps.sh
 
 # The pure C policies, tested directly with a virtual clock.
-$(BUILD)/test_policies: spec/c/test_policies.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
+$(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc -o $@ spec/c/test_policies.c $(POLICY_SRC) -lm $(LDFLAGS)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc -o $@ $< $(POLICY_SRC) -lm $(LDFLAGS)
 
-test-c: $(BUILD)/test_policies
-	$(BUILD)/test_policies
+test-c: $(addprefix $(BUILD)/,$(C_TESTS))
+	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
 
 test-lua: $(CORE_SO)
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
@@ -85,9 +86,10 @@ test-all: deps
 test-asan: deps
 	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
 		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
-		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/test_policies
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0 \
-		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 build/asan-$(LUA)/test_policies
+		build/asan-$(LUA)/sturdy/core.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
+	@set -e; for t in $(C_TESTS); do \
+		ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		build/asan-$(LUA)/$$t; done
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \

@@ -27,10 +27,11 @@ build = {
       ["sturdy"] = "lua/sturdy/init.lua",
       ["sturdy.core"] = {
          sources = {
-            "src/buf.c", "src/timerheap.c", "src/engine.c", "src/lsturdy.c",
+            "src/buf.c", "src/timerheap.c", "src/upstream.c", "src/engine.c", "src/lsturdy.c",
             "src/backoff.c", "src/budget.c", "src/httpdate.c", "src/outcome.c",
+            "src/breaker.c", "src/latency.c", "src/ratelimit.c",
          },
-         libraries = { "curl" },
+         libraries = { "curl", "m" },
          incdirs = { "$(CURL_INCDIR)" },
          libdirs = { "$(CURL_LIBDIR)" },
          defines = {},

@@ -11,7 +11,6 @@
 
 #include <curl/curl.h>
 
-#include "budget.h"
 #include "buf.h"
 #include "httpdate.h"
 #include "timerheap.h"
@@ -21,12 +20,7 @@
 #define REQUEST_POOL_MAX 64
 #define POOLED_BUF_MAX (256 * 1024) /* larger buffers go back to the system */
 
-/* Policy state of one upstream key, shared by every request that names it. */
-typedef struct st_keystate {
-    struct st_keystate *next;
-    st_budget budget;
-    char name[]; /* flexible array: the key itself */
-} st_keystate;
+enum { TIMER_REQUEST = 0, TIMER_UPSTREAM }; /* st_timer.kind */
 
 typedef struct st_list {
     st_request *head, *tail;
@@ -36,7 +30,8 @@ struct st_request {
     st_engine *eng;
     st_request *prev, *next;   /* in running, waiting or done list */
     st_list *list;             /* which one, NULL when none */
-    st_timer timer;            /* retry wait */
+    st_timer timer;            /* retry wait, or the deadline while queued */
+    st_qnode qnode;            /* place in its upstream's queue */
     st_req_state state;
     CURL *easy;
     void *userdata;
@@ -45,7 +40,10 @@ struct st_request {
     char *method, *url, *body;
     size_t body_len;
     struct curl_slist *headers;
-    st_keystate *ks;
+    st_upstream *up;
+    st_permit permit;           /* the breaker's, for the attempt under way */
+    int priority;
+    double cost[ST_DIM_COUNT];  /* what one attempt takes from the rate limiter */
     int64_t connect_ms, first_byte_ms, idle_ms, deadline_ms; /* deadline: absolute, 0 none */
     size_t max_response;
     unsigned max_attempts;
@@ -86,13 +84,16 @@ struct st_engine {
     st_rng rng;
     st_timerheap timers;
     st_list running, waiting, done;
-    st_keystate *keys[KEY_BUCKETS];
+    st_upstream_config upstream_config;
+    st_upstream *keys[KEY_BUCKETS];
     CURL *easy_pool[EASY_POOL_MAX];
     int npool;
     st_request *request_pool[REQUEST_POOL_MAX]; /* released requests, buffers kept */
     int nrequests_pooled;
     st_retry_hook retry_hook;
     void *retry_hook_ud;
+    st_event_hook event_hook;
+    void *event_hook_ud;
     uint64_t n_requests, n_attempts, n_retries, n_connections;
 };
 
@@ -101,6 +102,11 @@ static int64_t mono_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t st_engine_now_ms(void)
+{
+    return mono_ms();
 }
 
 static int64_t wall_ms(void)
@@ -179,25 +185,64 @@ static unsigned key_hash(const char *s)
     return h;
 }
 
-static st_keystate *key_get(st_engine *e, const char *name)
+static st_upstream *upstream_find(st_engine *e, const char *name)
+{
+    st_upstream *u;
+    for (u = e->keys[key_hash(name) % KEY_BUCKETS]; u; u = u->next)
+        if (strcmp(u->name, name) == 0)
+            return u;
+    return NULL;
+}
+
+static st_upstream *upstream_get(st_engine *e, const char *name)
 {
     unsigned b = key_hash(name) % KEY_BUCKETS;
-    st_keystate *k;
-    size_t n;
+    st_upstream *u = upstream_find(e, name);
 
-    for (k = e->keys[b]; k; k = k->next)
-        if (strcmp(k->name, name) == 0)
-            return k;
-    n = strlen(name) + 1;
-    k = malloc(sizeof *k + n);
-    if (k == NULL)
+    if (u != NULL)
+        return u;
+    u = st_upstream_new(name, &e->upstream_config, mono_ms());
+    if (u == NULL)
         return NULL;
-    memcpy(k->name, name, n);
-    st_budget_init(&k->budget, e->policy.budget_ratio, e->policy.budget_min_per_s,
-                   e->policy.budget_slot_ms, mono_ms());
-    k->next = e->keys[b];
-    e->keys[b] = k;
-    return k;
+    u->wake.kind = TIMER_UPSTREAM;
+    u->next = e->keys[b];
+    e->keys[b] = u;
+    return u;
+}
+
+st_upstream *st_engine_upstream(st_engine *e, const char *key)
+{
+    return upstream_find(e, key);
+}
+
+void st_engine_each_upstream(st_engine *e, void (*fn)(void *ud, st_upstream *u), void *ud)
+{
+    int i;
+    st_upstream *u;
+    for (i = 0; i < KEY_BUCKETS; i++)
+        for (u = e->keys[i]; u; u = u->next)
+            fn(ud, u);
+}
+
+static void emit(st_engine *e, const st_event *ev)
+{
+    if (e->event_hook)
+        e->event_hook(e->event_hook_ud, ev);
+}
+
+static void emit_breaker_change(st_engine *e, st_upstream *u, st_breaker_state from)
+{
+    st_breaker_state to = st_breaker_state_now(&u->breaker);
+    st_event ev;
+
+    if (to == from)
+        return;
+    memset(&ev, 0, sizeof ev);
+    ev.type = ST_EVENT_BREAKER;
+    ev.key = u->name;
+    ev.from = from;
+    ev.to = to;
+    emit(e, &ev);
 }
 
 /* ---- response headers ----------------------------------------------------- */
@@ -433,6 +478,61 @@ static void keep_request_id(st_request *r)
         snprintf(r->request_id, sizeof r->request_id, "%s", id);
 }
 
+/* Tells the upstream's policies how an attempt went: the breaker, the latency
+ * windows, and the limiter (headers it learns from; a 429 pauses the key). */
+static void report_attempt(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now)
+{
+    st_upstream *u = r->up;
+    st_breaker_state before = st_breaker_state_now(&u->breaker);
+    int64_t latency = now - r->attempt_start_ms;
+
+    if (u->in_flight > 0)
+        u->in_flight--;
+    if (u->breaker_enabled) {
+        st_breaker_record(&u->breaker, now, &r->permit, o.cls, latency);
+        if (o.cls == ST_CLASS_OVERLOADED && hint > e->policy.honor_retry_after_ms)
+            st_breaker_open_until(&u->breaker, now, now + hint);
+        emit_breaker_change(e, u, before);
+    }
+    if (status > 0) {
+        const char *p = r->raw_headers.data;
+        size_t i;
+        int64_t wall = wall_ms();
+
+        u->replied = 1;
+        st_upstream_record_latency(u, now, (uint64_t)(r->timings.ttfb * 1e6),
+                                   (uint64_t)(r->timings.total * 1e6));
+        for (i = 0; i < r->nheaders; i++) {
+            const char *v = p + strlen(p) + 1;
+            if (st_limiter_feed_header(&u->limiter, now, wall, p, v)) {
+                st_event ev;
+                memset(&ev, 0, sizeof ev);
+                ev.type = ST_EVENT_LIMIT_LEARNED;
+                ev.key = u->name;
+                st_ratelimit_header(p, &ev.dim, &(int){ 0 }, &(int){ 0 });
+                ev.limit = st_limiter_limit(&u->limiter, ev.dim);
+                emit(e, &ev);
+            }
+            p = v + strlen(v) + 1;
+        }
+        st_limiter_response_done(&u->limiter, now);
+    }
+    if (o.cls == ST_CLASS_THROTTLED) {
+        /* a 429 pauses the whole key, not only this request */
+        int64_t pause = hint > 0 ? hint : (int64_t)e->policy.base_ms[ST_CLASS_THROTTLED];
+        st_event ev;
+        u->throttled++;
+        st_limiter_pause_until(&u->limiter, now + pause);
+        memset(&ev, 0, sizeof ev);
+        ev.type = ST_EVENT_PAUSED;
+        ev.key = u->name;
+        ev.pause_ms = (double)pause;
+        emit(e, &ev);
+    }
+}
+
+static void pump(st_engine *e, st_upstream *u, int64_t now);
+
 /* An attempt ended with outcome o: finish the request or schedule the next attempt. */
 static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
 {
@@ -445,14 +545,15 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
     r->status = status;
     keep_request_id(r);
     attempt_log(r, status, o.kind);
+    hint = status > 0 ? server_hint_ms(r) : -1;
+    report_attempt(e, r, o, status, hint, now);
+    pump(e, r->up, now);
 
     if (o.cls == ST_CLASS_SUCCESS) {
-        if (r->ks)
-            st_budget_deposit(&r->ks->budget, now);
+        st_budget_deposit(&r->up->budget, now);
         finish(e, r, o);
         return;
     }
-    hint = status > 0 ? server_hint_ms(r) : -1;
     if (hint > 0)
         r->retry_after_ms = hint;
     if (r->committed || r->nattempts >= r->max_attempts
@@ -471,7 +572,7 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
         finish(e, r, o);
         return;
     }
-    if (p->budget_enabled && r->ks && !st_budget_try_withdraw(&r->ks->budget, now)) {
+    if (p->budget_enabled && !st_budget_try_withdraw(&r->up->budget, now)) {
         st_outcome exhausted = { o.cls, "budget_exhausted" };
         r->cause = o;
         r->cause_status = status;
@@ -492,7 +593,7 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
     e->n_retries++;
     if (e->retry_hook) {
         st_retry_info info;
-        info.key = r->ks ? r->ks->name : "";
+        info.key = r->up->name;
         info.attempt = (unsigned)r->nattempts;
         info.cls = o.cls;
         info.kind = o.kind;
@@ -500,6 +601,114 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
         info.delay_ms = delay;
         info.hinted = hint > 0;
         e->retry_hook(e->retry_hook_ud, &info);
+    }
+}
+
+/* ---- admission: breaker, then limiter, then concurrency ------------------- */
+
+static void fail_now(st_engine *e, st_request *r, const char *kind, st_class cls, const char *detail)
+{
+    st_outcome o;
+    o.cls = cls;
+    o.kind = kind;
+    attempt_log(r, 0, kind);
+    snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
+    finish(e, r, o);
+}
+
+/* Starts r's next attempt if its upstream lets it now: the breaker (refusal
+ * ends the call at once, sending nothing), then the concurrency cap, then the
+ * rate limiter. Returns 1 when r is dealt with (started, or finished with an
+ * error), 0 when it has to wait in the queue. */
+static int try_start(st_engine *e, st_request *r, int64_t now)
+{
+    st_upstream *u = r->up;
+    int64_t wait, retry_in = 0;
+
+    if (u->breaker_enabled) {
+        st_breaker_state before = st_breaker_state_now(&u->breaker);
+        int allowed = st_breaker_acquire(&u->breaker, now, &r->permit, &retry_in);
+        emit_breaker_change(e, u, before);
+        if (!allowed) {
+            u->circuit_open++;
+            r->retry_after_ms = retry_in > 0 ? retry_in : 1;
+            fail_now(e, r, "circuit_open", ST_CLASS_OVERLOADED,
+                     "the circuit breaker for this upstream is open; nothing was sent");
+            return 1;
+        }
+    }
+    wait = u->in_flight >= st_upstream_cap(u) ? -1 : st_limiter_acquire(&u->limiter, now, r->cost);
+    if (wait > e->policy.honor_retry_after_ms || (wait > 0 && r->deadline_ms > 0 && now + wait >= r->deadline_ms)) {
+        /* a wait this long (a 429's long pause) is surfaced, not sat through */
+        if (u->breaker_enabled)
+            st_breaker_release(&u->breaker, now, &r->permit);
+        r->retry_after_ms = wait;
+        if (wait > e->policy.honor_retry_after_ms)
+            fail_now(e, r, "rate_limited", ST_CLASS_THROTTLED,
+                     "the upstream is paused by the rate limit longer than honor_retry_after; nothing was sent");
+        else
+            fail_now(e, r, "total_timeout", ST_CLASS_TIMEOUT,
+                     "the rate limit would hold the call past its deadline; nothing was sent");
+        return 1;
+    }
+    if (wait != 0) {
+        if (u->breaker_enabled)
+            st_breaker_release(&u->breaker, now, &r->permit);
+        if (wait > 0 && (u->wake.slot == 0 || u->wake.due_ms > now + wait)) {
+            /* the limiter opens at a known time: wake the queue then */
+            st_timerheap_remove(&e->timers, &u->wake);
+            u->wake.due_ms = now + wait;
+            st_timerheap_push(&e->timers, &u->wake);
+        }
+        return 0;
+    }
+    u->in_flight++;
+    if (!attempt_start(e, r)) {
+        u->in_flight--;
+        if (u->breaker_enabled)
+            st_breaker_release(&u->breaker, now, &r->permit);
+        fail_now(e, r, "transport", ST_CLASS_FATAL, "could not start the transfer");
+    }
+    return 1;
+}
+
+/* A request that is new or back from a retry wait: start it, or queue it
+ * behind the ones already waiting on its upstream. */
+static void admit(st_engine *e, st_request *r, int64_t now)
+{
+    st_upstream *u = r->up;
+
+    if (u->queued == 0 && try_start(e, r, now))
+        return;
+    if (u->breaker_enabled && st_breaker_state_now(&u->breaker) == ST_BREAKER_OPEN) {
+        /* an open breaker refuses at once even with others queued */
+        if (try_start(e, r, now))
+            return;
+    }
+    if (!st_upstream_enqueue(u, &r->qnode, r->priority)) {
+        u->queue_full++;
+        fail_now(e, r, "queue_full", ST_CLASS_OVERLOADED,
+                 "the queue for this upstream is full; nothing was sent");
+        return;
+    }
+    r->state = ST_REQ_QUEUED;
+    if (r->deadline_ms > 0) {
+        r->timer.due_ms = r->deadline_ms;
+        st_timerheap_push(&e->timers, &r->timer);
+    }
+}
+
+/* Starts queued requests of an upstream, in priority order, while it lets them. */
+static void pump(st_engine *e, st_upstream *u, int64_t now)
+{
+    st_qnode *n;
+
+    while ((n = st_upstream_peek(u)) != NULL) {
+        st_request *r = (st_request *)((char *)n - offsetof(st_request, qnode));
+        if (!try_start(e, r, now))
+            return;
+        st_upstream_dequeue(u, n);
+        st_timerheap_remove(&e->timers, &r->timer);
     }
 }
 
@@ -667,17 +876,31 @@ static int64_t watchdogs(st_engine *e, int64_t now)
     return next;
 }
 
+/* Due timers: an upstream whose limiter opens again, a retry wait that is
+ * over, or a queued request whose deadline passed. */
 static void fire_timers(st_engine *e, int64_t now)
 {
     st_timer *t;
     while ((t = st_timerheap_peek(&e->timers)) != NULL && t->due_ms <= now) {
-        st_request *r = (st_request *)((char *)t - offsetof(st_request, timer));
         st_timerheap_remove(&e->timers, t);
-        list_unlink(r);
-        if (!attempt_start(e, r)) {
-            st_outcome o = { ST_CLASS_FATAL, "transport" };
-            snprintf(r->errbuf, sizeof r->errbuf, "could not start the next attempt");
-            finish(e, r, o);
+        if (t->kind == TIMER_UPSTREAM) {
+            pump(e, (st_upstream *)((char *)t - offsetof(st_upstream, wake)), now);
+            continue;
+        }
+        {
+            st_request *r = (st_request *)((char *)t - offsetof(st_request, timer));
+            if (r->state == ST_REQ_QUEUED) {
+                st_upstream_dequeue(r->up, &r->qnode);
+                snprintf(r->errbuf, sizeof r->errbuf, "the deadline passed while queued");
+                {
+                    st_outcome o = { ST_CLASS_TIMEOUT, "total_timeout" };
+                    attempt_log(r, 0, o.kind);
+                    finish(e, r, o);
+                }
+            } else {
+                list_unlink(r);
+                admit(e, r, now);
+            }
         }
     }
 }
@@ -685,6 +908,16 @@ static void fire_timers(st_engine *e, int64_t now)
 static int64_t min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
+}
+
+static int active_count(const st_engine *e)
+{
+    int n = list_count(&e->running) + list_count(&e->waiting), i;
+    const st_upstream *u;
+    for (i = 0; i < KEY_BUCKETS; i++)
+        for (u = e->keys[i]; u; u = u->next)
+            n += (int)u->queued;
+    return n;
 }
 
 int st_engine_step(st_engine *e, int64_t max_wait_ms)
@@ -699,7 +932,7 @@ int st_engine_step(st_engine *e, int64_t max_wait_ms)
     collect(e);
     next = watchdogs(e, mono_ms());
 
-    if (e->done.head == NULL && max_wait_ms > 0 && (e->running.head || e->waiting.head)) {
+    if (e->done.head == NULL && max_wait_ms > 0 && (e->running.head || st_timerheap_peek(&e->timers))) {
         now = mono_ms();
         wait = max_wait_ms;
         curl_multi_timeout(e->multi, &curl_wait);
@@ -716,7 +949,7 @@ int st_engine_step(st_engine *e, int64_t max_wait_ms)
         collect(e);
         watchdogs(e, mono_ms());
     }
-    return list_count(&e->running) + list_count(&e->waiting);
+    return active_count(e);
 }
 
 int64_t st_engine_timeout(st_engine *e)
@@ -838,8 +1071,13 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
             goto oom;
         r->headers = l;
     }
-    if (spec->key && spec->key[0] && (r->ks = key_get(e, spec->key)) == NULL)
+    if ((r->up = upstream_get(e, spec->key ? spec->key : "")) == NULL)
         goto oom;
+    r->priority = spec->priority;
+    r->cost[ST_DIM_REQUESTS] = 1;
+    r->cost[ST_DIM_INPUT_TOKENS] = spec->input_tokens;
+    r->cost[ST_DIM_OUTPUT_TOKENS] = spec->output_tokens;
+    r->cost[ST_DIM_TOKENS] = spec->input_tokens + spec->output_tokens;
     r->connect_ms = spec->connect_ms;
     r->first_byte_ms = spec->first_byte_ms;
     r->idle_ms = spec->idle_ms;
@@ -850,12 +1088,8 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     if (r->max_attempts == 0)
         r->max_attempts = 1;
     easy_setup(r);
-    if (!attempt_start(e, r)) {
-        set_err(err, errlen, "could not add the transfer to the engine");
-        request_release(r);
-        return NULL;
-    }
     e->n_requests++;
+    admit(e, r, mono_ms());
     return r;
 oom:
     set_err(err, errlen, "out of memory");
@@ -866,16 +1100,26 @@ oom:
 void st_engine_cancel(st_engine *e, st_request *r)
 {
     static const st_outcome canceled = { ST_CLASS_CANCELED, "canceled" };
+    int64_t now = mono_ms();
 
     if (r->state == ST_REQ_DONE)
         return;
     list_unlink(r);
-    if (r->state == ST_REQ_RUNNING)
-        curl_multi_remove_handle(e->multi, r->easy);
-    else
-        st_timerheap_remove(&e->timers, &r->timer);
+    st_timerheap_remove(&e->timers, &r->timer);
+    if (r->state == ST_REQ_QUEUED)
+        st_upstream_dequeue(r->up, &r->qnode);
     attempt_log(r, 0, canceled.kind);
     snprintf(r->errbuf, sizeof r->errbuf, "canceled by the caller");
+    if (r->state == ST_REQ_RUNNING) {
+        curl_multi_remove_handle(e->multi, r->easy);
+        if (r->up->in_flight > 0)
+            r->up->in_flight--;
+        if (r->up->breaker_enabled)
+            st_breaker_release(&r->up->breaker, now, &r->permit);
+        finish(e, r, canceled);
+        pump(e, r->up, now); /* its place in flight is free */
+        return;
+    }
     finish(e, r, canceled);
 }
 
@@ -972,9 +1216,6 @@ void st_retry_policy_defaults(st_retry_policy *p)
         p->retried[i] = (unsigned char)st_class_retried_by_default((st_class)i);
     memset(p->status_retried, -1, sizeof p->status_retried);
     p->budget_enabled = 1;
-    p->budget_ratio = 0.2;
-    p->budget_min_per_s = 3;
-    p->budget_slot_ms = 1000;
 }
 
 static int copy_config(st_transport_config *dst, const st_transport_config *src)
@@ -1013,7 +1254,7 @@ static void free_config(st_transport_config *tc)
 }
 
 st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *rp,
-                         uint64_t seed, char *err, size_t errlen)
+                         const st_upstream_config *uc, uint64_t seed, char *err, size_t errlen)
 {
     static int curl_ready = 0;
     st_engine *e;
@@ -1040,6 +1281,10 @@ st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *r
         e->policy = *rp;
     else
         st_retry_policy_defaults(&e->policy);
+    if (uc)
+        e->upstream_config = *uc;
+    else
+        st_upstream_config_defaults(&e->upstream_config);
     st_rng_seed(&e->rng, seed);
     curl_multi_setopt(e->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
     return e;
@@ -1073,8 +1318,23 @@ size_t st_engine_fds(const st_engine *e, st_fd *out, size_t max)
 void st_engine_cancel_all(st_engine *e)
 {
     st_request *r;
+    int i;
+    st_upstream *u;
+    st_qnode *n;
+
+    /* queued ones first, so canceling a running one does not start them */
+    for (i = 0; i < KEY_BUCKETS; i++)
+        for (u = e->keys[i]; u; u = u->next)
+            while ((n = st_upstream_peek(u)) != NULL)
+                st_engine_cancel(e, (st_request *)((char *)n - offsetof(st_request, qnode)));
     while ((r = e->running.head) != NULL || (r = e->waiting.head) != NULL)
         st_engine_cancel(e, r);
+}
+
+void st_engine_set_event_hook(st_engine *e, st_event_hook hook, void *ud)
+{
+    e->event_hook = hook;
+    e->event_hook_ud = ud;
 }
 
 void st_engine_set_retry_hook(st_engine *e, st_retry_hook hook, void *ud)
@@ -1098,11 +1358,11 @@ void st_engine_free(st_engine *e)
     for (i = 0; i < e->nrequests_pooled; i++)
         request_destroy(e->request_pool[i]);
     for (i = 0; i < KEY_BUCKETS; i++) {
-        st_keystate *k = e->keys[i];
-        while (k) {
-            st_keystate *next = k->next;
-            free(k);
-            k = next;
+        st_upstream *u = e->keys[i];
+        while (u) {
+            st_upstream *next = u->next;
+            st_upstream_free(u);
+            u = next;
         }
     }
     for (i = 0; i < e->npool; i++)
@@ -1123,4 +1383,12 @@ void st_engine_stats_get(const st_engine *e, st_engine_stats *out)
     out->running = list_count(&e->running);
     out->waiting = list_count(&e->waiting);
     out->done = list_count(&e->done);
+    out->queued = 0;
+    {
+        int i;
+        const st_upstream *u;
+        for (i = 0; i < KEY_BUCKETS; i++)
+            for (u = e->keys[i]; u; u = u->next)
+                out->queued += (int)u->queued;
+    }
 }

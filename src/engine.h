@@ -9,6 +9,7 @@
 
 #include "backoff.h"
 #include "outcome.h"
+#include "upstream.h"
 
 typedef struct st_engine st_engine;
 typedef struct st_request st_request;
@@ -32,9 +33,7 @@ typedef struct st_retry_policy {
     int64_t honor_retry_after_ms;          /* a longer server hint ends the call instead */
     unsigned char retried[ST_CLASS_COUNT]; /* per class: 1 = retried */
     signed char status_retried[ST_STATUS_OVERRIDES]; /* -1 = as its class, 0 never, 1 always */
-    int budget_enabled;
-    double budget_ratio, budget_min_per_s;
-    int64_t budget_slot_ms;
+    int budget_enabled;                    /* its figures are in st_upstream_config */
 } st_retry_policy;
 
 void st_retry_policy_defaults(st_retry_policy *p);
@@ -49,10 +48,12 @@ typedef struct st_request_spec {
     size_t max_response;
     unsigned attempts;          /* 0 = the policy's */
     int stream;                 /* body handed out as it arrives (st_request_take_body) */
+    int priority;               /* ST_PRIORITY_HIGH, _NORMAL (0 here means normal), _LOW */
+    double input_tokens, output_tokens; /* estimates for the rate limiter; 0 = unknown */
 } st_request_spec;
 
 typedef enum st_req_state {
-    ST_REQ_RUNNING = 1, ST_REQ_WAITING, ST_REQ_DONE
+    ST_REQ_RUNNING = 1, ST_REQ_WAITING, ST_REQ_QUEUED, ST_REQ_DONE
 } st_req_state;
 
 typedef struct st_attempt {
@@ -97,10 +98,27 @@ typedef struct st_retry_info {
 
 typedef void (*st_retry_hook)(void *ud, const st_retry_info *info);
 
+/* Things an operator wants to see happen to an upstream key. */
+typedef enum { ST_EVENT_BREAKER = 1, ST_EVENT_LIMIT_LEARNED, ST_EVENT_PAUSED } st_event_type;
+typedef struct st_event {
+    st_event_type type;
+    const char *key;
+    st_breaker_state from, to;  /* ST_EVENT_BREAKER */
+    st_dim dim;                 /* ST_EVENT_LIMIT_LEARNED */
+    double limit;               /* per minute */
+    double pause_ms;            /* ST_EVENT_PAUSED */
+} st_event;
+typedef void (*st_event_hook)(void *ud, const st_event *ev);
+
 st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *rp,
-                         uint64_t seed, char *err, size_t errlen);
+                         const st_upstream_config *uc, uint64_t seed, char *err, size_t errlen);
 void st_engine_free(st_engine *e);   /* cancels and frees every request it still holds */
 void st_engine_set_retry_hook(st_engine *e, st_retry_hook hook, void *ud);
+void st_engine_set_event_hook(st_engine *e, st_event_hook hook, void *ud);
+/* The upstream of a key, NULL if no request has named it yet. */
+st_upstream *st_engine_upstream(st_engine *e, const char *key);
+/* Calls fn for every upstream key. */
+void st_engine_each_upstream(st_engine *e, void (*fn)(void *ud, st_upstream *u), void *ud);
 
 /* Starts a request without waiting for anything. NULL with err set on failure. */
 st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *err, size_t errlen);
@@ -142,8 +160,11 @@ void st_request_free(st_request *r);
 
 typedef struct st_engine_stats {
     uint64_t requests, attempts, retries, connections;
-    int running, waiting, done; /* done: finished, not yet taken */
+    int running, waiting, queued, done; /* done: finished, not yet taken */
 } st_engine_stats;
 void st_engine_stats_get(const st_engine *e, st_engine_stats *out);
+
+/* The engine's monotonic clock, in ms. */
+int64_t st_engine_now_ms(void);
 
 #endif

@@ -24,7 +24,7 @@
 typedef struct l_engine {
     st_engine *e;
     lua_State *L;       /* the state driving the engine right now, for hooks */
-    int on_retry_ref;
+    int on_retry_ref, on_event_ref;
 } l_engine;
 
 /* A submitted request. Its user value is { handle, engine }: the Lua handle
@@ -111,13 +111,71 @@ static void read_retry_policy(lua_State *L, int t, st_retry_policy *p)
     }
     lua_pop(L, 1);
     lua_getfield(L, t, "budget");
+    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1))
+        p->budget_enabled = 0;
+    lua_pop(L, 1);
+}
+
+static const char *const breaker_modes[] = { "normal", "forced_open", "disabled", "metrics_only", NULL };
+static const char *const breaker_states[] = { "closed", "open", "half_open" };
+static const char *const priorities[] = { "high", "normal", "low", NULL };
+
+/* Per-upstream settings: budget, breaker, limits, queue, latency windows. */
+static void read_upstream_config(lua_State *L, int t, st_upstream_config *c)
+{
+    int i;
+
+    st_upstream_config_defaults(c);
+    lua_getfield(L, t, "budget");
     if (lua_istable(L, -1)) {
         int b = lua_gettop(L);
-        p->budget_ratio = opt_number(L, b, "ratio", p->budget_ratio);
-        p->budget_min_per_s = opt_number(L, b, "min_per_s", p->budget_min_per_s);
-        p->budget_slot_ms = (int64_t)opt_number(L, b, "slot_ms", (double)p->budget_slot_ms);
+        c->budget_ratio = opt_number(L, b, "ratio", c->budget_ratio);
+        c->budget_min_per_s = opt_number(L, b, "min_per_s", c->budget_min_per_s);
+        c->budget_slot_ms = (int64_t)opt_number(L, b, "slot_ms", (double)c->budget_slot_ms);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "breaker");
+    if (lua_istable(L, -1)) {
+        int b = lua_gettop(L);
+        st_breaker_config *bc = &c->breaker;
+        bc->window_ms = (int64_t)opt_number(L, b, "window_ms", (double)bc->window_ms);
+        bc->buckets = (unsigned)opt_number(L, b, "buckets", bc->buckets);
+        bc->min_calls = (unsigned)opt_number(L, b, "min_calls", bc->min_calls);
+        bc->failure_rate = opt_number(L, b, "failure_rate", bc->failure_rate);
+        bc->slow_call_ms = (int64_t)opt_number(L, b, "slow_call_ms", (double)bc->slow_call_ms);
+        bc->slow_rate = opt_number(L, b, "slow_rate", bc->slow_rate);
+        bc->open_ms = (int64_t)opt_number(L, b, "open_ms", (double)bc->open_ms);
+        bc->max_open_ms = (int64_t)opt_number(L, b, "max_open_ms", (double)bc->max_open_ms);
+        bc->probes = (unsigned)opt_number(L, b, "probes", bc->probes);
+        bc->probe_timeout_ms = (int64_t)opt_number(L, b, "probe_timeout_ms", (double)bc->probe_timeout_ms);
+        lua_getfield(L, b, "failure_classes");
+        if (lua_istable(L, -1)) {
+            bc->failure_classes = 0;
+            for (i = 1; i <= (int)lua_rawlen(L, -1); i++) {
+                st_class cls;
+                lua_rawgeti(L, -1, i);
+                if (lua_isstring(L, -1) && st_class_parse(lua_tostring(L, -1), &cls))
+                    bc->failure_classes |= ST_BREAKER_CLASS(cls);
+                lua_pop(L, 1);
+            }
+        }
+        lua_pop(L, 1);
+        lua_getfield(L, b, "mode");
+        if (!lua_isnil(L, -1))
+            c->breaker_mode = (st_breaker_mode)luaL_checkoption(L, -1, NULL, breaker_modes);
+        lua_pop(L, 1);
     } else if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
-        p->budget_enabled = 0;
+        c->breaker_enabled = 0;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "limits");
+    if (lua_istable(L, -1)) {
+        int b = lua_gettop(L);
+        for (i = 0; i < ST_DIM_COUNT; i++)
+            c->limits_per_min[i] = opt_number(L, b, st_dim_name((st_dim)i), 0);
+        c->burst_seconds = opt_number(L, b, "burst_s", c->burst_seconds);
+        c->concurrency = (unsigned)opt_number(L, b, "concurrency", c->concurrency);
+        c->queue_max = (unsigned)opt_number(L, b, "queue", c->queue_max);
     }
     lua_pop(L, 1);
 }
@@ -282,12 +340,55 @@ static void retry_hook(void *ud, const st_retry_info *info)
     }
 }
 
+static int call_event_hook(lua_State *L)
+{
+    const st_event *ev = lua_touserdata(L, 1);
+    lua_pushvalue(L, 2);
+    lua_createtable(L, 0, 6);
+    set_str(L, "key", ev->key);
+    switch (ev->type) {
+    case ST_EVENT_BREAKER:
+        set_str(L, "type", "breaker");
+        set_str(L, "from", breaker_states[ev->from]);
+        set_str(L, "to", breaker_states[ev->to]);
+        break;
+    case ST_EVENT_LIMIT_LEARNED:
+        set_str(L, "type", "limit_learned");
+        set_str(L, "dimension", st_dim_name(ev->dim));
+        set_num(L, "limit", ev->limit);
+        break;
+    case ST_EVENT_PAUSED:
+        set_str(L, "type", "paused");
+        set_num(L, "pause", ev->pause_ms / 1000.0);
+        break;
+    }
+    lua_call(L, 1, 0);
+    return 0;
+}
+
+static void event_hook(void *ud, const st_event *ev)
+{
+    l_engine *le = ud;
+    lua_State *L = le->L;
+
+    if (L == NULL || le->on_event_ref == LUA_NOREF)
+        return;
+    lua_pushcfunction(L, call_event_hook);
+    lua_pushlightuserdata(L, (void *)ev);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, le->on_event_ref);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+        fprintf(stderr, "sturdy: on_event hook failed: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
 /* ---- engine methods ------------------------------------------------------- */
 
 static int l_engine_new(lua_State *L)
 {
     st_transport_config tc;
     st_retry_policy policy;
+    st_upstream_config upstream;
     l_engine *le;
     uint64_t seed;
     char err[256];
@@ -303,18 +404,20 @@ static int l_engine_new(lua_State *L)
     tc.no_proxy = opt_string(L, 1, "no_proxy");
     tc.user_agent = opt_string(L, 1, "user_agent");
     read_retry_policy(L, 1, &policy);
+    read_upstream_config(L, 1, &upstream);
 
     /* the userdata exists in a safe state before anything can fail */
     le = lua_newuserdata(L, sizeof *le);
     le->e = NULL;
     le->L = NULL;
     le->on_retry_ref = LUA_NOREF;
+    le->on_event_ref = LUA_NOREF;
     luaL_setmetatable(L, ENGINE_MT);
 
     seed = (uint64_t)opt_number(L, 1, "seed", 0);
     if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
         seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20);
-    le->e = st_engine_new(&tc, &policy, seed, err, sizeof err);
+    le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
     if (le->e == NULL)
         return luaL_error(L, "sturdy: %s", err);
     lua_getfield(L, 1, "on_retry");
@@ -324,12 +427,20 @@ static int l_engine_new(lua_State *L)
     } else {
         lua_pop(L, 1);
     }
+    lua_getfield(L, 1, "on_event");
+    if (lua_isfunction(L, -1)) {
+        le->on_event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        st_engine_set_event_hook(le->e, event_hook, le);
+    } else {
+        lua_pop(L, 1);
+    }
     return 1;
 }
 
 /* The request arrives as positional arguments from `first` on, cheaper than a
  * table on the hot path: method, url, key, body, header lines, connect_ms,
- * first_byte_ms, idle_ms, total_ms, max_response, attempts, on_data. */
+ * first_byte_ms, idle_ms, total_ms, max_response, attempts, on_data, priority,
+ * input_tokens, output_tokens (estimates). */
 static void read_spec(lua_State *L, int first, st_request_spec *spec, const char **headers)
 {
     size_t n, i;
@@ -359,12 +470,15 @@ static void read_spec(lua_State *L, int first, st_request_spec *spec, const char
     spec->max_response = (size_t)luaL_optnumber(L, first + 9, 0);
     spec->attempts = (unsigned)luaL_optnumber(L, first + 10, 0);
     spec->stream = lua_isfunction(L, first + 11);
+    spec->priority = luaL_checkoption(L, first + 12, "normal", priorities);
+    spec->input_tokens = luaL_optnumber(L, first + 13, 0);
+    spec->output_tokens = luaL_optnumber(L, first + 14, 0);
 }
 
 /* Hands the body bytes received so far to on_data (at the stack index given).
- * Returns 0 when the callback asked to stop by returning false; raises its error
- * after canceling and freeing the request. */
-static int deliver_body(lua_State *L, l_engine *le, st_request *r, int on_data)
+ * Returns 1 to go on, 0 when the callback asked to stop by returning false,
+ * -1 when it raised (its error is left on the stack). */
+static int deliver_body(lua_State *L, st_request *r, int on_data)
 {
     size_t len;
     const char *p = st_request_pending_body(r, &len);
@@ -375,11 +489,8 @@ static int deliver_body(lua_State *L, l_engine *le, st_request *r, int on_data)
     lua_pushvalue(L, on_data);
     lua_pushlstring(L, p, len);
     st_request_body_delivered(r);
-    if (lua_pcall(L, 1, 1, 0) != 0) {
-        le->L = NULL;
-        st_request_free(r);
-        return lua_error(L);
-    }
+    if (lua_pcall(L, 1, 1, 0) != 0)
+        return -1; /* the error is on the stack */
     keep_going = !(lua_isboolean(L, -1) && !lua_toboolean(L, -1));
     lua_pop(L, 1);
     return keep_going;
@@ -393,23 +504,35 @@ static int l_engine_perform(lua_State *L)
     const char *headers[MAX_SPEC_HEADERS];
     st_request_spec spec;
     st_request *r;
+    lua_State *saved;
     int on_data;
     char err[256];
 
     read_spec(L, 2, &spec, headers);
     on_data = 13;
+    saved = le->L;
+    le->L = L; /* hooks may fire from submit itself (a breaker refusing) */
     r = st_engine_submit(le->e, &spec, err, sizeof err);
-    if (r == NULL)
+    if (r == NULL) {
+        le->L = saved;
         return luaL_error(L, "sturdy: %s", err);
-    le->L = L;
+    }
     for (;;) {
         st_engine_step(le->e, 1000);
-        if (spec.stream && !deliver_body(L, le, r, on_data))
-            st_engine_cancel(le->e, r);
+        if (spec.stream) {
+            int go_on = deliver_body(L, r, on_data);
+            if (go_on < 0) {
+                le->L = saved;
+                st_request_free(r);
+                return lua_error(L);
+            }
+            if (!go_on)
+                st_engine_cancel(le->e, r);
+        }
         if (st_request_state(r) == ST_REQ_DONE)
             break;
     }
-    le->L = NULL;
+    le->L = saved;
     push_result(L, r);
     st_request_free(r);
     return 1;
@@ -423,6 +546,7 @@ static int l_engine_submit(lua_State *L)
     const char *headers[MAX_SPEC_HEADERS];
     st_request_spec spec;
     l_request *lr;
+    lua_State *saved;
     char err[256];
 
     luaL_checktype(L, 2, LUA_TTABLE);
@@ -441,7 +565,10 @@ static int l_engine_submit(lua_State *L)
     lua_rawseti(L, -2, 2);
     lua_setuservalue(L, -2);
 
+    saved = le->L;
+    le->L = L;
     lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
+    le->L = saved;
     if (lr->r == NULL)
         return luaL_error(L, "sturdy: %s", err);
     st_request_set_userdata(lr->r, lr);
@@ -457,9 +584,11 @@ static int l_engine_step(lua_State *L)
     lua_Number wait = luaL_optnumber(L, 2, 0);
     int active;
 
+    lua_State *saved = le->L;
+
     le->L = L;
     active = st_engine_step(le->e, wait > 0 ? (int64_t)wait : 0);
-    le->L = NULL;
+    le->L = saved;
     lua_pushinteger(L, active);
     return 1;
 }
@@ -568,7 +697,109 @@ static int l_engine_stats(lua_State *L)
     set_num(L, "connections", (double)s.connections);
     set_int(L, "running", s.running);
     set_int(L, "waiting", s.waiting);
+    set_int(L, "queued", s.queued);
     set_int(L, "done", s.done);
+    return 1;
+}
+
+static void push_latency(lua_State *L, st_latency *l, int64_t now)
+{
+    static const double qs[] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
+    static const char *const names[] = { "p50", "p90", "p95", "p99", "p999" };
+    uint64_t out[5];
+    st_latency_summary sum;
+    size_t i;
+
+    lua_createtable(L, 0, 9);
+    if (l == NULL || st_latency_query(l, now, qs, 5, out, &sum) == 0) {
+        set_int(L, "count", 0); /* an empty window has no percentiles, not zeros */
+        return;
+    }
+    set_num(L, "count", (double)sum.count);
+    set_num(L, "min", sum.min_us / 1e6);
+    set_num(L, "max", sum.max_us / 1e6);
+    set_num(L, "mean", sum.mean_us / 1e6);
+    for (i = 0; i < 5; i++)
+        set_num(L, names[i], out[i] / 1e6);
+}
+
+/* engine:upstream_stats(key) -> table, or nil when no request named the key. */
+static int l_engine_upstream_stats(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_engine_upstream(le->e, luaL_checkstring(L, 2));
+    int64_t now = st_engine_now_ms();
+    st_breaker_stats bs;
+    int i;
+
+    if (u == NULL)
+        return 0;
+    lua_createtable(L, 0, 10);
+    set_str(L, "key", u->name);
+    set_int(L, "in_flight", (long)u->in_flight);
+    set_int(L, "queued", (long)u->queued);
+    set_num(L, "throttled", (double)u->throttled);
+    set_num(L, "circuit_open", (double)u->circuit_open);
+    set_num(L, "queue_full", (double)u->queue_full);
+    set_num(L, "budget", st_budget_balance(&u->budget, now));
+
+    st_breaker_stats_get(&u->breaker, now, &bs);
+    lua_createtable(L, 0, 9);
+    set_str(L, "state", u->breaker_enabled ? breaker_states[bs.state] : "disabled");
+    set_str(L, "mode", u->breaker_enabled ? breaker_modes[bs.mode] : "disabled");
+    set_num(L, "calls", bs.calls);
+    set_num(L, "failures", bs.failures);
+    set_num(L, "slow", bs.slow);
+    set_num(L, "failure_rate", bs.failure_rate);
+    set_num(L, "slow_rate", bs.slow_rate);
+    set_num(L, "opens", bs.opens);
+    set_num(L, "open_for", bs.current_open_ms / 1000.0);
+    if (bs.state == ST_BREAKER_OPEN && bs.open_until_ms != INT64_MAX)
+        set_num(L, "retry_in", bs.open_until_ms > now ? (bs.open_until_ms - now) / 1000.0 : 0);
+    lua_setfield(L, -2, "breaker");
+
+    push_latency(L, u->total, now);
+    lua_setfield(L, -2, "latency");
+    push_latency(L, u->ttfb, now);
+    lua_setfield(L, -2, "ttfb");
+
+    lua_createtable(L, 0, ST_DIM_COUNT + 1);
+    for (i = 0; i < ST_DIM_COUNT; i++) {
+        double limit = st_limiter_limit(&u->limiter, (st_dim)i);
+        if (limit <= 0 && u->limiter.remaining[i] < 0)
+            continue;
+        lua_createtable(L, 0, 5);
+        if (limit > 0)
+            set_num(L, "limit", limit);
+        if (u->limiter.configured[i] > 0)
+            set_num(L, "configured", u->limiter.configured[i]);
+        if (u->limiter.learned[i] > 0)
+            set_num(L, "learned", u->limiter.learned[i]);
+        if (u->limiter.remaining[i] >= 0)
+            set_num(L, "remaining", u->limiter.remaining[i]);
+        if (u->limiter.reset_at_ms[i] > now)
+            set_num(L, "reset_in", (u->limiter.reset_at_ms[i] - now) / 1000.0);
+        lua_setfield(L, -2, st_dim_name((st_dim)i));
+    }
+    if (u->limiter.paused_until_ms > now)
+        set_num(L, "paused_for", (u->limiter.paused_until_ms - now) / 1000.0);
+    lua_setfield(L, -2, "limits");
+    return 1;
+}
+
+static void push_key(void *ud, st_upstream *u)
+{
+    lua_State *L = ud;
+    lua_pushstring(L, u->name);
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+}
+
+/* engine:keys() -> the upstream keys requests have named. */
+static int l_engine_keys(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_newtable(L);
+    st_engine_each_upstream(le->e, push_key, L);
     return 1;
 }
 
@@ -593,10 +824,9 @@ static int l_engine_close(lua_State *L)
         st_engine_free(le->e);
         le->e = NULL;
     }
-    if (le->on_retry_ref != LUA_NOREF) {
-        luaL_unref(L, LUA_REGISTRYINDEX, le->on_retry_ref);
-        le->on_retry_ref = LUA_NOREF;
-    }
+    luaL_unref(L, LUA_REGISTRYINDEX, le->on_retry_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, le->on_event_ref);
+    le->on_retry_ref = le->on_event_ref = LUA_NOREF;
     return 0;
 }
 
@@ -616,6 +846,8 @@ static const luaL_Reg engine_methods[] = {
     { "fds", l_engine_fds },
     { "timeout", l_engine_timeout },
     { "stats", l_engine_stats },
+    { "upstream_stats", l_engine_upstream_stats },
+    { "keys", l_engine_keys },
     { "close", l_engine_close },
     { NULL, NULL }
 };

@@ -9,6 +9,7 @@
 typedef struct st_timer {
     int64_t due_ms;
     size_t slot;   /* index in the heap + 1; 0 = not scheduled */
+    int kind;      /* the owner's tag: which struct the timer is embedded in */
 } st_timer;
 
 typedef struct st_timerheap {

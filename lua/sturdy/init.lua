@@ -169,15 +169,29 @@ local CLIENT_SCHEMA = {
   },
   proxy = "string", no_proxy = "string", user_agent = "string",
   max_response = "positive", on_retry = "function", seed = "positive",
-  on_error = "function", yield = "function",
+  on_error = "function", yield = "function", on_event = "function",
+  breaker = "table|false",
+  limits = {
+    rpm = "positive", tpm = "positive", itpm = "positive", otpm = "positive",
+    concurrency = "count", queue = "count", burst = "positive",
+  },
 }
+
+local BREAKER_SCHEMA = {
+  window = "positive", buckets = "count", min_calls = "count", failure_rate = "number",
+  slow_call = "positive|false", slow_rate = "number", open_for = "positive", max_open_for = "positive",
+  probes = "count", probe_timeout = "positive", failure_classes = "table", mode = "string",
+}
+local BREAKER_MODES = { normal = true, forced_open = true, disabled = true, metrics_only = true }
+local PRIORITIES = { high = true, normal = true, low = true }
 
 local BUDGET_SCHEMA = { ratio = "number", min_per_s = "number", window = "positive" }
 
 local REQUEST_SCHEMA = {
   method = "string", path = "string", url = "string", headers = "table", body = "string",
   json = "table", key = "string", timeout = TIMEOUT_SCHEMA, max_response = "positive",
-  attempts = "count", on_data = "function",
+  attempts = "count", on_data = "function", priority = "string",
+  tokens = { input = "number", output = "number" },
 }
 
 local CLASSES = {
@@ -294,7 +308,7 @@ local function engine_options(cfg)
   local opts = {
     proxy = cfg.proxy, no_proxy = cfg.no_proxy,
     user_agent = cfg.user_agent or ("sturdy/" .. sturdy._VERSION),
-    seed = cfg.seed, on_retry = cfg.on_retry,
+    seed = cfg.seed, on_retry = cfg.on_retry, on_event = cfg.on_event,
     attempts = retry.attempts, jitter = retry.jitter,
     cap_ms = retry.cap and ms(retry.cap),
     honor_retry_after_ms = retry.honor_retry_after and ms(retry.honor_retry_after),
@@ -327,6 +341,33 @@ local function engine_options(cfg)
              .. "or HTTP statuses, got %s", spec[3], tostring(v))
       end
     end
+  end
+  if cfg.breaker == false then
+    opts.breaker = false
+  elseif cfg.breaker then
+    local b = cfg.breaker
+    check_options(b, BREAKER_SCHEMA, "client options.breaker")
+    if b.mode and not BREAKER_MODES[b.mode] then
+      fail("breaker.mode must be normal, forced_open, disabled or metrics_only, got %q", b.mode)
+    end
+    for _, class in ipairs(b.failure_classes or {}) do
+      if not CLASSES[class] then fail("unknown class '%s' in breaker.failure_classes", tostring(class)) end
+    end
+    opts.breaker = {
+      window_ms = b.window and ms(b.window), buckets = b.buckets, min_calls = b.min_calls,
+      failure_rate = b.failure_rate, slow_call_ms = b.slow_call == false and 0 or (b.slow_call and ms(b.slow_call)),
+      slow_rate = b.slow_rate, open_ms = b.open_for and ms(b.open_for),
+      max_open_ms = b.max_open_for and ms(b.max_open_for), probes = b.probes,
+      probe_timeout_ms = b.probe_timeout and ms(b.probe_timeout), failure_classes = b.failure_classes,
+      mode = b.mode,
+    }
+  end
+  if cfg.limits then
+    local l = cfg.limits
+    opts.limits = {
+      requests = l.rpm, tokens = l.tpm, input_tokens = l.itpm, output_tokens = l.otpm,
+      burst_s = l.burst, concurrency = l.concurrency, queue = l.queue,
+    }
   end
   if retry.budget == false then
     opts.budget = false
@@ -404,9 +445,22 @@ function Client:_args(req)
     fail("request 'method' must be an upper-case HTTP method, got %q", method)
   end
   local t = req.timeout and timeouts_ms(self._timeout, req.timeout) or self._timeout_ms
-  return method, url, req.key or self.key or host_of(url), body,
+  local priority = req.priority
+  if priority and not PRIORITIES[priority] then
+    fail("request 'priority' must be high, normal or low, got %q", one_line(priority, 40))
+  end
+  local key = req.key
+  if not key then
+    -- one upstream per host and model: a sick model does not trip another
+    key = self.key or host_of(url)
+    local model = req.json and req.json.model
+    if type(model) == "string" then key = key .. "/" .. model end
+  end
+  local tokens = req.tokens
+  return method, url, key, body,
     header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
-    req.max_response or self.max_response, req.attempts, req.on_data
+    req.max_response or self.max_response, req.attempts, req.on_data,
+    priority, tokens and tokens.input, tokens and tokens.output
 end
 
 local function to_response(r)
@@ -639,8 +693,16 @@ function Client:batch(requests, opts)
   return results, errors
 end
 
-function Client:stats()
-  return self._engine:stats()
+--- Without a key: the client's totals and the keys it has seen. With one:
+-- that upstream's breaker, latency percentiles, limits, queue and in-flight.
+function Client:stats(key)
+  if key ~= nil then
+    if type(key) ~= "string" then fail("stats takes a key string, got %s", type(key)) end
+    return self._engine:upstream_stats(key)
+  end
+  local s = self._engine:stats()
+  s.keys = self._engine:keys()
+  return s
 end
 
 --- Cancels what is in flight or waiting, fires those callbacks once, and

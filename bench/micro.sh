@@ -1,0 +1,19 @@
+#!/bin/sh
+# Micro-benchmark of the pure C policies (breaker, latency window) against a naive
+# tracker. No Lua, no network: compiles bench/micro.c with -O2 and runs it.
+# usage: sh bench/micro.sh [BUILD [ROUNDS]]      (defaults: build, 7)
+set -e
+BUILD=${1:-build}
+ROUNDS=${2:-7}
+cd "$(dirname "$0")/.."
+
+mkdir -p "$BUILD"
+${CC:-cc} -std=c99 -O2 -Wall -Wextra -Isrc -o "$BUILD/bench-micro" \
+    bench/micro.c src/breaker.c src/latency.c
+
+# One core, when possible, so the figures do not wander between runs.
+pin=""
+if command -v taskset >/dev/null 2>&1; then
+    pin="taskset -c 0"
+fi
+exec $pin "$BUILD/bench-micro" "$ROUNDS"

@@ -1,0 +1,75 @@
+/* An upstream key ("api.anthropic.com/claude-sonnet-4-5"): the policy state
+ * every request naming it shares — retry budget, circuit breaker, latency
+ * windows, rate limiter — plus its in-flight count and its priority queue.
+ * No I/O: the engine drives it. */
+#ifndef STURDY_UPSTREAM_H
+#define STURDY_UPSTREAM_H
+
+#include <stdint.h>
+
+#include "breaker.h"
+#include "budget.h"
+#include "latency.h"
+#include "ratelimit.h"
+#include "timerheap.h"
+
+enum { ST_PRIORITY_HIGH = 0, ST_PRIORITY_NORMAL, ST_PRIORITY_LOW, ST_PRIORITY_COUNT };
+
+typedef struct st_upstream_config {
+    int breaker_enabled;
+    st_breaker_config breaker;
+    st_breaker_mode breaker_mode;
+    double limits_per_min[ST_DIM_COUNT]; /* configured; 0 = learn from headers */
+    double burst_seconds;
+    unsigned concurrency;                /* in flight at most */
+    unsigned queue_max;                  /* waiting at most */
+    double budget_ratio, budget_min_per_s;
+    int64_t budget_slot_ms;
+    unsigned latency_slots;
+    int64_t latency_slot_ms;
+} st_upstream_config;
+
+void st_upstream_config_defaults(st_upstream_config *c);
+
+/* A queued request's place; embedded in the request. */
+typedef struct st_qnode {
+    struct st_qnode *prev, *next;
+    int priority;
+    int queued;
+} st_qnode;
+
+typedef struct st_upstream {
+    struct st_upstream *next;      /* hash chain */
+    st_budget budget;
+    st_breaker breaker;
+    int breaker_enabled;
+    st_limiter limiter;
+    st_latency *total, *ttfb;      /* made on first use */
+    unsigned latency_slots;
+    int64_t latency_slot_ms;
+    unsigned concurrency, queue_max;
+    unsigned in_flight, queued;
+    int replied;                   /* a response has come back: slow start is over */
+    st_qnode *head[ST_PRIORITY_COUNT], *tail[ST_PRIORITY_COUNT];
+    st_timer wake;                 /* the limiter's next opening, while requests wait on it */
+    uint64_t throttled, circuit_open, queue_full; /* 429s received; calls refused */
+    char name[];
+} st_upstream;
+
+st_upstream *st_upstream_new(const char *name, const st_upstream_config *c, int64_t now_ms);
+void st_upstream_free(st_upstream *u);
+
+/* How many may be in flight now: the cap, or a few until the first response
+ * (slow start: that reply teaches the limits, when the provider sends them). */
+#define ST_SLOW_START 4
+unsigned st_upstream_cap(const st_upstream *u);
+
+/* FIFO within a priority level, higher levels first. Returns 0 when full. */
+int st_upstream_enqueue(st_upstream *u, st_qnode *n, int priority);
+st_qnode *st_upstream_peek(const st_upstream *u);
+void st_upstream_dequeue(st_upstream *u, st_qnode *n);
+
+/* Records one finished attempt's time to first byte and total time (µs). */
+void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us, uint64_t total_us);
+
+#endif
