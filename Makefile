@@ -5,7 +5,8 @@
 #   make test-all        the suite on Lua 5.1, 5.2, 5.3, 5.4 and LuaJIT
 #   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo            the main job against the bundled mock API
-#   make bench           benchmarks against a bare libcurl client
+#   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
+#   make goodput         goodput under a provider rate limit learned from headers
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -44,7 +45,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput clean
 
 all: $(CORE_SO)
 
@@ -115,7 +116,12 @@ demo: deps $(CORE_SO)
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" examples/demo.lua
 
 bench: deps $(CORE_SO)
+	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
+
+# 1000 calls against the mock's 3000/min limiter that sturdy is not told about
+goodput: deps $(CORE_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/goodput.lua
 
 clean:
 	rm -rf build

@@ -270,8 +270,12 @@ static void apply_remaining(st_limiter *l, int64_t now_ms, int d, double remaini
     st_gcra *g = &l->dims[d];
 
     l->remaining[d] = r;
-    if (has_reset) {
+    if (has_reset)
         l->reset_at_ms[d] = reset_at_ms;
+    if (has_reset && g->per_min <= 0) {
+        /* no rate known: remaining until the reset is all there is to go by.
+         * With a rate, the provider refills continuously and the reset is only
+         * when it is full again: pacing from what remains (below) is right. */
         if (reset_at_ms > now_ms) {
             l->hold_left[d] = r;
             l->hold_cap[d] = r;

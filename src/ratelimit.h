@@ -27,15 +27,15 @@
  *     Limits are read as per minute, as both providers report them for paid
  *     tiers; a daily limit sent instead would pace too loosely, but its
  *     remaining + reset hold still stops requests when it runs out.
- *   - remaining with a reset ("hold"): at most `remaining` more units may pass
- *     until the reset, then the hold ends and only the GCRA applies. This is
- *     conservative for providers that refill continuously (the reset is when the
- *     bucket is full again, capacity returns earlier), but every response brings a
- *     fresh hold, and "remaining 0, reset in 2 s" must mean nothing for 2 s. While
- *     a hold lasts, a request passes when its cost fits in what is left (a cost of
- *     0 needs something left). Holds apply whether or not the dimension has a
- *     limit. Requests still in flight when the response was produced are not
- *     subtracted: we cannot know which of them the provider had counted.
+ *   - remaining with a reset, for a dimension with no known rate ("hold"): at
+ *     most `remaining` more units may pass until the reset, then the hold ends.
+ *     "remaining 0, reset in 2 s" means nothing for 2 s. While a hold lasts, a
+ *     request passes when its cost fits in what is left (a cost of 0 needs
+ *     something left). Requests still in flight when the response was produced
+ *     are not subtracted: we cannot know which of them the provider had counted.
+ *   - remaining with a reset, for a dimension with a rate: both providers refill
+ *     continuously and their reset is when the bucket is full again, so it is
+ *     paced from what remains, as below; the reset is recorded for stats.
  *   - remaining without a reset: tightens the GCRA of a limited dimension so that
  *     at most `remaining` units pass now (then the normal refill); an active
  *     hold's count is replaced by it.

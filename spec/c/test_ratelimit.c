@@ -345,11 +345,15 @@ static void test_holds(void)
     CHECK_EQ_INT(st_limiter_acquire(&l, 2100, one_request), 0);
     CHECK_EQ_INT(drain(&l, 2100, one_request), 100000);
 
-    limits(cfg, 6000, 0, 0, 0);           /* burst 100: the hold is the tighter one */
+    /* with a rate the provider refills continuously: the reset is when it is full
+     * again, and remaining 0 means the next unit in one interval (10 ms at 6000/min) */
+    limits(cfg, 6000, 0, 0, 0);
     st_limiter_init(&l, cfg, 0, 0);
     st_limiter_learn(&l, 0, ST_DIM_REQUESTS, -1, 0, 2000);
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, 0, one_request), 2000);
-    CHECK_EQ_INT(drain(&l, 1999, one_request), 0);
+    CHECK_EQ_INT(l.reset_at_ms[ST_DIM_REQUESTS], 2000);
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, 0, one_request), 10);
+    CHECK_EQ_INT(drain(&l, 9, one_request), 0);
+    CHECK_EQ_INT(drain(&l, 10, one_request), 1);
     CHECK_EQ_INT(drain(&l, 2000, one_request), 100);
 
     /* remaining 3 until the reset: 3 pass, then nothing until it */
@@ -358,9 +362,9 @@ static void test_holds(void)
     CHECK_EQ_INT(drain(&l, 0, one_request), 1);       /* learned 50/min: burst 1 */
     st_limiter_init(&l, cfg, 0, 0);
     st_limiter_learn(&l, 0, ST_DIM_REQUESTS, -1, 3, 10000);
-    CHECK_EQ_INT(drain(&l, 0, one_request), 3);
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, 0, one_request), 10000);
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, 5000, one_request), 5000);
+    CHECK_EQ_INT(drain(&l, 0, one_request), 3);      /* then the configured pace */
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, 0, one_request), 10);
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, 5000, one_request), 0);
     CHECK_EQ_INT(drain(&l, 10000, one_request), 100);
 
     /* a token hold: a cost must fit in what is left */
@@ -685,13 +689,13 @@ static void test_feed_anthropic(void)
     CHECK_EQ_INT(l.reset_at_ms[ST_DIM_REQUESTS], 3000);
     CHECK_EQ_INT(l.reset_at_ms[ST_DIM_INPUT_TOKENS], 2500);
     CHECK_EQ_INT(l.reset_at_ms[ST_DIM_OUTPUT_TOKENS], 2000);
-    /* remaining 0 until 12:00:03 = t 3000 */
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, t, one_request), 2000);
-    CHECK_EQ_INT(st_limiter_acquire(&l, 2999, one_request), 1);
+    /* remaining 0 (full again at 12:00:03 = t 3000); learned 50/min refills
+     * continuously: the next request in one interval, 1.2 s */
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, t, one_request), 1200);
+    CHECK_EQ_INT(st_limiter_acquire(&l, t + 1199, one_request), 1);
     costs(c, 600, 0);
-    CHECK_EQ_INT(st_limiter_acquire(&l, 3000, c), 0);
-    /* learned 50/min: the next in 1.2 s */
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, 3000, c), 1200);
+    CHECK_EQ_INT(st_limiter_acquire(&l, t + 1200, c), 0);
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, t + 1200, c), 1200);
 
     /* the same limits again report no change */
     CHECK_EQ_INT(feed(&l, t, "anthropic-ratelimit-requests-limit", "50"), 0);
@@ -731,8 +735,10 @@ static void test_feed_openai(void)
     CHECK_EQ_INT(feed(&l, t, "x-ratelimit-remaining-tokens", "0"), 0);
     CHECK_EQ_INT(feed(&l, t, "X-RateLimit-Reset-Requests", "12ms"), 0);
     CHECK_EQ_INT(feed(&l, t, "x-ratelimit-reset-tokens", "\t6m0s "), 0);
-    /* a pair is applied as soon as it is complete */
-    CHECK_EQ_INT(l.hold_until_ms[ST_DIM_TOKENS], t + 360000);
+    /* a pair is applied as soon as it is complete; with the rate known it
+     * tightens the pace instead of holding until the reset */
+    CHECK_EQ_INT(l.hold_until_ms[ST_DIM_TOKENS], 0);
+    CHECK_EQ_INT(l.reset_at_ms[ST_DIM_TOKENS], t + 360000);
     st_limiter_response_done(&l, t);
 
     CHECK_EQ_INT(st_limiter_known(&l), 1);
@@ -740,11 +746,11 @@ static void test_feed_openai(void)
     CHECK_NEAR(st_limiter_limit(&l, ST_DIM_TOKENS), 160000, 0);
     CHECK_EQ_INT(l.reset_at_ms[ST_DIM_REQUESTS], t + 12);
     CHECK_EQ_INT(l.reset_at_ms[ST_DIM_TOKENS], t + 360000);
-    /* tokens: remaining 0 for 6 minutes */
+    /* tokens: remaining 0 at 160000/min; 200 tokens refill in 75 ms */
     costs(c, 100, 100);
-    CHECK_EQ_INT(st_limiter_wait_ms(&l, t, c), 360000);
-    CHECK_EQ_INT(st_limiter_acquire(&l, t + 359999, c), 1);
-    CHECK_EQ_INT(st_limiter_acquire(&l, t + 360000, c), 0);
+    CHECK_EQ_INT(st_limiter_wait_ms(&l, t, c), 75);
+    CHECK_EQ_INT(st_limiter_acquire(&l, t + 74, c), 1);
+    CHECK_EQ_INT(st_limiter_acquire(&l, t + 75, c), 0);
 
     /* the other order: reset before remaining, and a lone remaining at the end */
     st_limiter_init(&l, NULL, 0, 0);
