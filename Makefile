@@ -7,6 +7,7 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make goodput         goodput under a provider rate limit learned from headers
+#   make fidelity        the official SDKs against the mock (installs them with npm)
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -45,7 +46,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity clean
 
 all: $(CORE_SO)
 
@@ -118,6 +119,10 @@ demo: deps $(CORE_SO)
 bench: deps $(CORE_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
+
+# The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
+fidelity: deps
+	sh spec/fidelity/run.sh
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO)

@@ -787,6 +787,21 @@ static int l_engine_upstream_stats(lua_State *L)
     return 1;
 }
 
+/* engine:correct(key, dimension, delta): real usage known after a reply
+ * corrects the key's token buckets by (actual - estimated). */
+static int l_engine_correct(lua_State *L)
+{
+    static const char *const dims[] = { "requests", "input_tokens", "output_tokens", "tokens", NULL };
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_engine_upstream(le->e, luaL_checkstring(L, 2));
+    int d = luaL_checkoption(L, 3, NULL, dims);
+    lua_Number delta = luaL_checknumber(L, 4);
+
+    if (u != NULL && delta != 0)
+        st_limiter_correct(&u->limiter, st_engine_now_ms(), (st_dim)d, delta);
+    return 0;
+}
+
 static void push_key(void *ud, st_upstream *u)
 {
     lua_State *L = ud;
@@ -848,6 +863,7 @@ static const luaL_Reg engine_methods[] = {
     { "stats", l_engine_stats },
     { "upstream_stats", l_engine_upstream_stats },
     { "keys", l_engine_keys },
+    { "correct", l_engine_correct },
     { "close", l_engine_close },
     { NULL, NULL }
 };

@@ -420,6 +420,17 @@ function sturdy.client(cfg)
   return self
 end
 
+--- The upstream key of a request: its own, else the client's (or the URL's
+-- host) plus "/model" when the JSON body names one, so a sick model does not
+-- trip another.
+function Client:_key_for(req, url)
+  if req.key then return req.key end
+  local key = self.key or host_of(url or req.url)
+  local model = type(req.json) == "table" and req.json.model
+  if type(model) == "string" then key = key .. "/" .. model end
+  return key
+end
+
 -- Checks a request table and returns the engine's positional arguments.
 function Client:_args(req)
   if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
@@ -449,15 +460,8 @@ function Client:_args(req)
   if priority and not PRIORITIES[priority] then
     fail("request 'priority' must be high, normal or low, got %q", one_line(priority, 40))
   end
-  local key = req.key
-  if not key then
-    -- one upstream per host and model: a sick model does not trip another
-    key = self.key or host_of(url)
-    local model = req.json and req.json.model
-    if type(model) == "string" then key = key .. "/" .. model end
-  end
   local tokens = req.tokens
-  return method, url, key, body,
+  return method, url, self:_key_for(req, url), body,
     header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
     req.max_response or self.max_response, req.attempts, req.on_data,
     priority, tokens and tokens.input, tokens and tokens.output
@@ -698,10 +702,19 @@ end
 function Client:stats(key)
   if key ~= nil then
     if type(key) ~= "string" then fail("stats takes a key string, got %s", type(key)) end
-    return self._engine:upstream_stats(key)
+    local s = self._engine:upstream_stats(key)
+    if s and self._usage then s.usage = self._usage[key] end
+    return s
   end
   local s = self._engine:stats()
   s.keys = self._engine:keys()
+  if self._usage then
+    local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
+    for _, u in pairs(self._usage) do
+      for k, v in pairs(u) do total[k] = total[k] + v end
+    end
+    s.usage = total
+  end
   return s
 end
 

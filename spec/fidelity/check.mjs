@@ -110,6 +110,13 @@ function isInstance(e, cls, clsName) {
   if (!(e instanceof cls)) fail(`expected ${clsName}, got ${errName(e)}`);
 }
 
+// An API error raised from a reply (not a transport failure, which the SDKs
+// also report as an APIError subclass).
+function isReplyError(e, mod) {
+  isInstance(e, mod.APIError, 'APIError');
+  if (mod.APIConnectionError && e instanceof mod.APIConnectionError) fail(`expected an API error, got ${errName(e)}`);
+}
+
 let scenarioSeq = 0;
 function scenario() {
   return `fidelity-${process.pid}-${++scenarioSeq}`;
@@ -262,7 +269,7 @@ async function anthropicChecks() {
       () => anthropic.messages.create(aParams(), { headers: { 'x-mock-steps': '529', 'x-mock-scenario': id } }),
       '529',
     );
-    isInstance(e, AnthropicMod.APIError, 'APIError');
+    isReplyError(e, AnthropicMod);
     if (AnthropicMod.OverloadedError) isInstance(e, AnthropicMod.OverloadedError, 'OverloadedError');
     else isInstance(e, AnthropicMod.InternalServerError, 'InternalServerError');
     eq(e.status, 529, 'status');
@@ -317,6 +324,7 @@ async function anthropicChecks() {
       }),
       'should-retry=false',
     );
+    isReplyError(e, AnthropicMod);
     eq(e.status, 529, 'status');
     eq(await scenarioCount(id), 1, 'requests sent');
   });
@@ -327,7 +335,7 @@ async function anthropicChecks() {
     const e = await mustThrow(async () => {
       for await (const ev of stream) seen.push(ev.type);
     }, 'stream iteration');
-    isInstance(e, AnthropicMod.APIError, 'APIError');
+    isReplyError(e, AnthropicMod);
     eq(e.error?.error?.type, 'overloaded_error', 'error event error.type');
     if ('type' in e) eq(e.type, 'overloaded_error', 'err.type');
     eq(seen.join(' '), 'message_start', 'events before the error');
@@ -344,7 +352,7 @@ async function anthropicChecks() {
     const e = await mustThrow(async () => {
       for await (const ev of stream) seen.push(ev.type);
     }, 'stream iteration');
-    isInstance(e, AnthropicMod.APIError, 'APIError');
+    isReplyError(e, AnthropicMod);
     eq(e.error?.error?.type, 'overloaded_error', 'error event error.type');
     eq(seen.join(' '), 'message_start content_block_start content_block_delta', 'events before the error');
   });
@@ -519,7 +527,7 @@ async function openaiChecks() {
     const e = await mustThrow(async () => {
       for await (const c of stream) seen.push(c);
     }, 'stream iteration');
-    isInstance(e, OpenAIMod.APIError, 'APIError');
+    isReplyError(e, OpenAIMod);
     eq(e.type, 'server_error', 'err.type');
     assert(typeof e.message === 'string' && e.message.length > 0, 'empty message');
     eq(seen.length, 1, 'chunks before the error');
