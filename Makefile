@@ -33,7 +33,8 @@ CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
 CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
-POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c
+POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c \
+	src/sse.c
 CORE_SRC := src/buf.c src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
 C_TESTS := test_policies test_breaker test_latency test_ratelimit
 HEADERS := $(wildcard src/*.h)

@@ -25,11 +25,16 @@ build = {
    type = "builtin",
    modules = {
       ["sturdy"] = "lua/sturdy/init.lua",
+      ["sturdy.provider"] = "lua/sturdy/provider.lua",
+      ["sturdy.anthropic"] = "lua/sturdy/anthropic.lua",
+      ["sturdy.openai"] = "lua/sturdy/openai.lua",
+      ["sturdy.prices"] = "lua/sturdy/prices.lua",
+      ["sturdy.stream"] = "lua/sturdy/stream.lua",
       ["sturdy.core"] = {
          sources = {
             "src/buf.c", "src/timerheap.c", "src/upstream.c", "src/engine.c", "src/lsturdy.c",
             "src/backoff.c", "src/budget.c", "src/httpdate.c", "src/outcome.c",
-            "src/breaker.c", "src/latency.c", "src/ratelimit.c",
+            "src/breaker.c", "src/latency.c", "src/ratelimit.c", "src/sse.c",
          },
          libraries = { "curl", "m" },
          incdirs = { "$(CURL_INCDIR)" },

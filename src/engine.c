@@ -48,7 +48,9 @@ struct st_request {
     size_t max_response;
     unsigned max_attempts;
     int stream;
+    int auto_commit;            /* handing out body bytes commits the call */
     size_t streamed;            /* body bytes of this attempt already handed out */
+    unsigned started;           /* attempts started */
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
@@ -414,6 +416,7 @@ static int attempt_start(st_engine *e, st_request *r)
         return 0;
     r->state = ST_REQ_RUNNING;
     list_push(&e->running, r);
+    r->started++;
     e->n_attempts++;
     return 1;
 }
@@ -533,12 +536,12 @@ static void report_attempt(st_engine *e, st_request *r, st_outcome o, long statu
 
 static void pump(st_engine *e, st_upstream *u, int64_t now);
 
+static void retry_or_finish(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now);
+
 /* An attempt ended with outcome o: finish the request or schedule the next attempt. */
 static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
 {
-    const st_retry_policy *p = &e->policy;
     int64_t now = mono_ms(), hint;
-    double delay;
 
     list_unlink(r);
     curl_multi_remove_handle(e->multi, r->easy);
@@ -548,6 +551,14 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
     hint = status > 0 ? server_hint_ms(r) : -1;
     report_attempt(e, r, o, status, hint, now);
     pump(e, r->up, now);
+    retry_or_finish(e, r, o, status, hint, now);
+}
+
+/* After an attempt: finish the request, or wait and try again. */
+static void retry_or_finish(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now)
+{
+    const st_retry_policy *p = &e->policy;
+    double delay;
 
     if (o.cls == ST_CLASS_SUCCESS) {
         st_budget_deposit(&r->up->budget, now);
@@ -1084,6 +1095,7 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     r->deadline_ms = spec->total_ms > 0 ? mono_ms() + spec->total_ms : 0;
     r->max_response = spec->max_response ? spec->max_response : (size_t)64 << 20;
     r->stream = spec->stream;
+    r->auto_commit = spec->stream != ST_STREAM_MANUAL_COMMIT;
     r->max_attempts = spec->attempts ? spec->attempts : e->policy.attempts;
     if (r->max_attempts == 0)
         r->max_attempts = 1;
@@ -1150,9 +1162,63 @@ void st_request_body_delivered(st_request *r)
 {
     if (!r->stream || r->body_buf.len == 0)
         return;
-    r->committed = 1;
+    if (r->auto_commit)
+        r->committed = 1;
     r->streamed += r->body_buf.len;
     st_buf_reset(&r->body_buf);
+}
+
+void st_request_commit(st_request *r)
+{
+    r->committed = 1;
+}
+
+unsigned st_request_attempt(const st_request *r)
+{
+    return r->started;
+}
+
+void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail)
+{
+    st_outcome o;
+    int64_t now = mono_ms();
+
+    o.cls = cls;
+    o.kind = kind;
+    if (r->state == ST_REQ_RUNNING) {
+        long status = 0;
+        record_timings(e, r);
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
+        attempt_done(e, r, o, status);
+    } else if (r->state == ST_REQ_DONE && r->outcome.kind == NULL && r->list == &e->done) {
+        /* the transfer ended well but its body says otherwise: judge the attempt again */
+        list_unlink(r);
+        if (r->nattempts > 0)
+            r->attempts[r->nattempts - 1].kind = kind;
+        snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
+        retry_or_finish(e, r, o, r->status, -1, now);
+    }
+}
+
+size_t st_engine_streams(st_engine *e, st_request **out, size_t max)
+{
+    st_list *lists[2];
+    size_t n = 0, i;
+    st_request *r;
+
+    lists[0] = &e->running;
+    lists[1] = &e->done;
+    for (i = 0; i < 2; i++)
+        for (r = lists[i]->head; r; r = r->next) {
+            size_t len;
+            if (r->stream && r->userdata && (st_request_pending_body(r, &len), len > 0)) {
+                if (n < max)
+                    out[n] = r;
+                n++;
+            }
+        }
+    return n;
 }
 
 void st_request_set_userdata(st_request *r, void *ud)

@@ -47,10 +47,13 @@ typedef struct st_request_spec {
     int64_t connect_ms, first_byte_ms, idle_ms, total_ms; /* 0 = no limit */
     size_t max_response;
     unsigned attempts;          /* 0 = the policy's */
-    int stream;                 /* body handed out as it arrives (st_request_take_body) */
+    int stream;                 /* body handed out as it arrives (st_request_pending_body); */
+                                /* ST_STREAM_MANUAL_COMMIT: the owner commits with st_request_commit */
     int priority;               /* ST_PRIORITY_HIGH, _NORMAL (0 here means normal), _LOW */
     double input_tokens, output_tokens; /* estimates for the rate limiter; 0 = unknown */
 } st_request_spec;
+
+#define ST_STREAM_MANUAL_COMMIT 2
 
 typedef enum st_req_state {
     ST_REQ_RUNNING = 1, ST_REQ_WAITING, ST_REQ_QUEUED, ST_REQ_DONE
@@ -153,6 +156,17 @@ void st_request_result(st_request *r, st_result *out);
  * Once the caller has them the call is committed and is never retried. */
 const char *st_request_pending_body(const st_request *r, size_t *len);
 void st_request_body_delivered(st_request *r);
+/* The caller has seen part of the reply: the call is never retried now. */
+void st_request_commit(st_request *r);
+/* Attempts started so far (a new one means a fresh body). */
+unsigned st_request_attempt(const st_request *r);
+/* The body of a successful transfer turned out to be a failure (an error event
+ * inside a 200 stream): the attempt is judged again with this outcome and
+ * retried by the usual rules, unless committed. For running or finished
+ * (not yet taken) requests. */
+void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail);
+/* Streamed requests with body bytes waiting to be handed out. */
+size_t st_engine_streams(st_engine *e, st_request **out, size_t max);
 void st_request_set_userdata(st_request *r, void *ud);
 void *st_request_userdata(const st_request *r);
 /* Frees a finished request (or cancels and frees an unfinished one). */

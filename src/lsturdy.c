@@ -15,9 +15,11 @@
 
 #include "compat.h"
 #include "engine.h"
+#include "sse.h"
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
+#define SSE_MT "sturdy.sse"
 #define MAX_FDS 1024
 #define MAX_SPEC_HEADERS 256
 
@@ -469,7 +471,8 @@ static void read_spec(lua_State *L, int first, st_request_spec *spec, const char
     spec->total_ms = (int64_t)luaL_optnumber(L, first + 8, 0);
     spec->max_response = (size_t)luaL_optnumber(L, first + 9, 0);
     spec->attempts = (unsigned)luaL_optnumber(L, first + 10, 0);
-    spec->stream = lua_isfunction(L, first + 11);
+    /* a function: blocking delivery to on_data; true: submitted, taken with take_data */
+    spec->stream = lua_isfunction(L, first + 11) ? 1 : (lua_toboolean(L, first + 11) ? ST_STREAM_MANUAL_COMMIT : 0);
     spec->priority = luaL_checkoption(L, first + 12, "normal", priorities);
     spec->input_tokens = luaL_optnumber(L, first + 13, 0);
     spec->output_tokens = luaL_optnumber(L, first + 14, 0);
@@ -551,7 +554,7 @@ static int l_engine_submit(lua_State *L)
 
     luaL_checktype(L, 2, LUA_TTABLE);
     read_spec(L, 3, &spec, headers);
-    if (spec.stream)
+    if (lua_isfunction(L, 3 + 11))
         return luaL_error(L, "sturdy: on_data is only for blocking requests");
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
@@ -627,6 +630,39 @@ static int l_engine_take_done(lua_State *L)
     return 1;
 }
 
+/* engine:take_data() -> list of { handle, chunk, attempt } for streamed
+ * requests with body bytes waiting. */
+static int l_engine_take_data(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_request *streams[256];
+    size_t n = st_engine_streams(le->e, streams, 256), i;
+
+    if (n > 256)
+        n = 256; /* the rest come with the next call */
+    lua_createtable(L, (int)n, 0);
+    for (i = 0; i < n; i++) {
+        st_request *r = streams[i];
+        l_request *lr = st_request_userdata(r);
+        size_t len;
+        const char *p = st_request_pending_body(r, &len);
+
+        lua_createtable(L, 3, 0);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
+        lua_getuservalue(L, -1);
+        lua_rawgeti(L, -1, 1);
+        lua_rawseti(L, -4, 1);
+        lua_pop(L, 2);
+        lua_pushlstring(L, p, len);
+        lua_rawseti(L, -2, 2);
+        lua_pushinteger(L, (lua_Integer)st_request_attempt(r));
+        lua_rawseti(L, -2, 3);
+        st_request_body_delivered(r);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
 /* engine:cancel_all(): every unfinished request ends as canceled (take_done hands them out). */
 static int l_engine_cancel_all(lua_State *L)
 {
@@ -671,6 +707,33 @@ static int l_request_cancel(lua_State *L)
     l_request *lr = check_request(L, 1);
     if (lr->r != NULL && lr->le->e != NULL)
         st_engine_cancel(lr->le->e, lr->r);
+    return 0;
+}
+
+static int l_request_commit(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    if (lr->r != NULL)
+        st_request_commit(lr->r);
+    return 0;
+}
+
+/* request:fail_attempt(class, kind, detail): the body says the attempt failed. */
+static int l_request_fail_attempt(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    st_class cls;
+    const char *name = luaL_checkstring(L, 2);
+
+    if (!st_class_parse(name, &cls))
+        return luaL_error(L, "sturdy: unknown class '%s'", name);
+    if (lr->r != NULL && lr->le->e != NULL) {
+        /* kinds live as long as the engine: intern the few a provider uses */
+        static const char *const kinds[] = { "overloaded", "rate_limited", "server", "bad_request", "auth",
+                                             "permission", "not_found", "too_large", "stream_error", NULL };
+        int k = luaL_checkoption(L, 3, NULL, kinds);
+        st_engine_fail_attempt(lr->le->e, lr->r, cls, kinds[k], luaL_optstring(L, 4, ""));
+    }
     return 0;
 }
 
@@ -857,6 +920,7 @@ static const luaL_Reg engine_methods[] = {
     { "submit", l_engine_submit },
     { "step", l_engine_step },
     { "take_done", l_engine_take_done },
+    { "take_data", l_engine_take_data },
     { "cancel_all", l_engine_cancel_all },
     { "fds", l_engine_fds },
     { "timeout", l_engine_timeout },
@@ -876,11 +940,107 @@ static const luaL_Reg engine_meta[] = {
 
 static const luaL_Reg request_methods[] = {
     { "cancel", l_request_cancel },
+    { "commit", l_request_commit },
+    { "fail_attempt", l_request_fail_attempt },
     { NULL, NULL }
 };
 
 static const luaL_Reg request_meta[] = {
     { "__gc", l_request_gc },
+    { NULL, NULL }
+};
+
+/* ---- SSE parser ----------------------------------------------------------- */
+
+typedef struct l_sse {
+    st_sse *p;
+} l_sse;
+
+static int l_sse_new(lua_State *L)
+{
+    lua_Number max = luaL_optnumber(L, 1, 0);
+    l_sse *ls = lua_newuserdata(L, sizeof *ls);
+    ls->p = NULL;
+    luaL_setmetatable(L, SSE_MT);
+    ls->p = st_sse_new(max > 0 ? (size_t)max : 0);
+    if (ls->p == NULL)
+        return luaL_error(L, "sturdy: out of memory");
+    return 1;
+}
+
+static int push_sse_event(void *ud, const st_sse_event *ev)
+{
+    lua_State *L = ud;
+    lua_createtable(L, 0, 3);
+    lua_pushlstring(L, ev->event, ev->event_len);
+    lua_setfield(L, -2, "event");
+    lua_pushlstring(L, ev->data, ev->data_len);
+    lua_setfield(L, -2, "data");
+    if (ev->id_len) {
+        lua_pushlstring(L, ev->id, ev->id_len);
+        lua_setfield(L, -2, "id");
+    }
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+/* parser:feed(chunk) -> list of { event, data, id }; nil, message on error. */
+static int l_sse_feed(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    size_t len;
+    const char *chunk = luaL_checklstring(L, 2, &len);
+    int rc;
+
+    lua_newtable(L);
+    rc = st_sse_feed(ls->p, chunk, len, push_sse_event, L);
+    if (rc == ST_SSE_TOO_LARGE || rc == ST_SSE_NOMEM) {
+        lua_pushnil(L);
+        lua_pushstring(L, rc == ST_SSE_TOO_LARGE ? "an event is larger than the limit" : "out of memory");
+        return 2;
+    }
+    return 1;
+}
+
+/* parser:finish() -> true when the stream ended inside an event. */
+static int l_sse_finish(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    lua_pushboolean(L, st_sse_finish(ls->p));
+    return 1;
+}
+
+static int l_sse_reset(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    st_sse_reset(ls->p);
+    return 0;
+}
+
+static int l_sse_retry(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    long ms = st_sse_retry_ms(ls->p);
+    if (ms < 0)
+        lua_pushnil(L);
+    else
+        lua_pushnumber(L, ms / 1000.0);
+    return 1;
+}
+
+static int l_sse_gc(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    st_sse_free(ls->p);
+    ls->p = NULL;
+    return 0;
+}
+
+static const luaL_Reg sse_methods[] = {
+    { "feed", l_sse_feed },
+    { "finish", l_sse_finish },
+    { "reset", l_sse_reset },
+    { "retry", l_sse_retry },
     { NULL, NULL }
 };
 
@@ -900,6 +1060,7 @@ static int l_monotime(lua_State *L)
 }
 
 static const luaL_Reg core_functions[] = {
+    { "sse", l_sse_new },
     { "isatty", l_isatty },
     { "monotime", l_monotime },
     { "engine", l_engine_new },
@@ -914,6 +1075,12 @@ int luaopen_sturdy_core(lua_State *L)
     luaL_newmetatable(L, ENGINE_MT);
     luaL_setfuncs(L, engine_meta, 0);
     luaL_newlib(L, engine_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, SSE_MT);
+    lua_pushcfunction(L, l_sse_gc);
+    lua_setfield(L, -2, "__gc");
+    luaL_newlib(L, sse_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, REQUEST_MT);

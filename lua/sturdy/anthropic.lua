@@ -5,6 +5,7 @@
 -- provider's own shape and passes through untouched (model added if absent).
 local sturdy = require "sturdy"
 local provider = require "sturdy.provider"
+local stream = require "sturdy.stream"
 
 local Anthropic = { __name = "sturdy.anthropic" }
 Anthropic.__index = Anthropic
@@ -88,6 +89,29 @@ function Anthropic:_result(doc, res, body, estimated, req)
     model = model, request_id = res.request_id, latency = res.timings.total,
     attempts = res.attempts, cost = provider.account(self, key, model, usage, estimated),
   }
+end
+
+--- A streamed Messages request. Returns an iterator of events and the stream
+-- object (`for ev in claude:stream{...} do`); with opts.on_event, returns the
+-- stream object at once and events reach on_event from the client's poll.
+-- stream:result() gives the collected reply in the non-streamed shape.
+function Anthropic:stream(params, opts)
+  opts = opts or {}
+  local err = provider.guard(self, params, params and params.max_tokens)
+  local s
+  if err then
+    s = stream.failed(err)
+  else
+    local p = {}
+    for k, v in pairs(params) do p[k] = v end
+    p.stream = true
+    local req, body, estimated = self:_request(p, opts)
+    s = stream.start(self, stream.anthropic, req, function(doc, res)
+      return self:_result(doc, res, body, estimated, req)
+    end, opts.on_event)
+  end
+  if opts.on_event then return s end
+  return s:events(), s
 end
 
 Anthropic.__tostring = function(self) return provider.tostring(self, "anthropic") end

@@ -190,7 +190,7 @@ local BUDGET_SCHEMA = { ratio = "number", min_per_s = "number", window = "positi
 local REQUEST_SCHEMA = {
   method = "string", path = "string", url = "string", headers = "table", body = "string",
   json = "table", key = "string", timeout = TIMEOUT_SCHEMA, max_response = "positive",
-  attempts = "count", on_data = "function", priority = "string",
+  attempts = "count", on_data = "function", stream = "boolean", priority = "string",
   tokens = { input = "number", output = "number" },
 }
 
@@ -463,7 +463,7 @@ function Client:_args(req)
   local tokens = req.tokens
   return method, url, self:_key_for(req, url), body,
     header_lines(self, req.headers, body ~= nil), t[1], t[2], t[3], t[4],
-    req.max_response or self.max_response, req.attempts, req.on_data,
+    req.max_response or self.max_response, req.attempts, req.on_data or req.stream,
     priority, tokens and tokens.input, tokens and tokens.output
 end
 
@@ -521,8 +521,19 @@ end
 -- Runs the callback of each finished handle. Errors raised by callbacks go to
 -- on_error, or are returned as a list.
 function Client:_dispatch()
-  local finished = self._engine:take_done()
   local errors
+  -- streamed bodies first: a stream's last bytes come before its end
+  local data = self._engine:take_data()
+  for i = 1, #data do
+    local h, chunk, attempt = data[i][1], data[i][2], data[i][3]
+    if h.on_chunk then
+      local ok, e = pcall(h.on_chunk, chunk, attempt)
+      if not ok then
+        if self._on_error then pcall(self._on_error, e, h) else errors = errors or {}; errors[#errors + 1] = e end
+      end
+    end
+  end
+  local finished = self._engine:take_done()
   for i = 1, #finished do
     local h = finished[i]
     h._res, h._err = to_response(h.raw)

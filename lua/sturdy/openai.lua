@@ -5,6 +5,7 @@
 -- provider's own shape and passes through untouched (model added if absent).
 local sturdy = require "sturdy"
 local provider = require "sturdy.provider"
+local stream = require "sturdy.stream"
 
 local OpenAI = { __name = "sturdy.openai" }
 OpenAI.__index = OpenAI
@@ -75,6 +76,29 @@ function OpenAI:_result(doc, res, body, estimated, req)
     latency = res.timings.total, attempts = res.attempts,
     cost = provider.account(self, key, model, usage, estimated),
   }
+end
+
+--- A streamed Chat Completions request (usage included). Returns an iterator
+-- of events and the stream object; with opts.on_event, the stream object at
+-- once. stream:result() gives the collected reply in the non-streamed shape.
+function OpenAI:stream(params, opts)
+  opts = opts or {}
+  local err = provider.guard(self, params, params and (params.max_completion_tokens or params.max_tokens))
+  local s
+  if err then
+    s = stream.failed(err)
+  else
+    local p = {}
+    for k, v in pairs(params) do p[k] = v end
+    p.stream = true
+    p.stream_options = p.stream_options or { include_usage = true }
+    local req, body, estimated = self:_request(p, opts)
+    s = stream.start(self, stream.openai, req, function(doc, res)
+      return self:_result(doc, res, body, estimated, req)
+    end, opts.on_event)
+  end
+  if opts.on_event then return s end
+  return s:events(), s
 end
 
 OpenAI.__tostring = function(self) return provider.tostring(self, "openai") end
