@@ -51,6 +51,7 @@ struct st_request {
     int auto_commit;            /* handing out body bytes commits the call */
     size_t streamed;            /* body bytes of this attempt already handed out */
     unsigned started;           /* attempts started */
+    int paced;                  /* held back by the limiter at least once (counted once) */
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
@@ -665,6 +666,10 @@ static int try_start(st_engine *e, st_request *r, int64_t now)
     if (wait != 0) {
         if (u->breaker_enabled)
             st_breaker_release(&u->breaker, now, &r->permit);
+        if (wait > 0 && !r->paced) {
+            r->paced = 1;
+            u->paced++;
+        }
         if (wait > 0 && (u->wake.slot == 0 || u->wake.due_ms > now + wait)) {
             /* the limiter opens at a known time: wake the queue then */
             st_timerheap_remove(&e->timers, &u->wake);

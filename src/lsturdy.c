@@ -804,6 +804,7 @@ static int l_engine_upstream_stats(lua_State *L)
     set_num(L, "throttled", (double)u->throttled);
     set_num(L, "circuit_open", (double)u->circuit_open);
     set_num(L, "queue_full", (double)u->queue_full);
+    set_num(L, "paced", (double)u->paced);
     set_num(L, "budget", st_budget_balance(&u->budget, now));
 
     st_breaker_stats_get(&u->breaker, now, &bs);

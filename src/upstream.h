@@ -53,6 +53,7 @@ typedef struct st_upstream {
     st_qnode *head[ST_PRIORITY_COUNT], *tail[ST_PRIORITY_COUNT];
     st_timer wake;                 /* the limiter's next opening, while requests wait on it */
     uint64_t throttled, circuit_open, queue_full; /* 429s received; calls refused */
+    uint64_t paced;                /* attempts the rate limiter held back rather than send */
     char name[];
 } st_upstream;
 

@@ -42,26 +42,37 @@ function OpenAI:_request(params, opts)
   local out = tonumber(body.max_completion_tokens or body.max_tokens) or 0
   local estimated = { input = provider.estimate_input(body), output = out }
   opts = opts or {}
+  local headers = provider.auth_headers(self, SPEC)
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
   return {
     method = "POST", path = "/v1/chat/completions", json = body,
-    headers = provider.auth_headers(self, SPEC),
+    headers = headers,
     tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
   }, body, estimated
 end
 
---- Sends a Chat Completions request and returns { reply, text, usage,
--- stop_reason, model, request_id, latency, attempts, cost } — or nil and a sturdy.Error.
-function OpenAI:chat(params, opts)
+--- The request for params, for client:submit or client:batch, and a function
+-- that turns its response into the result (or nil, err). nil, err when the
+-- input guard refuses it (nothing is sent).
+function OpenAI:prepare(params, opts)
   local err = provider.guard(self, params, params and (params.max_completion_tokens or params.max_tokens))
   if err then return nil, err end
   local req, body, estimated = self:_request(params, opts)
-  local res
-  res, err = self.client:request(req)
+  return req, function(res)
+    local doc, derr = provider.decode(res)
+    if not doc then return nil, derr end
+    return self:_result(doc, res, body, estimated, req)
+  end
+end
+
+--- Sends the request and returns { reply (decoded), text, usage, stop_reason,
+-- model, request_id, latency, attempts, cost } — or nil and a sturdy.Error.
+function OpenAI:chat(params, opts)
+  local req, finish = self:prepare(params, opts)
+  if not req then return nil, finish end
+  local res, err = self.client:request(req)
   if not res then return nil, err end
-  local doc
-  doc, err = provider.decode(res)
-  if not doc then return nil, err end
-  return self:_result(doc, res, body, estimated, req)
+  return finish(res)
 end
 
 function OpenAI:_result(doc, res, body, estimated, req)

@@ -204,7 +204,8 @@ end
 
 ---------------------------------------------------------------------------
 -- Rate limiter: a continuously refilling token bucket over /v1/* requests.
--- Stored as JSON under "rl": { rpm, burst, tokens, last }.
+-- The configuration is stored as JSON under "rl" ({ rpm, burst, tokens, last });
+-- each model's bucket under "rl:<configuration time>:<model>".
 
 local function limiter_get()
   local raw = dict():get("rl")
@@ -220,17 +221,22 @@ end
 
 -- Returns allowed, view where view = { limit, remaining, reset (s until full),
 -- retry_after (s until one token, only when refused) }; nil view when off.
-local function limiter_take(t)
-  local rl = limiter_get()
-  if not rl then
+-- One bucket per model named in the request body, as providers limit per
+-- model; each starts full under the configuration in force.
+local function limiter_take(t, model)
+  local cfg = limiter_get()
+  if not cfg then
     return true, nil
   end
+  local key = "rl:" .. tostring(cfg.last) .. ":" .. (model or "")
+  local raw = dict():get(key)
+  local rl = raw and cjson.decode(raw) or { rpm = cfg.rpm, burst = cfg.burst, tokens = cfg.burst, last = t }
   local rate = limiter_refill(rl, t)
   local allowed = rl.tokens >= 1
   if allowed then
     rl.tokens = rl.tokens - 1
   end
-  dict():set("rl", encode(rl))
+  dict():set(key, encode(rl))
   local view = {
     limit = rl.rpm,
     remaining = floor(rl.tokens),
@@ -907,7 +913,8 @@ function M.handle()
   local view
   if uri:sub(1, 4) == "/v1/" then
     local allowed
-    allowed, view = limiter_take(t)
+    local body_data = ngx.req.get_body_data()
+    allowed, view = limiter_take(t, body_data and body_data:match('"model"%s*:%s*"([^"]*)"'))
     if not allowed then
       dict():incr("rate_limited", 1, 0)
       if sc then
