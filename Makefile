@@ -8,6 +8,7 @@
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
+#   make fuzz            the SSE parser under libFuzzer for 60 s
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -36,7 +37,7 @@ BUILD ?= build/$(LUA)
 POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c \
 	src/sse.c
 CORE_SRC := src/buf.c src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
-C_TESTS := test_policies test_breaker test_latency test_ratelimit
+C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse
 HEADERS := $(wildcard src/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
 
@@ -47,7 +48,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
 
 all: $(CORE_SO)
 
@@ -124,6 +125,13 @@ bench: deps $(CORE_SO)
 # The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
 fidelity: deps
 	sh spec/fidelity/run.sh
+
+# The SSE parser under libFuzzer (clang and its runtime, libclang-rt-14-dev)
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@mkdir -p build/fuzz/corpus
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c
+	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus $(wildcard fuzz/corpus)
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO)
