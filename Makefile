@@ -34,9 +34,9 @@ CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
 CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
-POLICY_SRC := src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c \
+POLICY_SRC := src/buf.c src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c \
 	src/sse.c
-CORE_SRC := src/buf.c src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
+CORE_SRC := src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse
 HEADERS := $(wildcard src/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
@@ -130,7 +130,7 @@ fidelity: deps
 FUZZ_SECONDS ?= 60
 fuzz: deps
 	@mkdir -p build/fuzz/corpus
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c src/buf.c
 	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus $(wildcard fuzz/corpus)
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about

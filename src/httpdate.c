@@ -95,7 +95,7 @@ static int is_leap(int64_t y)
     return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
 }
 
-static int days_in_month(int64_t y, int m)
+int st_days_in_month(int64_t y, int m)
 {
     static const int days[] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
     return m == 2 && is_leap(y) ? 29 : days[m - 1];
@@ -103,7 +103,7 @@ static int days_in_month(int64_t y, int m)
 
 /* Howard Hinnant's days_from_civil: days since 1970-01-01 in the proleptic
  * Gregorian calendar, exact for any year. */
-static int64_t days_from_civil(int64_t y, int m, int d)
+int64_t st_days_from_civil(int64_t y, int m, int d)
 {
     int64_t era, yoe, doy, doe;
     y -= m <= 2;
@@ -208,9 +208,9 @@ int st_http_date_parse(const char *s, size_t len, int64_t now_epoch_s, int64_t *
     if (c.i != c.len)
         return 0;
     if (t.hour > 23 || t.min > 59 || t.sec > 60 || t.day < 1
-        || t.day > days_in_month(t.year, t.month))
+        || t.day > st_days_in_month(t.year, t.month))
         return 0;
-    *epoch_s = days_from_civil(t.year, t.month, t.day) * 86400
+    *epoch_s = st_days_from_civil(t.year, t.month, t.day) * 86400
         + t.hour * 3600 + t.min * 60 + t.sec;
     return 1;
 }

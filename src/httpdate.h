@@ -41,4 +41,9 @@ int st_retry_after_parse(const char *v, size_t len, int64_t now_epoch_ms, int64_
  * and garbage. */
 int st_retry_after_ms_parse(const char *v, size_t len, int64_t *delay_ms);
 
+/* Calendar arithmetic shared with other date formats (RFC 3339):
+ * days in a month of a (proleptic Gregorian) year, and days since 1970-01-01. */
+int st_days_in_month(int64_t y, int m);
+int64_t st_days_from_civil(int64_t y, int m, int d);
+
 #endif

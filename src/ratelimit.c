@@ -1,5 +1,7 @@
 #include "ratelimit.h"
 
+#include "httpdate.h"
+
 #define NOW_LIMIT_MS INT64_C(1000000000000000)          /* ±1e15 ms, ~31,700 years */
 #define MAX_SPAN_US (ST_RATELIMIT_MAX_MS * 1000)
 #define MAX_SPAN_NS (ST_RATELIMIT_MAX_MS * 1000000)
@@ -425,12 +427,6 @@ static int is_digit(char c)
     return c >= '0' && c <= '9';
 }
 
-static int64_t floor_div(int64_t a, int64_t b)
-{
-    int64_t q = a / b;
-    return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
-}
-
 /* Exactly n digits at s[*i..len). */
 static int fixed_digits(const char *s, size_t len, size_t *i, int n, int *v)
 {
@@ -460,29 +456,6 @@ static int take(const char *s, size_t len, size_t *i, const char *set)
             return 1;
         }
     return 0;
-}
-
-static int is_leap(int64_t y)
-{
-    return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-}
-
-static int days_in_month(int64_t y, int m)
-{
-    static const int days[] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
-    return m == 2 && is_leap(y) ? 29 : days[m - 1];
-}
-
-/* Howard Hinnant's days_from_civil: days since 1970-01-01, proleptic Gregorian. */
-static int64_t days_from_civil(int64_t y, int m, int d)
-{
-    int64_t era, yoe, doy, doe;
-    y -= m <= 2;
-    era = floor_div(y, 400);
-    yoe = y - era * 400;
-    doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
-    doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + doe - 719468;
 }
 
 int st_rfc3339_parse(const char *s, size_t len, int64_t *epoch_ms)
@@ -524,10 +497,10 @@ int st_rfc3339_parse(const char *s, size_t len, int64_t *epoch_ms)
     } else if (!take(s, len, &i, "Zz")) {
         return 0;
     }
-    if (i != len || mo < 1 || mo > 12 || d < 1 || d > days_in_month(y, mo) || h > 23
+    if (i != len || mo < 1 || mo > 12 || d < 1 || d > st_days_in_month(y, mo) || h > 23
         || mi > 59 || sec > 60 || oh > 23 || om > 59)
         return 0;
-    secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec
+    secs = st_days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec
         - sign * (oh * 3600 + om * 60);
     *epoch_ms = secs * 1000 + frac;
     return 1;

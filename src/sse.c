@@ -1,5 +1,7 @@
 #include "sse.h"
 
+#include "buf.h"
+
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,17 +9,12 @@
 #define KEEP_CAP ((size_t)64 << 10)   /* reset frees buffers larger than this */
 #define BOM_DECIDED (-1)
 
-typedef struct sbuf {
-    char *data;
-    size_t len, cap;
-} sbuf;
-
 struct st_sse {
     size_t max;       /* bound on data.len + line.len */
-    sbuf line;        /* a line cut by a chunk boundary */
-    sbuf data;        /* each data value followed by "\n" */
-    sbuf type;        /* event type buffer */
-    sbuf id;          /* last event id buffer; outlives events */
+    st_buf line;        /* a line cut by a chunk boundary */
+    st_buf data;        /* each data value followed by "\n" */
+    st_buf type;        /* event type buffer */
+    st_buf id;          /* last event id buffer; outlives events */
     long retry_ms;
     size_t comments;
     int status;       /* ST_SSE_OK, or the stop/error that sticks */
@@ -28,42 +25,11 @@ struct st_sse {
 
 static const unsigned char bom_bytes[3] = { 0xEF, 0xBB, 0xBF };
 
-/* Room for n more bytes. Sizes stay within a few times max, so doubling from a
- * small start cannot overflow before realloc refuses. */
-static int sbuf_reserve(sbuf *b, size_t n)
-{
-    size_t cap;
-    char *d;
-    if (n <= b->cap - b->len)
-        return 1;
-    if (n > ((size_t)-1) / 2 - b->len)
-        return 0;
-    cap = b->cap ? b->cap : 64;
-    while (cap - b->len < n)
-        cap *= 2;
-    d = realloc(b->data, cap);
-    if (d == NULL)
-        return 0;
-    b->data = d;
-    b->cap = cap;
-    return 1;
-}
-
-static int sbuf_append(sbuf *b, const char *s, size_t n)
-{
-    if (!sbuf_reserve(b, n))
-        return 0;
-    if (n)
-        memcpy(b->data + b->len, s, n);
-    b->len += n;
-    return 1;
-}
-
 /* Replace the contents, keeping a NUL after them for C callers. */
-static int sbuf_set(sbuf *b, const char *s, size_t n)
+static int sbuf_set(st_buf *b, const char *s, size_t n)
 {
     b->len = 0;
-    if (!sbuf_reserve(b, n + 1))
+    if (!st_buf_reserve(b, n + 1))
         return 0;
     if (n)
         memcpy(b->data, s, n);
@@ -72,7 +38,7 @@ static int sbuf_set(sbuf *b, const char *s, size_t n)
     return 1;
 }
 
-static void sbuf_shrink(sbuf *b)
+static void sbuf_shrink(st_buf *b)
 {
     b->len = 0;
     if (b->cap > KEEP_CAP) {
@@ -201,10 +167,10 @@ static int process_line(st_sse *p, const char *s, size_t n, st_sse_callback cb, 
     }
 
     if (name_is(s, name_len, "data")) {
-        if (!sbuf_reserve(&p->data, vn + 1))
+        if (!st_buf_reserve(&p->data, vn + 1))
             return ST_SSE_NOMEM;
-        sbuf_append(&p->data, v, vn);
-        sbuf_append(&p->data, "\n", 1);
+        st_buf_append(&p->data, v, vn);
+        st_buf_append(&p->data, "\n", 1);
     } else if (name_is(s, name_len, "event")) {
         if (!sbuf_set(&p->type, v, vn))
             return ST_SSE_NOMEM;
@@ -244,13 +210,13 @@ static int scan(st_sse *p, const char *s, size_t n, st_sse_callback cb, void *ud
         if (j - i > p->max - p->data.len - p->line.len)
             return fail(p, ST_SSE_TOO_LARGE);
         if (j == n) {
-            if (!sbuf_append(&p->line, s + i, n - i))
+            if (!st_buf_append(&p->line, s + i, n - i))
                 return fail(p, ST_SSE_NOMEM);
             return ST_SSE_OK;
         }
         len = j - i;
         if (p->line.len > 0) {
-            if (!sbuf_append(&p->line, s + i, len))
+            if (!st_buf_append(&p->line, s + i, len))
                 return fail(p, ST_SSE_NOMEM);
             line = p->line.data;
             len = p->line.len;

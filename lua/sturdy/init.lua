@@ -518,20 +518,29 @@ function Client:submit(req, callback)
   return h
 end
 
--- Runs the callback of each finished handle. Errors raised by callbacks go to
--- on_error, or are returned as a list.
+-- Calls fn(...) for the user. An error it raises goes to the client's
+-- on_error hook, or onto the list `errors` (made when needed), which is returned.
+function Client:_call_user(errors, h, fn, ...)
+  local ok, e = pcall(fn, ...)
+  if ok then return errors end
+  if self._on_error then
+    pcall(self._on_error, e, h)
+    return errors
+  end
+  errors = errors or {}
+  errors[#errors + 1] = e
+  return errors
+end
+
+-- Hands streamed bytes to their handles, then runs the callback of each
+-- finished handle. Returns the errors raised, when there is no on_error hook.
 function Client:_dispatch()
   local errors
   -- streamed bodies first: a stream's last bytes come before its end
   local data = self._engine:take_data()
   for i = 1, #data do
-    local h, chunk, attempt = data[i][1], data[i][2], data[i][3]
-    if h.on_chunk then
-      local ok, e = pcall(h.on_chunk, chunk, attempt)
-      if not ok then
-        if self._on_error then pcall(self._on_error, e, h) else errors = errors or {}; errors[#errors + 1] = e end
-      end
-    end
+    local h = data[i][1]
+    if h.on_chunk then errors = self:_call_user(errors, h, h.on_chunk, data[i][2], data[i][3]) end
   end
   local finished = self._engine:take_done()
   for i = 1, #finished do
@@ -539,17 +548,7 @@ function Client:_dispatch()
     h._res, h._err = to_response(h.raw)
     h.raw, h._request, h._done = nil, nil, true
     self._active = self._active - 1
-    if h.callback then
-      local ok, e = pcall(h.callback, h._res, h._err)
-      if not ok then
-        if self._on_error then
-          pcall(self._on_error, e, h)
-        else
-          errors = errors or {}
-          errors[#errors + 1] = e
-        end
-      end
-    end
+    if h.callback then errors = self:_call_user(errors, h, h.callback, h._res, h._err) end
   end
   return errors
 end
@@ -679,17 +678,7 @@ function Client:batch(requests, opts)
     results[i] = res or err
     in_flight, done = in_flight - 1, done + 1
     if err then failed = failed + 1 end
-    if on_progress then
-      local ok, e = pcall(on_progress, done, total, failed)
-      if not ok then
-        if self._on_error then
-          pcall(self._on_error, e)
-        else
-          errors = errors or {}
-          errors[#errors + 1] = e
-        end
-      end
-    end
+    if on_progress then errors = self:_call_user(errors, nil, on_progress, done, total, failed) end
     launch()
   end
   function launch()

@@ -3,6 +3,7 @@
 -- accounting (limiter corrections, cost totals) and JSON replies.
 local sturdy = require "sturdy"
 local prices = require "sturdy.prices"
+local stream = require "sturdy.stream"
 local cjson = require "cjson.safe"
 
 local provider = {}
@@ -52,11 +53,6 @@ function provider.new(class, spec, opts)
   }, class)
   secrets[self] = key
   return self
-end
-
---- The headers a request needs, the key included (only ever sent, never kept elsewhere).
-function provider.auth_headers(self, spec)
-  return spec.auth(secrets[self], self)
 end
 
 --- Counts the characters of prompt text in messages (strings and text blocks) and a system prompt.
@@ -148,8 +144,95 @@ function provider.account(self, key, model, usage, estimated)
   return cost
 end
 
-function provider.tostring(self, name)
-  return format("sturdy.%s (model %s)", name, tostring(self.model))
+--- Gives class the methods every provider has, from its spec: name, env,
+-- base_url, auth(key, self) -> headers, path, call (the sending method's name),
+-- max_tokens(params), usage(u) -> normalized, text(doc), stop_reason(doc),
+-- flavor (stream.anthropic / stream.openai), stream_body(body) (optional).
+function provider.define(class, spec)
+  class.__index = class
+
+  -- The request for params; the options a call may add: key, priority, timeout, headers.
+  function class:_request(params, opts)
+    if type(params) ~= "table" then
+      fail("%s takes a table of request parameters, got %s", spec.call, type(params))
+    end
+    local body = {}
+    for k, v in pairs(params) do body[k] = v end
+    body.model = body.model or self.model
+    if type(body.model) ~= "string" then fail("no model: pass model to new{} or in the request") end
+    local estimated = { input = provider.estimate_input(body), output = tonumber(spec.max_tokens(body)) or 0 }
+    opts = opts or {}
+    local headers = spec.auth(secrets[self], self)
+    for k, v in pairs(opts.headers or {}) do headers[k] = v end
+    return {
+      method = "POST", path = spec.path, json = body, headers = headers,
+      tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
+    }, body, estimated
+  end
+
+  function class:_result(doc, res, body, estimated, req)
+    local usage = spec.usage(doc.usage)
+    local key = req.key or self.client:_key_for(req)
+    local model = doc.model or body.model
+    return {
+      reply = doc, text = spec.text(doc), usage = usage, stop_reason = spec.stop_reason(doc),
+      model = model, request_id = res.request_id, latency = res.timings.total,
+      attempts = res.attempts, cost = provider.account(self, key, model, usage, estimated),
+    }
+  end
+
+  --- The request for params, for client:submit or client:batch, and a function
+  -- that turns its response into the result (or nil, err). nil, err when the
+  -- input guard refuses it (nothing is sent).
+  function class:prepare(params, opts)
+    local err = provider.guard(self, params, params and spec.max_tokens(params))
+    if err then return nil, err end
+    local req, body, estimated = self:_request(params, opts)
+    return req, function(res)
+      local doc, derr = provider.decode(res)
+      if not doc then return nil, derr end
+      return self:_result(doc, res, body, estimated, req)
+    end
+  end
+
+  --- Sends the request and returns { reply (decoded), text, usage, stop_reason,
+  -- model, request_id, latency, attempts, cost } — or nil and a sturdy.Error.
+  class[spec.call] = function(self, params, opts)
+    local req, finish = self:prepare(params, opts)
+    if not req then return nil, finish end
+    local res, err = self.client:request(req)
+    if not res then return nil, err end
+    return finish(res)
+  end
+
+  --- A streamed request. Returns an iterator of events and the stream object
+  -- (`for ev in p:stream{...} do`); with opts.on_event, returns the stream
+  -- object at once and events reach on_event from the client's poll.
+  -- stream:result() gives the collected reply in the non-streamed shape.
+  function class:stream(params, opts)
+    opts = opts or {}
+    local err = provider.guard(self, params, params and spec.max_tokens(params))
+    local s
+    if err then
+      s = stream.failed(err)
+    else
+      local p = {}
+      for k, v in pairs(params) do p[k] = v end
+      p.stream = true
+      if spec.stream_body then spec.stream_body(p) end
+      local req, body, estimated = self:_request(p, opts)
+      s = stream.start(self, spec.flavor, req, function(doc, res)
+        return self:_result(doc, res, body, estimated, req)
+      end, opts.on_event)
+    end
+    if opts.on_event then return s end
+    return s:events(), s
+  end
+
+  function class:__tostring()
+    return format("sturdy.%s (model %s)", spec.name, tostring(self.model))
+  end
+  return class
 end
 
 return provider
