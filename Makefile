@@ -128,15 +128,16 @@ fidelity: deps
 
 # The SSE parser under libFuzzer (clang and its runtime, libclang-rt-14-dev);
 # seeds: 4 header bytes (see fuzz/README.md), then a stream
-FUZZ_TIME ?= 60
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 fuzz: deps
 	@mkdir -p build/fuzz/corpus
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c src/buf.c
+	clang $(WARNINGS) $(WERROR) -g -O1 $(FUZZ_FLAGS) -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c src/buf.c
 	@printf '\000\000\001\007event: message_start\ndata: {"a":1}\n\nevent: ping\ndata: {}\n\ndata: [DONE]\n\n' \
 		> build/fuzz/corpus/seed-events
 	@printf '\000\000\002\003\357\273\277id: 7\r\nretry: 10\r\ndata: a\r\ndata: b\r\r: note\n\ndata:cut' \
 		> build/fuzz/corpus/seed-line-endings
-	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_TIME) -print_final_stats=1 build/fuzz/corpus
+	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO)
