@@ -57,7 +57,6 @@ struct st_request {
     int64_t attempt_start_ms, last_byte_ms;
     uint64_t rx_bytes, rx_seen; /* received, and as of last_byte_ms: callbacks read no clock */
     int got_bytes, too_large;
-    const char *watchdog_kind;  /* set when our own timeout ended the attempt */
     st_buf raw_headers;         /* "name\0value\0" pairs of the latest response */
     size_t nheaders;
     st_buf body_buf;
@@ -407,7 +406,6 @@ static int attempt_start(st_engine *e, st_request *r)
     r->rx_bytes = r->rx_seen = 0;
     r->got_bytes = 0;
     r->too_large = 0;
-    r->watchdog_kind = NULL;
     r->errbuf[0] = '\0';
     r->nheaders = 0;
     r->streamed = 0;
