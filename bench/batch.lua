@@ -24,7 +24,7 @@ local f = io.open(arg[3] or "bench/request.json", "rb") or die("cannot open the 
 local body = f:read("*a")
 f:close()
 
-local client = sturdy.client { base_url = base_url }
+local client = sturdy.client { base_url = base_url, limits = { concurrency = concurrency } }
 local req = { method = "POST", path = "/v1/messages", body = body }
 local reqs = {}
 for i = 1, n do reqs[i] = req end

@@ -105,6 +105,11 @@ section() {
 echo "bench: $(curl-config --version 2>/dev/null || echo libcurl), $LUA, mock at $STURDY_MOCK_URL"
 echo
 
+# The mock advertises a request limit in its rate-limit headers, which sturdy
+# would learn and pace to; here the server's own speed is the subject.
+curl -s -o /dev/null -X POST -H 'content-type: application/json' \
+    -d '{"rate_limit":{"rpm":1000000000,"burst":1000000}}' "$STURDY_MOCK_URL/_mock/config"
+
 section "sequential" "$N_SEQ" bare_seq bare sturdy_seq sturdy
 section "concurrent c=16" "$N_MULTI" bare_multi_16 "bare multi" sturdy_batch_16 "sturdy batch"
 section "concurrent c=64" "$N_MULTI" bare_multi_64 "bare multi" sturdy_batch_64 "sturdy batch"
