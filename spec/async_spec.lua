@@ -4,16 +4,9 @@ local sturdy = require "sturdy"
 local cjson = require "cjson"
 local mock = require "spec.support.mock"
 
+local steps = mock.steps
+
 local now = sturdy.monotime
-
-local function steps(id, list)
-  return { ["x-mock-scenario"] = id, ["x-mock-steps"] = list, ["x-mock-steps-sep"] = "|" }
-end
-
-local function received(m, id)
-  local s = m:counters().scenarios[id]
-  return s and s.count or 0
-end
 
 local FAST = { throttled = 0.01, overloaded = 0.01, transient = 0.01, timeout = 0.01 }
 
@@ -126,7 +119,7 @@ describe("non-blocking use", function()
     local h = client:submit({ path = "/echo", headers = steps("cx", "200;delay=1000") },
                             function(res, err) calls[#calls + 1] = { res, err } end)
     client:poll(0.1)
-    assert.equal(1, received(m, "cx"))
+    assert.equal(1, m:scenario("cx").count)
     h:cancel()
     assert.equal(0, #calls) -- fires from the next poll
     client:poll(0)
@@ -138,7 +131,7 @@ describe("non-blocking use", function()
     h:cancel()
     client:poll(0.2)
     assert.equal(1, #calls)
-    assert.equal(1, received(m, "cx"))
+    assert.equal(1, m:scenario("cx").count)
   end)
 
   it("cancels a call waiting for its retry; no further attempt reaches the server", function()
@@ -150,7 +143,7 @@ describe("non-blocking use", function()
     assert.equal("canceled", err.kind)
     local t = now()
     while now() - t < 0.7 do c:poll(0.1) end
-    assert.equal(1, received(m, "cw"))
+    assert.equal(1, m:scenario("cw").count)
     c:close()
   end)
 
@@ -266,7 +259,7 @@ describe("non-blocking use", function()
       if r.kind == "budget_exhausted" then exhausted = exhausted + 1 end
     end
     local allowance = 3 * (10 + math.ceil(elapsed))
-    local got = received(m, "storm")
+    local got = m:scenario("storm").count
     print(("\n    200 concurrent calls against 503: mock received %d (allowance %d), %d budget_exhausted")
       :format(got, allowance, exhausted))
     assert.is_true(got >= 200)

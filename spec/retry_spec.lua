@@ -3,14 +3,7 @@
 local sturdy = require "sturdy"
 local mock = require "spec.support.mock"
 
-local function steps(id, list)
-  return { ["x-mock-scenario"] = id, ["x-mock-steps"] = list, ["x-mock-steps-sep"] = "|" }
-end
-
-local function received(m, id)
-  local s = m:counters().scenarios[id]
-  return s and s.count or 0
-end
+local steps = mock.steps
 
 -- Small backoffs so the suite stays quick; a class keeps its own base.
 local FAST = { throttled = 0.01, overloaded = 0.02, transient = 0.01, timeout = 0.01, fatal = 0.01 }
@@ -35,7 +28,7 @@ describe("retries", function()
     local res, err = c:request { path = "/v1/messages", body = "{}", headers = steps("ovl", "529|529|200") }
     assert.is_nil(err)
     assert.equal(200, res.status)
-    assert.equal(3, received(m, "ovl"))
+    assert.equal(3, m:scenario("ovl").count)
     assert.equal(3, #res.attempts)
     assert.equal(529, res.attempts[1].status)
     assert.equal("overloaded", res.attempts[1].kind)
@@ -98,7 +91,7 @@ describe("retries", function()
     assert.is_nil(res)
     assert.equal("rate_limited", err.kind)
     assert.equal(3600, err.retry_after)
-    assert.equal(1, received(m, "long"))
+    assert.equal(1, m:scenario("long").count)
     assert.matches("retry after 3600s", tostring(err))
     c:close()
   end)
@@ -110,7 +103,7 @@ describe("retries", function()
       assert.equal(status, err.status)
       assert.equal("fatal", err.class)
       assert.is_false(err.retryable)
-      assert.equal(1, received(m, "f" .. status))
+      assert.equal(1, m:scenario("f" .. status).count)
       c:close()
     end)
   end
@@ -119,8 +112,8 @@ describe("retries", function()
     local c = client()
     assert(c:request { path = "/echo", headers = steps("r408", "408|200") })
     assert(c:request { path = "/echo", headers = steps("r409", "409|200") })
-    assert.equal(2, received(m, "r408"))
-    assert.equal(2, received(m, "r409"))
+    assert.equal(2, m:scenario("r408").count)
+    assert.equal(2, m:scenario("r409").count)
     c:close()
   end)
 
@@ -129,7 +122,7 @@ describe("retries", function()
     local res = assert(c:request { path = "/v1/messages", body = "{}", headers = steps("drop", "drop|200") })
     assert.equal(200, res.status)
     assert.equal("connection", res.attempts[1].kind)
-    assert.equal(2, received(m, "drop"))
+    assert.equal(2, m:scenario("drop").count)
     c:close()
   end)
 
@@ -137,10 +130,10 @@ describe("retries", function()
     local c = client()
     local _, err = c:request { path = "/echo", headers = steps("nsr", "500;should-retry=false|200") }
     assert.equal(500, err.status)
-    assert.equal(1, received(m, "nsr"))
+    assert.equal(1, m:scenario("nsr").count)
     local res = assert(c:request { path = "/echo", headers = steps("sr", "400;should-retry=true|200") })
     assert.equal(200, res.status)
-    assert.equal(2, received(m, "sr"))
+    assert.equal(2, m:scenario("sr").count)
     c:close()
   end)
 
@@ -148,7 +141,7 @@ describe("retries", function()
     local c = client({ base = { overloaded = 2 }, jitter = "none" }, { timeout = { total = 3 } })
     local _, err = c:request { path = "/echo", headers = steps("dl", "503") }
     assert.equal("overloaded", err.kind)
-    assert.equal(2, received(m, "dl"))
+    assert.equal(2, m:scenario("dl").count)
     assert.equal(2, #err.attempts)
     c:close()
   end)
@@ -160,7 +153,7 @@ describe("retries", function()
     assert.equal("overloaded_error", err.type)
     assert.is_true(err.retryable)
     assert.equal(3, #err.attempts)
-    assert.equal(3, received(m, "max"))
+    assert.equal(3, m:scenario("max").count)
     assert.truthy(err.request_id)
     c:close()
   end)
@@ -169,9 +162,9 @@ describe("retries", function()
     local c = client({ base = FAST, never_retry_on = { 503 }, retry_on = { "fatal" } })
     local _, err = c:request { path = "/echo", headers = steps("n503", "503|200") }
     assert.equal(503, err.status)
-    assert.equal(1, received(m, "n503"))
+    assert.equal(1, m:scenario("n503").count)
     assert(c:request { path = "/echo", headers = steps("y400", "400|200") })
-    assert.equal(2, received(m, "y400"))
+    assert.equal(2, m:scenario("y400").count)
     c:close()
   end)
 
@@ -210,7 +203,7 @@ describe("retries", function()
       assert.is_true(got > 0)
       assert.equal("idle_timeout", err.kind)
       assert.is_true(err.committed)
-      assert.equal(1, received(m, "s-stall"))
+      assert.equal(1, m:scenario("s-stall").count)
       c:close()
     end)
 
@@ -250,7 +243,7 @@ describe("retries", function()
     local elapsed = os.time() - started + 1
     -- the default budget: 3 retries/s over a 10 s window, plus 20% of successes (none here)
     local allowance = 3 * math.max(10, elapsed + 10)
-    local got = received(m, "storm")
+    local got = m:scenario("storm").count
     assert.is_true(got <= 300 + allowance, ("mock received %d, allowance %d"):format(got, allowance))
     assert.is_true(got >= 300)
     assert.is_true(exhausted > 250)

@@ -37,8 +37,8 @@ end
 
 -- os.execute differs: 5.1/LuaJIT return a wait status, 5.2+ return
 -- ok, "exit"|"signal", code. Returns the exit code (128+N for signal N).
-local function run(cmd)
-  local a, how, code = os.execute(clean_env(cmd))
+local function execute(cmd)
+  local a, how, code = os.execute(cmd)
   if type(a) == "number" then
     if a > 255 or a == 0 then
       return math.floor(a / 256)
@@ -49,6 +49,10 @@ local function run(cmd)
     return 128 + (code or 0)
   end
   return code or (a and 0 or 1)
+end
+
+local function run(cmd)
+  return execute(clean_env(cmd))
 end
 
 local function capture(cmd)
@@ -403,6 +407,13 @@ function Mock:counters()
 end
 
 --- POST /_mock/config, e.g. m:config{ rate_limit = { rpm = 60, burst = 2 } }.
+--- What the mock saw of one scenario: { count, times, statuses, steps }
+-- (count 0 when it saw none).
+function Mock:scenario(id)
+  local c = assert(self:counters())
+  return c.scenarios[id] or { count = 0, times = {}, statuses = {}, steps = {} }
+end
+
 function Mock:config(tbl)
   local ok, err = control(self.port, "POST", "/_mock/config", tbl)
   return ok and true, err
@@ -469,6 +480,16 @@ function M.start(opts)
     os.remove(dir .. "/nginx.pid")
   end
   return fail("nginx did not start: " .. (last_err or "?"))
+end
+
+-- For spec/support/with_mock.lua.
+M.execute = execute
+M.quote = quote
+
+--- Request headers that script the mock: scenario `id` answers with the steps
+-- of `list` in turn ("529|529|200"; the last one repeats).
+function M.steps(id, list)
+  return { ["x-mock-scenario"] = id, ["x-mock-steps"] = list, ["x-mock-steps-sep"] = "|" }
 end
 
 return M

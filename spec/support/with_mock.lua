@@ -19,24 +19,7 @@ package.path = repo_root() .. "/?.lua;" .. package.path
 
 local mock = require "spec.support.mock"
 
-local function quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- Normalize os.execute across 5.1/LuaJIT (wait status) and 5.2+.
-local function run(cmd)
-  local a, how, code = os.execute(cmd)
-  if type(a) == "number" then
-    if a > 255 or a == 0 then
-      return math.floor(a / 256)
-    end
-    return 128 + a
-  end
-  if how == "signal" then
-    return 128 + (code or 0)
-  end
-  return code or (a and 0 or 1)
-end
+local quote, run = mock.quote, mock.execute
 
 local function main()
   if not arg or #arg == 0 then
