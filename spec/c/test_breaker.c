@@ -3,6 +3,7 @@
  * checked against a brute-force recount. */
 #include "test.h"
 
+#include "backoff.h"
 #include "breaker.h"
 
 #include <stdlib.h>
@@ -10,14 +11,11 @@
 
 #define T0 INT64_C(1000000)     /* a window-aligned start, away from zero */
 
-static uint64_t rng_state;
+static st_rng rng;              /* the project's seedable splitmix64 */
 
-static uint64_t rnd(void)       /* splitmix64 */
+static uint64_t rnd(void)
 {
-    uint64_t z = (rng_state += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
+    return st_rng_next(&rng);
 }
 
 static unsigned rnd_below(unsigned n)
@@ -805,7 +803,7 @@ static void simulate(st_breaker_mode mode, uint64_t seed)
         CHECK(log != NULL);
         return;
     }
-    rng_state = seed;
+    st_rng_seed(&rng, seed);
     st_breaker_config_defaults(&c);
     c.window_ms = 10000;
     c.buckets = 10;

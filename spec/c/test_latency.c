@@ -3,6 +3,7 @@
  * exact count/min/max/mean, clamping, empty windows and clocks that go backwards. */
 #include "test.h"
 
+#include "backoff.h"
 #include "latency.h"
 
 #include <stdlib.h>
@@ -14,14 +15,11 @@
 
 /* ---------------------------------------------------------------- helpers */
 
-static uint64_t rng_state;
+static st_rng rng;              /* the project's seedable splitmix64 */
 
-static uint64_t rnd(void)       /* splitmix64 */
+static uint64_t rnd(void)
 {
-    uint64_t z = (rng_state += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
+    return st_rng_next(&rng);
 }
 
 static double unit(void)        /* (0, 1) */
@@ -145,7 +143,7 @@ static void test_distributions(void)
         double worst;
         int ok = 1;
 
-        rng_state = 1000 + (uint64_t)d;
+        st_rng_seed(&rng, 1000 + (uint64_t)d);
         for (i = 0; i < NSAMPLES; i++) {
             v[i] = draw(d);
             /* spread over the whole window: 0 .. 59999 ms */
@@ -238,7 +236,7 @@ static void test_sliding(void)
     }
     for (i = 0; i <= 100; i++)
         qs[i] = (double)i / 100.0;
-    rng_state = 77;
+    st_rng_seed(&rng, 77);
     for (i = 0; i < N; i++) {
         uint64_t r = rnd() % 100000;
         if (r == 0)

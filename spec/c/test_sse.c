@@ -3,6 +3,7 @@
  * reset, stop, and NUL bytes. */
 #include "test.h"
 
+#include "backoff.h"
 #include "sse.h"
 
 #include <limits.h>
@@ -83,14 +84,11 @@ typedef struct run_t {
     size_t comments;
 } run_t;
 
-static uint64_t rng_state;
+static st_rng rng;              /* the project's seedable splitmix64 */
 
-static uint64_t rnd(void)       /* splitmix64 */
+static uint64_t rnd(void)
 {
-    uint64_t z = (rng_state += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
+    return st_rng_next(&rng);
 }
 
 /* Chunk sizes for a run: whole, two pieces at `cut`, one byte, or random. */
@@ -161,7 +159,7 @@ static int chunkings_agree(const char *name, const char *s, size_t n, size_t max
         ok = 0;
     }
     log_free(&other.log);
-    rng_state = 42;
+    st_rng_seed(&rng, 42);
     for (t = 0; t < 50; t++) {
         run(s, n, RANDOM, 0, max, stop_at, &other);
         if (!same_run(&whole, &other)) {
@@ -724,7 +722,7 @@ static void test_random_streams(void)
     int t, ok = 1;
     for (t = 0; t < 300 && ok; t++) {
         size_t n, i, max;
-        rng_state = (uint64_t)t * 7919;
+        st_rng_seed(&rng, (uint64_t)t * 7919);
         n = (size_t)(rnd() % sizeof s);
         for (i = 0; i < n; i++)
             s[i] = alphabet[rnd() % (sizeof alphabet - 1)];
