@@ -325,21 +325,28 @@ static int call_retry_hook(lua_State *L)
     return 0;
 }
 
+/* Runs a hook from inside the engine: push(L) builds its argument from data
+ * in protected mode, so neither a raising hook nor a memory error unwinds
+ * through the engine; a failure is reported and the request goes on. */
+static void run_hook(l_engine *le, int ref, lua_CFunction push, const void *data, const char *name)
+{
+    lua_State *L = le->L;
+
+    if (L == NULL || ref == LUA_NOREF)
+        return;
+    lua_pushcfunction(L, push);
+    lua_pushlightuserdata(L, (void *)data);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+        fprintf(stderr, "sturdy: %s hook failed: %s\n", name, lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
 static void retry_hook(void *ud, const st_retry_info *info)
 {
     l_engine *le = ud;
-    lua_State *L = le->L;
-
-    if (L == NULL || le->on_retry_ref == LUA_NOREF)
-        return;
-    lua_pushcfunction(L, call_retry_hook);
-    lua_pushlightuserdata(L, (void *)info);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, le->on_retry_ref);
-    if (lua_pcall(L, 2, 0, 0) != 0) {
-        /* a failing hook must not take the request down with it */
-        fprintf(stderr, "sturdy: on_retry hook failed: %s\n", lua_tostring(L, -1));
-        lua_pop(L, 1);
-    }
+    run_hook(le, le->on_retry_ref, call_retry_hook, info, "on_retry");
 }
 
 static int call_event_hook(lua_State *L)
@@ -371,17 +378,7 @@ static int call_event_hook(lua_State *L)
 static void event_hook(void *ud, const st_event *ev)
 {
     l_engine *le = ud;
-    lua_State *L = le->L;
-
-    if (L == NULL || le->on_event_ref == LUA_NOREF)
-        return;
-    lua_pushcfunction(L, call_event_hook);
-    lua_pushlightuserdata(L, (void *)ev);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, le->on_event_ref);
-    if (lua_pcall(L, 2, 0, 0) != 0) {
-        fprintf(stderr, "sturdy: on_event hook failed: %s\n", lua_tostring(L, -1));
-        lua_pop(L, 1);
-    }
+    run_hook(le, le->on_event_ref, call_event_hook, ev, "on_event");
 }
 
 /* ---- engine methods ------------------------------------------------------- */
