@@ -34,11 +34,14 @@ CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
 CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
-POLICY_SRC := src/buf.c src/backoff.c src/budget.c src/httpdate.c src/outcome.c src/breaker.c src/latency.c src/ratelimit.c \
-	src/sse.c
-CORE_SRC := src/timerheap.c src/upstream.c src/engine.c src/lsturdy.c $(POLICY_SRC)
+# The layers, one folder each: pure policies (no I/O, no clock), the curl
+# transport, and the Lua bindings.
+POLICY_SRC := $(wildcard src/policy/*.c)
+CURL_SRC := $(wildcard src/curl/*.c)
+CORE_SRC := $(CURL_SRC) src/lua/core.c $(POLICY_SRC)
+INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse
-HEADERS := $(wildcard src/*.h)
+HEADERS := $(wildcard src/*/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
 
 BUSTED ?= /usr/bin/busted
@@ -54,7 +57,7 @@ all: $(CORE_SO)
 
 $(CORE_SO): $(CORE_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -fPIC -shared $(LUA_CFLAGS) $(CURL_CFLAGS) \
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -fPIC -shared $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
 		-o $@ $(CORE_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
 install: $(CORE_SO)
@@ -71,7 +74,7 @@ deps:
 # The pure C policies, tested directly with a virtual clock.
 $(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc -o $@ $< $(POLICY_SRC) -lm $(LDFLAGS)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc/policy -o $@ $< $(POLICY_SRC) -lm $(LDFLAGS)
 
 test-c: $(addprefix $(BUILD)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
@@ -132,7 +135,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_FLAGS := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 fuzz: deps
 	@mkdir -p build/fuzz/corpus
-	clang $(WARNINGS) $(WERROR) -g -O1 $(FUZZ_FLAGS) -Isrc -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/sse.c src/buf.c
+	clang $(WARNINGS) $(WERROR) -g -O1 $(FUZZ_FLAGS) -Isrc/policy -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/policy/sse.c src/policy/buf.c
 	@printf '\000\000\001\007event: message_start\ndata: {"a":1}\n\nevent: ping\ndata: {}\n\ndata: [DONE]\n\n' \
 		> build/fuzz/corpus/seed-events
 	@printf '\000\000\002\003\357\273\277id: 7\r\nretry: 10\r\ndata: a\r\ndata: b\r\r: note\n\ndata:cut' \

@@ -8,8 +8,8 @@ ROUNDS=${2:-7}
 cd "$(dirname "$0")/.."
 
 mkdir -p "$BUILD"
-${CC:-cc} -std=c99 -O2 -Wall -Wextra -Isrc -o "$BUILD/bench-micro" \
-    bench/micro.c src/breaker.c src/latency.c src/ratelimit.c src/httpdate.c
+${CC:-cc} -std=c99 -O2 -Wall -Wextra -Isrc/policy -o "$BUILD/bench-micro" \
+    bench/micro.c src/policy/breaker.c src/policy/latency.c src/policy/ratelimit.c src/policy/httpdate.c
 
 # One core, when possible, so the figures do not wander between runs.
 pin=""

@@ -32,12 +32,13 @@ build = {
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
       ["sturdy.core"] = {
          sources = {
-            "src/buf.c", "src/timerheap.c", "src/upstream.c", "src/engine.c", "src/lsturdy.c",
-            "src/backoff.c", "src/budget.c", "src/httpdate.c", "src/outcome.c",
-            "src/breaker.c", "src/latency.c", "src/ratelimit.c", "src/sse.c",
+            "src/curl/engine.c", "src/lua/core.c",
+            "src/policy/buf.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
+            "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
          },
          libraries = { "curl", "m" },
-         incdirs = { "$(CURL_INCDIR)" },
+         incdirs = { "$(CURL_INCDIR)", "src/policy", "src/curl", "src/lua" },
          libdirs = { "$(CURL_LIBDIR)" },
          defines = {},
       },
