@@ -39,10 +39,12 @@ BUILD ?= build/$(LUA)
 POLICY_SRC := $(wildcard src/policy/*.c)
 CURL_SRC := $(wildcard src/curl/*.c)
 CORE_SRC := $(CURL_SRC) src/lua/core.c $(POLICY_SRC)
+POLICY_LIB_SRC := src/lua/policy.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
-C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse
+C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers
 HEADERS := $(wildcard src/*/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
+POLICY_SO := $(BUILD)/sturdy/policy.so
 
 BUSTED ?= /usr/bin/busted
 BUSTED_ARGS ?=
@@ -53,16 +55,26 @@ SAN_CC ?= gcc
 
 .PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
 
-all: $(CORE_SO)
+all: $(CORE_SO) $(POLICY_SO)
+
+# Only luaopen_* is exported: the two libraries carry the same policy code.
+SO_FLAGS := -fPIC -shared -fvisibility=hidden
 
 $(CORE_SO): $(CORE_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -fPIC -shared $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
 		-o $@ $(CORE_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
-install: $(CORE_SO)
+# sturdy.policy: no libcurl, so it loads where blocking I/O must not (OpenResty)
+$(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) \
+		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
+
+install: $(CORE_SO) $(POLICY_SO)
 	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
 	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
+	install -m 0755 $(POLICY_SO) $(DESTDIR)$(LIBDIR)/sturdy/policy.so
 	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
 
 uninstall:
@@ -79,7 +91,7 @@ $(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
 test-c: $(addprefix $(BUILD)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
 
-test-lua: $(CORE_SO)
+test-lua: $(CORE_SO) $(POLICY_SO)
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
 
 test: deps
@@ -93,7 +105,7 @@ test-all: deps
 test-asan: deps
 	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
 		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
-		build/asan-$(LUA)/sturdy/core.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
+		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/sturdy/policy.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do \
 		ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		build/asan-$(LUA)/$$t; done
@@ -117,11 +129,11 @@ check-rock: deps
 	$(LUA) -e 'local s = require "sturdy"; assert(s.client and s.Error); print("rock ok: sturdy " .. s._VERSION .. " from " .. package.searchpath("sturdy.core", package.cpath))' ; \
 	rc=$$?; rm -rf "$$tree"; exit $$rc
 
-demo: deps $(CORE_SO)
+demo: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" examples/demo.lua
 
-bench: deps $(CORE_SO)
+bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
 
@@ -143,7 +155,7 @@ fuzz: deps
 	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
-goodput: deps $(CORE_SO)
+goodput: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/goodput.lua
 
 clean:

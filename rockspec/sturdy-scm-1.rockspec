@@ -33,13 +33,24 @@ build = {
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c",
-            "src/policy/buf.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/policy/buf.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
          },
          libraries = { "curl", "m" },
          incdirs = { "$(CURL_INCDIR)", "src/policy", "src/curl", "src/lua" },
          libdirs = { "$(CURL_LIBDIR)" },
+         defines = {},
+      },
+      ["sturdy.policy"] = {
+         sources = {
+            "src/lua/policy.c",
+            "src/policy/buf.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
+            "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
+         },
+         libraries = { "m" },
+         incdirs = { "src/policy", "src/lua" },
          defines = {},
       },
    },

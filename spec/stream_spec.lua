@@ -2,7 +2,7 @@
 -- the non-streamed one, error events inside 200 streams (retried before the
 -- first delta, committed after), truncated streams; and the C SSE parser fed
 -- the same stream split at every byte boundary.
-local core = require "sturdy.core"
+local policy = require "sturdy.policy"
 local anthropic = require "sturdy.anthropic"
 local openai = require "sturdy.openai"
 local mock = require "spec.support.mock"
@@ -177,7 +177,7 @@ describe("the SSE parser", function()
   }
 
   local function parse(chunks)
-    local p = core.sse()
+    local p = policy.sse()
     local out = {}
     for _, chunk in ipairs(chunks) do
       for _, ev in ipairs(assert(p:feed(chunk))) do
@@ -218,7 +218,7 @@ describe("the SSE parser", function()
   end)
 
   it("refuses an event larger than its limit", function()
-    local p = core.sse(64)
+    local p = policy.sse(64)
     local events, err = p:feed("data: " .. string.rep("x", 100))
     assert.is_nil(events)
     assert.matches("larger than the limit", err)

@@ -2,6 +2,7 @@
 -- The client facade: validates configuration, turns requests into engine
 -- specs, and results into responses or sturdy.Error values.
 local core = require "sturdy.core"
+local policy = require "sturdy.policy"
 local cjson = require "cjson.safe"
 
 local sturdy = { _VERSION = "0.1.0" }
@@ -266,7 +267,7 @@ local header_meta = {
 
 -- res.headers and err.headers are built from the engine's raw block on first use.
 function lazy_headers(t)
-  local h = setmetatable(core.headers(rawget(t, "raw_headers") or ""), header_meta)
+  local h = setmetatable(policy.header_table(rawget(t, "raw_headers") or ""), header_meta)
   rawset(t, "headers", h)
   return h
 end
@@ -503,7 +504,7 @@ local function wait_ms(timeout, where)
   return timeout * 1000
 end
 
-local now = core.monotime
+local now = policy.monotime
 sturdy.monotime = now
 
 --- Starts a request and returns a handle at once. callback(res, err), if

@@ -4,7 +4,7 @@
 -- dropped), after it the call is committed. An error event inside a 200 stream
 -- becomes a typed error; a stream that ends without its terminal event is an
 -- error, never a silently short answer.
-local core = require "sturdy.core"
+local policy = require "sturdy.policy"
 local sturdy = require "sturdy"
 local cjson = require "cjson.safe"
 
@@ -149,7 +149,7 @@ function stream.start(p, flavor, req, finish, on_event)
   local self = setmetatable({
     provider = p, flavor = flavor, finish_fn = finish, on_event = on_event,
     queue = {}, held = {}, committed = false, released = false, done = false,
-    parser = core.sse(), acc = flavor.new_acc(),
+    parser = policy.sse(), acc = flavor.new_acc(),
   }, Stream)
   req.stream = true
   self.handle = p.client:submit(req, function(res, err) self:_finish(res, err) end)

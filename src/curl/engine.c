@@ -12,6 +12,7 @@
 #include <curl/curl.h>
 
 #include "buf.h"
+#include "headers.h"
 #include "httpdate.h"
 #include "timerheap.h"
 
@@ -57,8 +58,8 @@ struct st_request {
     int64_t attempt_start_ms, last_byte_ms;
     uint64_t rx_bytes, rx_seen; /* received, and as of last_byte_ms: callbacks read no clock */
     int got_bytes, too_large;
-    st_buf raw_headers;         /* "name\0value\0" pairs of the latest response */
-    size_t nheaders;
+    st_headers headers_in;      /* of the latest response */
+    int head_too_large;
     st_buf body_buf;
     char errbuf[CURL_ERROR_SIZE];
 
@@ -249,57 +250,29 @@ static void emit_breaker_change(st_engine *e, st_upstream *u, st_breaker_state f
 
 /* ---- response headers ----------------------------------------------------- */
 
-/* Case-insensitive: names are kept as received (lowercasing them costs more
- * than the few lookups the engine makes). */
-static const char *header_find(const st_request *r, const char *lname)
+static const char *header_find(const st_request *r, const char *name)
 {
-    const char *p = r->raw_headers.data;
-    size_t i;
-    for (i = 0; i < r->nheaders; i++) {
-        const char *v = p + strlen(p) + 1;
-        if (strcasecmp(p, lname) == 0)
-            return v;
-        p = v + strlen(v) + 1;
-    }
-    return NULL;
+    return st_headers_find(&r->headers_in, name);
 }
 
 static size_t on_header(char *data, size_t size, size_t n, void *ud)
 {
     st_request *r = ud;
-    size_t len = size * n, name_len, value_len;
-    const char *colon, *value, *end = data + len;
-    char *dst;
+    size_t len = size * n;
+    int rc;
 
     r->rx_bytes += len;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         /* a new response (after 100-continue or a proxy's CONNECT): forget the last one */
-        st_buf_reset(&r->raw_headers);
-        r->nheaders = 0;
+        st_headers_reset(&r->headers_in);
         return len;
     }
-    while (end > data && (end[-1] == '\r' || end[-1] == '\n'))
-        end--;
-    colon = memchr(data, ':', (size_t)(end - data));
-    if (colon == NULL || colon == data)
-        return len; /* the blank line ending the headers, or a folded line */
-    name_len = (size_t)(colon - data);
-    value = colon + 1;
-    while (value < end && (*value == ' ' || *value == '\t'))
-        value++;
-    while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
-        end--;
-    value_len = (size_t)(end - value);
-    if (!st_buf_reserve(&r->raw_headers, name_len + value_len + 2))
+    rc = st_headers_add_line(&r->headers_in, data, len);
+    if (rc == ST_HEADERS_TOO_LARGE || rc == ST_HEADERS_NOMEM) {
+        r->head_too_large = rc == ST_HEADERS_TOO_LARGE;
         return 0;
-    dst = r->raw_headers.data + r->raw_headers.len;
-    memcpy(dst, data, name_len);
-    dst[name_len] = '\0';
-    memcpy(dst + name_len + 1, value, value_len);
-    dst[name_len + 1 + value_len] = '\0';
-    r->raw_headers.len += name_len + value_len + 2;
-    r->nheaders++;
-    return len;
+    }
+    return len; /* a malformed line is skipped, as libcurl itself accepted it */
 }
 
 static size_t on_body(char *data, size_t size, size_t n, void *ud)
@@ -407,9 +380,9 @@ static int attempt_start(st_engine *e, st_request *r)
     r->got_bytes = 0;
     r->too_large = 0;
     r->errbuf[0] = '\0';
-    r->nheaders = 0;
+    r->head_too_large = 0;
     r->streamed = 0;
-    st_buf_reset(&r->raw_headers);
+    st_headers_reset(&r->headers_in);
     st_buf_reset(&r->body_buf);
     if (curl_multi_add_handle(e->multi, r->easy) != CURLM_OK)
         return 0;
@@ -497,25 +470,23 @@ static void report_attempt(st_engine *e, st_request *r, st_outcome o, long statu
         emit_breaker_change(e, u, before);
     }
     if (status > 0) {
-        const char *p = r->raw_headers.data;
-        size_t i;
+        size_t cursor = 0;
+        const char *name, *v;
         int64_t wall = wall_ms();
 
         u->replied = 1;
         st_upstream_record_latency(u, now, (uint64_t)(r->timings.ttfb * 1e6),
                                    (uint64_t)(r->timings.total * 1e6));
-        for (i = 0; i < r->nheaders; i++) {
-            const char *v = p + strlen(p) + 1;
-            if (st_limiter_feed_header(&u->limiter, now, wall, p, v)) {
+        while (st_headers_next(&r->headers_in, &cursor, &name, &v)) {
+            if (st_limiter_feed_header(&u->limiter, now, wall, name, v)) {
                 st_event ev;
                 memset(&ev, 0, sizeof ev);
                 ev.type = ST_EVENT_LIMIT_LEARNED;
                 ev.key = u->name;
-                st_ratelimit_header(p, &ev.dim, &(int){ 0 }, &(int){ 0 });
+                st_ratelimit_header(name, &ev.dim, &(int){ 0 }, &(int){ 0 });
                 ev.limit = st_limiter_limit(&u->limiter, ev.dim);
                 emit(e, &ev);
             }
-            p = v + strlen(v) + 1;
         }
         st_limiter_response_done(&u->limiter, now);
     }
@@ -1002,7 +973,7 @@ int64_t st_engine_timeout(st_engine *e)
 static void request_destroy(st_request *r)
 {
     free(r->attempts);
-    st_buf_free(&r->raw_headers);
+    st_headers_free(&r->headers_in);
     st_buf_free(&r->body_buf);
     free(r);
 }
@@ -1025,8 +996,8 @@ static void request_release(st_request *r)
     }
     if (r->body_buf.cap > POOLED_BUF_MAX)
         st_buf_free(&r->body_buf);
-    if (r->raw_headers.cap > POOLED_BUF_MAX)
-        st_buf_free(&r->raw_headers);
+    if (r->headers_in.block.cap > POOLED_BUF_MAX)
+        st_headers_free(&r->headers_in);
     e->request_pool[e->nrequests_pooled++] = r;
 }
 
@@ -1034,21 +1005,22 @@ static void request_release(st_request *r)
 static st_request *request_new(st_engine *e)
 {
     st_request *r;
-    st_buf raw, body;
+    st_headers raw;
+    st_buf body;
     st_attempt *attempts;
     size_t cap_attempts;
 
     if (e->nrequests_pooled == 0)
         return calloc(1, sizeof(st_request));
     r = e->request_pool[--e->nrequests_pooled];
-    raw = r->raw_headers;
+    raw = r->headers_in;
     body = r->body_buf;
     attempts = r->attempts;
     cap_attempts = r->cap_attempts;
     memset(r, 0, sizeof *r);
-    st_buf_reset(&raw);
+    st_headers_reset(&raw);
     st_buf_reset(&body);
-    r->raw_headers = raw;
+    r->headers_in = raw;
     r->body_buf = body;
     r->attempts = attempts;
     r->cap_attempts = cap_attempts;
@@ -1241,8 +1213,8 @@ void st_request_result(st_request *r, st_result *out)
     out->status = r->status;
     out->body = r->body_buf.data ? r->body_buf.data : "";
     out->body_len = r->body_buf.len;
-    out->headers = r->raw_headers.data ? r->raw_headers.data : "";
-    out->headers_len = r->raw_headers.len;
+    out->headers = r->headers_in.block.data ? r->headers_in.block.data : "";
+    out->headers_len = r->headers_in.block.len;
     out->timings = r->timings;
     out->http_version = r->http_version;
     out->attempts = r->attempts;

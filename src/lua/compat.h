@@ -60,4 +60,12 @@ static inline void *luaL_testudata(lua_State *L, int i, const char *tname)
 #define lua_isinteger(L, i) 0
 #endif
 
+/* The one symbol a Lua C module exports; the rest stays hidden when built
+ * with -fvisibility=hidden. */
+#if defined(__GNUC__)
+#define ST_EXPORT __attribute__((visibility("default")))
+#else
+#define ST_EXPORT
+#endif
+
 #endif

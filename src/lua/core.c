@@ -2,7 +2,6 @@
  * results back into tables; the logic lives in the engine and the policies. */
 #define _POSIX_C_SOURCE 200809L
 
-#include <ctype.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,11 +14,9 @@
 
 #include "compat.h"
 #include "engine.h"
-#include "sse.h"
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
-#define SSE_MT "sturdy.sse"
 #define MAX_FDS 1024
 #define MAX_SPEC_HEADERS 256
 
@@ -200,51 +197,6 @@ static void set_str(lua_State *L, const char *k, const char *v)
 {
     lua_pushstring(L, v);
     lua_setfield(L, -2, k);
-}
-
-/* Headers as a table keyed by lowercase name; a repeated header becomes a list.
- * The engine keeps them as "name\0value\0" pairs; the table is built only when
- * someone looks at res.headers. */
-static void push_headers(lua_State *L, const char *p, size_t len)
-{
-    const char *end = p + len;
-    char name[256];
-
-    lua_newtable(L);
-    while (p < end) {
-        size_t name_len = strlen(p), i;
-        const char *value = p + name_len + 1;
-        size_t value_len = strlen(value);
-        if (name_len >= sizeof name)
-            name_len = sizeof name - 1; /* no real header name is this long */
-        for (i = 0; i < name_len; i++)
-            name[i] = (char)tolower((unsigned char)p[i]);
-        name[name_len] = '\0';
-        p = value + value_len + 1;
-        lua_getfield(L, -1, name);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            lua_pushlstring(L, value, value_len);
-        } else if (lua_istable(L, -1)) {
-            lua_pushlstring(L, value, value_len);
-            lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
-        } else {
-            lua_createtable(L, 2, 0);
-            lua_insert(L, -2);
-            lua_rawseti(L, -2, 1);
-            lua_pushlstring(L, value, value_len);
-            lua_rawseti(L, -2, 2);
-        }
-        lua_setfield(L, -2, name);
-    }
-}
-
-static int l_headers(lua_State *L)
-{
-    size_t len;
-    const char *raw = luaL_checklstring(L, 1, &len);
-    push_headers(L, raw, len);
-    return 1;
 }
 
 static void push_outcome_fields(lua_State *L, st_outcome o, long status)
@@ -948,137 +900,25 @@ static const luaL_Reg request_meta[] = {
     { NULL, NULL }
 };
 
-/* ---- SSE parser ----------------------------------------------------------- */
-
-typedef struct l_sse {
-    st_sse *p;
-} l_sse;
-
-static int l_sse_new(lua_State *L)
-{
-    lua_Number max = luaL_optnumber(L, 1, 0);
-    l_sse *ls = lua_newuserdata(L, sizeof *ls);
-    ls->p = NULL;
-    luaL_setmetatable(L, SSE_MT);
-    ls->p = st_sse_new(max > 0 ? (size_t)max : 0);
-    if (ls->p == NULL)
-        return luaL_error(L, "sturdy: out of memory");
-    return 1;
-}
-
-static int push_sse_event(void *ud, const st_sse_event *ev)
-{
-    lua_State *L = ud;
-    lua_createtable(L, 0, 3);
-    lua_pushlstring(L, ev->event, ev->event_len);
-    lua_setfield(L, -2, "event");
-    lua_pushlstring(L, ev->data, ev->data_len);
-    lua_setfield(L, -2, "data");
-    if (ev->id_len) {
-        lua_pushlstring(L, ev->id, ev->id_len);
-        lua_setfield(L, -2, "id");
-    }
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
-    return 0;
-}
-
-/* parser:feed(chunk) -> list of { event, data, id }; nil, message on error. */
-static int l_sse_feed(lua_State *L)
-{
-    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
-    size_t len;
-    const char *chunk = luaL_checklstring(L, 2, &len);
-    int rc;
-
-    lua_newtable(L);
-    rc = st_sse_feed(ls->p, chunk, len, push_sse_event, L);
-    if (rc == ST_SSE_TOO_LARGE || rc == ST_SSE_NOMEM) {
-        lua_pushnil(L);
-        lua_pushstring(L, rc == ST_SSE_TOO_LARGE ? "an event is larger than the limit" : "out of memory");
-        return 2;
-    }
-    return 1;
-}
-
-/* parser:finish() -> true when the stream ended inside an event. */
-static int l_sse_finish(lua_State *L)
-{
-    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
-    lua_pushboolean(L, st_sse_finish(ls->p));
-    return 1;
-}
-
-static int l_sse_reset(lua_State *L)
-{
-    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
-    st_sse_reset(ls->p);
-    return 0;
-}
-
-static int l_sse_retry(lua_State *L)
-{
-    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
-    long ms = st_sse_retry_ms(ls->p);
-    if (ms < 0)
-        lua_pushnil(L);
-    else
-        lua_pushnumber(L, ms / 1000.0);
-    return 1;
-}
-
-static int l_sse_gc(lua_State *L)
-{
-    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
-    st_sse_free(ls->p);
-    ls->p = NULL;
-    return 0;
-}
-
-static const luaL_Reg sse_methods[] = {
-    { "feed", l_sse_feed },
-    { "finish", l_sse_finish },
-    { "reset", l_sse_reset },
-    { "retry", l_sse_retry },
-    { NULL, NULL }
-};
-
 static int l_isatty(lua_State *L)
 {
     lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
     return 1;
 }
 
-/* Monotonic seconds, for timeouts measured in Lua. */
-static int l_monotime(lua_State *L)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
-    return 1;
-}
-
 static const luaL_Reg core_functions[] = {
-    { "sse", l_sse_new },
     { "isatty", l_isatty },
-    { "monotime", l_monotime },
     { "engine", l_engine_new },
-    { "headers", l_headers },
     { NULL, NULL }
 };
 
-int luaopen_sturdy_core(lua_State *L);
+ST_EXPORT int luaopen_sturdy_core(lua_State *L);
 
-int luaopen_sturdy_core(lua_State *L)
+ST_EXPORT int luaopen_sturdy_core(lua_State *L)
 {
     luaL_newmetatable(L, ENGINE_MT);
     luaL_setfuncs(L, engine_meta, 0);
     luaL_newlib(L, engine_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, SSE_MT);
-    lua_pushcfunction(L, l_sse_gc);
-    lua_setfield(L, -2, "__gc");
-    luaL_newlib(L, sse_methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     luaL_newmetatable(L, REQUEST_MT);

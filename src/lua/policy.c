@@ -1,0 +1,313 @@
+/* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
+ * the SSE parser, the HTTP response-head parser, and the monotonic clock.
+ * Value conversion only; the logic lives in src/policy. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <ctype.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "compat.h"
+#include "headers.h"
+#include "sse.h"
+
+#define SSE_MT "sturdy.sse"
+#define HEAD_MT "sturdy.head"
+
+/* ---- header blocks -------------------------------------------------------- */
+
+/* Pushes name lowercased. */
+static void push_lower(lua_State *L, const char *p, size_t len)
+{
+    char small[256];
+    size_t i;
+
+    if (len <= sizeof small) {
+        for (i = 0; i < len; i++)
+            small[i] = (char)tolower((unsigned char)p[i]);
+        lua_pushlstring(L, small, len);
+    } else {
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        for (i = 0; i < len; i++)
+            luaL_addchar(&b, (char)tolower((unsigned char)p[i]));
+        luaL_pushresult(&b);
+    }
+}
+
+/* Headers as a table keyed by lowercase name; a repeated header becomes a
+ * list. The block holds "name\0value\0" pairs (as st_headers keeps them); a
+ * block cut short ends the table there, so foreign input cannot be over-read. */
+static void push_header_table(lua_State *L, const char *p, size_t len)
+{
+    const char *end = p + len;
+
+    lua_newtable(L);
+    while (p < end) {
+        const char *name_end = memchr(p, '\0', (size_t)(end - p)), *value, *value_end;
+        if (name_end == NULL)
+            break;
+        value = name_end + 1;
+        value_end = value < end ? memchr(value, '\0', (size_t)(end - value)) : NULL;
+        if (value_end == NULL)
+            break;
+        push_lower(L, p, (size_t)(name_end - p));
+        lua_pushvalue(L, -1);
+        lua_rawget(L, -3);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, value, (size_t)(value_end - value));
+        } else if (lua_istable(L, -1)) {
+            lua_pushlstring(L, value, (size_t)(value_end - value));
+            lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+        } else {
+            lua_createtable(L, 2, 0);
+            lua_insert(L, -2);
+            lua_rawseti(L, -2, 1);
+            lua_pushlstring(L, value, (size_t)(value_end - value));
+            lua_rawseti(L, -2, 2);
+        }
+        lua_rawset(L, -3);
+        p = value_end + 1;
+    }
+}
+
+/* policy.header_table(block) -> { lowercase name = value | { values } } */
+static int l_header_table(lua_State *L)
+{
+    size_t len;
+    const char *raw = luaL_checklstring(L, 1, &len);
+    push_header_table(L, raw, len);
+    return 1;
+}
+
+/* policy.status_line(line) -> status, version (1.0, 1.1, 2, 3) or nil */
+static int l_status_line(lua_State *L)
+{
+    size_t len;
+    const char *line = luaL_checklstring(L, 1, &len);
+    int status, version;
+
+    if (!st_status_line_parse(line, len, &status, &version))
+        return 0;
+    lua_pushinteger(L, status);
+    lua_pushnumber(L, version / 10.0);
+    return 2;
+}
+
+typedef struct l_head {
+    st_headers h;
+} l_head;
+
+/* policy.head([max_bytes]) -> a response head being read line by line */
+static int l_head_new(lua_State *L)
+{
+    lua_Number max = luaL_optnumber(L, 1, 0);
+    l_head *lh = lua_newuserdata(L, sizeof *lh);
+
+    memset(lh, 0, sizeof *lh);
+    luaL_setmetatable(L, HEAD_MT);
+    if (max > 0)
+        lh->h.max_bytes = max < (lua_Number)SIZE_MAX / 2 ? (size_t)max : SIZE_MAX / 2;
+    return 1;
+}
+
+/* head:add(line) -> true, or nil and "malformed" | "too_large" | "out of memory" */
+static int l_head_add(lua_State *L)
+{
+    l_head *lh = luaL_checkudata(L, 1, HEAD_MT);
+    size_t len;
+    const char *line = luaL_checklstring(L, 2, &len);
+
+    switch (st_headers_add_line(&lh->h, line, len)) {
+    case ST_HEADERS_OK:
+        lua_pushboolean(L, 1);
+        return 1;
+    case ST_HEADERS_MALFORMED:
+        lua_pushnil(L);
+        lua_pushliteral(L, "malformed");
+        return 2;
+    case ST_HEADERS_TOO_LARGE:
+        lua_pushnil(L);
+        lua_pushliteral(L, "too_large");
+        return 2;
+    default:
+        return luaL_error(L, "sturdy: out of memory");
+    }
+}
+
+/* head:get(name) -> value of the first header of that name (any case), or nil */
+static int l_head_get(lua_State *L)
+{
+    l_head *lh = luaL_checkudata(L, 1, HEAD_MT);
+    const char *v = st_headers_find(&lh->h, luaL_checkstring(L, 2));
+    if (v == NULL)
+        return 0;
+    lua_pushstring(L, v);
+    return 1;
+}
+
+/* head:block() -> the "name\0value\0" block, as res.raw_headers carries it */
+static int l_head_block(lua_State *L)
+{
+    l_head *lh = luaL_checkudata(L, 1, HEAD_MT);
+    lua_pushlstring(L, lh->h.block.data ? lh->h.block.data : "", lh->h.block.len);
+    return 1;
+}
+
+static int l_head_reset(lua_State *L)
+{
+    st_headers_reset(&((l_head *)luaL_checkudata(L, 1, HEAD_MT))->h);
+    return 0;
+}
+
+static int l_head_gc(lua_State *L)
+{
+    st_headers_free(&((l_head *)luaL_checkudata(L, 1, HEAD_MT))->h);
+    return 0;
+}
+
+static const luaL_Reg head_methods[] = {
+    { "add", l_head_add },
+    { "get", l_head_get },
+    { "block", l_head_block },
+    { "reset", l_head_reset },
+    { NULL, NULL }
+};
+
+/* ---- SSE parser ----------------------------------------------------------- */
+
+typedef struct l_sse {
+    st_sse *p;
+} l_sse;
+
+static int l_sse_new(lua_State *L)
+{
+    lua_Number max = luaL_optnumber(L, 1, 0);
+    l_sse *ls = lua_newuserdata(L, sizeof *ls);
+    ls->p = NULL;
+    luaL_setmetatable(L, SSE_MT);
+    ls->p = st_sse_new(max > 0 ? (size_t)max : 0);
+    if (ls->p == NULL)
+        return luaL_error(L, "sturdy: out of memory");
+    return 1;
+}
+
+static int push_sse_event(void *ud, const st_sse_event *ev)
+{
+    lua_State *L = ud;
+    lua_createtable(L, 0, 3);
+    lua_pushlstring(L, ev->event, ev->event_len);
+    lua_setfield(L, -2, "event");
+    lua_pushlstring(L, ev->data, ev->data_len);
+    lua_setfield(L, -2, "data");
+    if (ev->id_len) {
+        lua_pushlstring(L, ev->id, ev->id_len);
+        lua_setfield(L, -2, "id");
+    }
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+/* parser:feed(chunk) -> list of { event, data, id }; nil, message on error. */
+static int l_sse_feed(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    size_t len;
+    const char *chunk = luaL_checklstring(L, 2, &len);
+    int rc;
+
+    lua_newtable(L);
+    rc = st_sse_feed(ls->p, chunk, len, push_sse_event, L);
+    if (rc == ST_SSE_TOO_LARGE || rc == ST_SSE_NOMEM) {
+        lua_pushnil(L);
+        lua_pushstring(L, rc == ST_SSE_TOO_LARGE ? "an event is larger than the limit" : "out of memory");
+        return 2;
+    }
+    return 1;
+}
+
+/* parser:finish() -> true when the stream ended inside an event. */
+static int l_sse_finish(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    lua_pushboolean(L, st_sse_finish(ls->p));
+    return 1;
+}
+
+static int l_sse_reset(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    st_sse_reset(ls->p);
+    return 0;
+}
+
+static int l_sse_retry(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    long ms = st_sse_retry_ms(ls->p);
+    if (ms < 0)
+        lua_pushnil(L);
+    else
+        lua_pushnumber(L, ms / 1000.0);
+    return 1;
+}
+
+static int l_sse_gc(lua_State *L)
+{
+    l_sse *ls = luaL_checkudata(L, 1, SSE_MT);
+    st_sse_free(ls->p);
+    ls->p = NULL;
+    return 0;
+}
+
+static const luaL_Reg sse_methods[] = {
+    { "feed", l_sse_feed },
+    { "finish", l_sse_finish },
+    { "reset", l_sse_reset },
+    { "retry", l_sse_retry },
+    { NULL, NULL }
+};
+
+/* Monotonic seconds, for timeouts measured in Lua. */
+static int l_monotime(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
+static const luaL_Reg policy_functions[] = {
+    { "sse", l_sse_new },
+    { "head", l_head_new },
+    { "header_table", l_header_table },
+    { "status_line", l_status_line },
+    { "monotime", l_monotime },
+    { NULL, NULL }
+};
+
+static void new_class(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods)
+{
+    luaL_newmetatable(L, name);
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+}
+
+ST_EXPORT int luaopen_sturdy_policy(lua_State *L);
+
+ST_EXPORT int luaopen_sturdy_policy(lua_State *L)
+{
+    new_class(L, SSE_MT, l_sse_gc, sse_methods);
+    new_class(L, HEAD_MT, l_head_gc, head_methods);
+    luaL_newlib(L, policy_functions);
+    return 1;
+}
