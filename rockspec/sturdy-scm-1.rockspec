@@ -30,10 +30,11 @@ build = {
       ["sturdy.openai"] = "lua/sturdy/openai.lua",
       ["sturdy.prices"] = "lua/sturdy/prices.lua",
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
+      ["sturdy.options"] = "lua/sturdy/options.lua",
       ["sturdy.core"] = {
          sources = {
-            "src/curl/engine.c", "src/lua/core.c",
-            "src/policy/buf.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",
+            "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
          },
@@ -44,8 +45,8 @@ build = {
       },
       ["sturdy.policy"] = {
          sources = {
-            "src/lua/policy.c",
-            "src/policy/buf.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/lua/policy.c", "src/lua/convert.c",
+            "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
          },

@@ -256,7 +256,7 @@ describe("non-blocking use", function()
     local exhausted = 0
     for _, r in ipairs(results) do
       assert.is_true(sturdy.is_error(r))
-      if r.kind == "budget_exhausted" then exhausted = exhausted + 1 end
+      if r.stopped == "budget_exhausted" then exhausted = exhausted + 1 end
     end
     local allowance = 3 * (10 + math.ceil(elapsed))
     local got = m:scenario("storm").count

@@ -234,10 +234,13 @@ describe("retries", function()
     for _ = 1, 300 do
       local _, err = c:request { path = "/echo", headers = steps("storm", "503") }
       assert.truthy(err)
-      if err.kind == "budget_exhausted" then
+      if err.stopped == "budget_exhausted" then
+        -- the last attempt's error stays, and says the budget stopped the retries
         exhausted = exhausted + 1
-        assert.equal("overloaded", err.cause.kind)
-        assert.equal(503, err.cause.status)
+        assert.equal("overloaded", err.kind)
+        assert.equal(503, err.status)
+        assert.is_true(err.retryable)
+        assert.matches("retry budget is spent", tostring(err), 1, true)
       end
     end
     local elapsed = os.time() - started + 1

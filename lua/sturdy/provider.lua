@@ -117,30 +117,15 @@ function provider.decode(res)
   return doc
 end
 
---- Records the real usage: corrects the limiter's estimates, prices it and
--- adds it to the client's totals for the key. Returns the cost (or nil).
+--- Records the real usage: prices it, and has the client correct the
+-- limiter's estimates and add it to the key's totals. Returns the cost (or nil).
 function provider.account(self, key, model, usage, estimated)
-  local client = self.client
-  if estimated then
-    client._engine:correct(key, "input_tokens", (usage.input + usage.cache_read + usage.cache_write)
-      - estimated.input)
-    client._engine:correct(key, "output_tokens", usage.output - estimated.output)
-    client._engine:correct(key, "tokens", usage.input + usage.cache_read + usage.cache_write + usage.output
-      - estimated.input - estimated.output)
-  end
   local table_ = self.prices and setmetatable(self.prices, { __index = prices }) or prices
   local p = (self.prices and self.prices[model]) or table_.lookup(model)
   local cost = p and ((usage.input * (p.input or 0) + usage.output * (p.output or 0)
     + usage.cache_read * (p.cache_read or p.input or 0)
     + usage.cache_write * (p.cache_write or p.input or 0)) / 1e6) or nil
-  local totals = client._usage or {}
-  client._usage = totals
-  local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
-  totals[key] = t
-  t.calls = t.calls + 1
-  t.input, t.output = t.input + usage.input, t.output + usage.output
-  t.cache_read, t.cache_write = t.cache_read + usage.cache_read, t.cache_write + usage.cache_write
-  t.cost = t.cost + (cost or 0)
+  self.client:record_usage(key, usage, estimated, cost)
   return cost
 end
 
@@ -172,7 +157,7 @@ function provider.define(class, spec)
 
   function class:_result(doc, res, body, estimated, req)
     local usage = spec.usage(doc.usage)
-    local key = req.key or self.client:_key_for(req)
+    local key = req.key or self.client:key_for(req)
     local model = doc.model or body.model
     return {
       reply = doc, text = spec.text(doc), usage = usage, stop_reason = spec.stop_reason(doc),

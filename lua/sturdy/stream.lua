@@ -148,25 +148,25 @@ stream.openai = {
 function stream.start(p, flavor, req, finish, on_event)
   local self = setmetatable({
     provider = p, flavor = flavor, finish_fn = finish, on_event = on_event,
-    queue = {}, held = {}, committed = false, released = false, done = false,
+    queue = {}, head = 1, tail = 0, held = {}, committed = false, released = false, done = false,
     parser = policy.sse(), acc = flavor.new_acc(),
   }, Stream)
-  req.stream = true
+  -- the prelude is held back until the first delta: the stream commits itself
+  req.on_data = function(chunk, attempt) self:_chunk(chunk, attempt) end
+  req.commit = "manual"
   self.handle = p.client:submit(req, function(res, err) self:_finish(res, err) end)
-  self.handle.on_chunk = function(chunk, attempt) self:_chunk(chunk, attempt) end
   return self
 end
 
 --- A stream that failed before it started (the input guard).
 function stream.failed(err)
-  return setmetatable({ done = true, error = err, queue = {}, committed = false }, Stream)
+  return setmetatable({ done = true, error = err, queue = {}, head = 1, tail = 0, committed = false }, Stream)
 end
 
 function Stream:_commit()
   if self.committed then return end
   self.committed = true
-  local request = self.handle and self.handle._request
-  if request then request:commit() end
+  if self.handle then self.handle:commit() end
 end
 
 function Stream:_emit(ev)
@@ -174,7 +174,8 @@ function Stream:_emit(ev)
     self:_commit()
     self.on_event(ev)
   else
-    self.queue[#self.queue + 1] = ev
+    self.tail = self.tail + 1
+    self.queue[self.tail] = ev
   end
 end
 
@@ -189,15 +190,15 @@ function Stream:_chunk(chunk, attempt)
   local events, perr = self.parser:feed(chunk)
   if not events then
     self.stream_error = { class = "fatal", kind = "stream_error", type = "stream_error", message = perr }
-    self.handle._request:fail_attempt("fatal", "stream_error", perr)
+    self.handle:fail_attempt("fatal", "stream_error", perr)
     return
   end
   for _, raw in ipairs(events) do
     local ev, err = self.flavor.parse(raw)
     if err then
       self.stream_error = err
-      if not self.committed then self.queue, self.held = {}, {} end
-      self.handle._request:fail_attempt(err.class, err.kind, err.message)
+      if not self.committed then self.queue, self.head, self.tail, self.held = {}, 1, 0, {} end
+      self.handle:fail_attempt(err.class, err.kind, err.message)
       return
     end
     if ev then
@@ -243,8 +244,11 @@ end
 -- event { type = "error", error = err } if the stream failed, then nil.
 function Stream:next()
   while true do
-    local ev = table.remove(self.queue, 1)
+    local q, i = self.queue, self.head
+    local ev = q[i]
     if ev then
+      -- taken by index, so draining is linear however long the queue grows
+      q[i], self.head = nil, i + 1
       self:_commit()
       return ev
     end

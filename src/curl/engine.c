@@ -2,6 +2,7 @@
 
 #include "engine.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,92 +14,87 @@
 
 #include "buf.h"
 #include "headers.h"
-#include "httpdate.h"
 #include "timerheap.h"
 
-#define KEY_BUCKETS 64
 #define EASY_POOL_MAX 64
 #define REQUEST_POOL_MAX 64
 #define POOLED_BUF_MAX (256 * 1024) /* larger buffers go back to the system */
+#define MAX_SECRETS 8               /* sensitive header values scrubbed from a request's errors */
 
 enum { TIMER_REQUEST = 0, TIMER_UPSTREAM }; /* st_timer.kind */
 
 typedef struct st_list {
     st_request *head, *tail;
+    int count;
 } st_list;
 
 struct st_request {
+    st_call call;              /* the decision core's state of this call */
     st_engine *eng;
     st_request *prev, *next;   /* in running, waiting or done list */
     st_list *list;             /* which one, NULL when none */
     st_timer timer;            /* retry wait, or the deadline while queued */
-    st_qnode qnode;            /* place in its upstream's queue */
     st_req_state state;
     CURL *easy;
     void *userdata;
 
-    /* what was asked */
-    char *method, *url, *body;
+    /* what was asked: method, URL, body and header lines live in `text` */
+    st_buf text;
+    const char *method, *url, *body;
     size_t body_len;
-    struct curl_slist *headers;
+    struct curl_slist *hdr;    /* nodes owned here (not curl_slist_append), lines in text */
+    size_t nhdr, cap_hdr;
+    struct { const char *p; size_t len; } secrets[MAX_SECRETS]; /* scrubbed from what an error carries */
+    size_t nsecrets;
     st_upstream *up;
-    st_permit permit;           /* the breaker's, for the attempt under way */
-    int priority;
-    double cost[ST_DIM_COUNT];  /* what one attempt takes from the rate limiter */
-    int64_t connect_ms, first_byte_ms, idle_ms, deadline_ms; /* deadline: absolute, 0 none */
+    int64_t connect_ms, first_byte_ms, idle_ms;
     size_t max_response;
-    unsigned max_attempts;
     int stream;
-    int auto_commit;            /* handing out body bytes commits the call */
-    size_t streamed;            /* body bytes of this attempt already handed out */
-    unsigned started;           /* attempts started */
-    int paced;                  /* held back by the limiter at least once (counted once) */
+    size_t streamed;           /* body bytes of this attempt already handed out */
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
     uint64_t rx_bytes, rx_seen; /* received, and as of last_byte_ms: callbacks read no clock */
-    int got_bytes, too_large;
-    st_headers headers_in;      /* of the latest response */
-    int head_too_large;
+    int got_bytes, too_large, head_too_large, bad_status;
+    st_headers head;           /* of the latest response */
     st_buf body_buf;
     char errbuf[CURL_ERROR_SIZE];
 
     /* across attempts */
     st_attempt *attempts;
     size_t nattempts, cap_attempts;
-    double prev_delay_ms;
     char request_id[128];
-    int64_t retry_after_ms;     /* last usable hint, -1 none */
-    int committed;
 
     /* the outcome */
     st_outcome outcome;
     long status;
-    st_outcome cause;
-    long cause_status;
+    int from_status, retryable;
+    const char *stop;
     st_timings timings;
     int http_version;
 };
 
+typedef struct st_notices {
+    st_notice *items;
+    size_t head, len, cap;     /* a ring */
+} st_notices;
+
 struct st_engine {
     CURLM *multi;
     st_transport_config tc;     /* strings owned */
-    st_retry_policy policy;
-    st_rng rng;
+    st_decider decider;
     st_timerheap timers;
     st_list running, waiting, done;
-    st_upstream_config upstream_config;
-    st_upstream *keys[KEY_BUCKETS];
     CURL *easy_pool[EASY_POOL_MAX];
     int npool;
     st_request *request_pool[REQUEST_POOL_MAX]; /* released requests, buffers kept */
     int nrequests_pooled;
-    st_retry_hook retry_hook;
-    void *retry_hook_ud;
-    st_event_hook event_hook;
-    void *event_hook_ud;
+    st_notices notices;
+    int want_retries, want_events;
     uint64_t n_requests, n_attempts, n_retries, n_connections;
 };
+
+static const st_outcome CANCELED = { ST_CLASS_CANCELED, "canceled" };
 
 static int64_t mono_ms(void)
 {
@@ -117,6 +113,11 @@ static int64_t wall_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
 }
 
 static char *dup_str(const char *s)
@@ -138,6 +139,11 @@ static void set_err(char *err, size_t errlen, const char *msg)
         snprintf(err, errlen, "%s", msg);
 }
 
+static st_request *request_of_call(st_call *c)
+{
+    return (st_request *)((char *)c - offsetof(st_request, call));
+}
+
 /* ---- lists ---------------------------------------------------------------- */
 
 static void list_push(st_list *l, st_request *r)
@@ -150,6 +156,7 @@ static void list_push(st_list *l, st_request *r)
     else
         l->head = r;
     l->tail = r;
+    l->count++;
 }
 
 static void list_unlink(st_request *r)
@@ -167,93 +174,59 @@ static void list_unlink(st_request *r)
         l->tail = r->prev;
     r->prev = r->next = NULL;
     r->list = NULL;
+    l->count--;
 }
 
-static int list_count(const st_list *l)
+/* ---- notices -------------------------------------------------------------- */
+
+static st_notice *notice_add(st_engine *e, st_notice_type type)
 {
-    int n = 0;
-    const st_request *r;
-    for (r = l->head; r; r = r->next)
-        n++;
+    st_notices *q = &e->notices;
+    st_notice *n;
+
+    if (q->len == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 16, i;
+        st_notice *items = malloc(cap * sizeof *items);
+        if (items == NULL)
+            return NULL; /* out of memory: the notice is lost, never the request */
+        for (i = 0; i < q->len; i++)
+            items[i] = q->items[(q->head + i) % q->cap];
+        free(q->items);
+        q->items = items;
+        q->cap = cap;
+        q->head = 0;
+    }
+    n = &q->items[(q->head + q->len) % q->cap];
+    q->len++;
+    memset(n, 0, sizeof *n);
+    n->type = type;
     return n;
 }
 
-/* ---- keys ----------------------------------------------------------------- */
-
-static unsigned key_hash(const char *s)
+int st_engine_take_notice(st_engine *e, st_notice *out)
 {
-    unsigned h = 2166136261u; /* FNV-1a */
-    while (*s)
-        h = (h ^ (unsigned char)*s++) * 16777619u;
-    return h;
+    st_notices *q = &e->notices;
+    if (q->len == 0)
+        return 0;
+    *out = q->items[q->head];
+    q->head = (q->head + 1) % q->cap;
+    q->len--;
+    return 1;
 }
 
-static st_upstream *upstream_find(st_engine *e, const char *name)
+static void queue_events(st_engine *e, const st_events *ev)
 {
-    st_upstream *u;
-    for (u = e->keys[key_hash(name) % KEY_BUCKETS]; u; u = u->next)
-        if (strcmp(u->name, name) == 0)
-            return u;
-    return NULL;
-}
-
-static st_upstream *upstream_get(st_engine *e, const char *name)
-{
-    unsigned b = key_hash(name) % KEY_BUCKETS;
-    st_upstream *u = upstream_find(e, name);
-
-    if (u != NULL)
-        return u;
-    u = st_upstream_new(name, &e->upstream_config, mono_ms());
-    if (u == NULL)
-        return NULL;
-    u->wake.kind = TIMER_UPSTREAM;
-    u->next = e->keys[b];
-    e->keys[b] = u;
-    return u;
-}
-
-st_upstream *st_engine_upstream(st_engine *e, const char *key)
-{
-    return upstream_find(e, key);
-}
-
-void st_engine_each_upstream(st_engine *e, void (*fn)(void *ud, st_upstream *u), void *ud)
-{
-    int i;
-    st_upstream *u;
-    for (i = 0; i < KEY_BUCKETS; i++)
-        for (u = e->keys[i]; u; u = u->next)
-            fn(ud, u);
-}
-
-static void emit(st_engine *e, const st_event *ev)
-{
-    if (e->event_hook)
-        e->event_hook(e->event_hook_ud, ev);
-}
-
-static void emit_breaker_change(st_engine *e, st_upstream *u, st_breaker_state from)
-{
-    st_breaker_state to = st_breaker_state_now(&u->breaker);
-    st_event ev;
-
-    if (to == from)
+    unsigned i;
+    if (!e->want_events)
         return;
-    memset(&ev, 0, sizeof ev);
-    ev.type = ST_EVENT_BREAKER;
-    ev.key = u->name;
-    ev.from = from;
-    ev.to = to;
-    emit(e, &ev);
+    for (i = 0; i < ev->n; i++) {
+        st_notice *n = notice_add(e, ST_NOTICE_EVENT);
+        if (n)
+            n->event = ev->ev[i];
+    }
 }
 
-/* ---- response headers ----------------------------------------------------- */
-
-static const char *header_find(const st_request *r, const char *name)
-{
-    return st_headers_find(&r->headers_in, name);
-}
+/* ---- response ------------------------------------------------------------- */
 
 static size_t on_header(char *data, size_t size, size_t n, void *ud)
 {
@@ -264,15 +237,19 @@ static size_t on_header(char *data, size_t size, size_t n, void *ud)
     r->rx_bytes += len;
     if (len >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         /* a new response (after 100-continue or a proxy's CONNECT): forget the last one */
-        st_headers_reset(&r->headers_in);
+        if (!st_status_line_parse(data, len, NULL, NULL)) {
+            r->bad_status = 1;
+            return 0;
+        }
+        st_headers_reset(&r->head);
         return len;
     }
-    rc = st_headers_add_line(&r->headers_in, data, len);
+    rc = st_headers_add_line(&r->head, data, len);
     if (rc == ST_HEADERS_TOO_LARGE || rc == ST_HEADERS_NOMEM) {
-        r->head_too_large = rc == ST_HEADERS_TOO_LARGE;
+        r->head_too_large = 1;
         return 0;
     }
-    return len; /* a malformed line is skipped, as libcurl itself accepted it */
+    return len; /* a malformed line is skipped, as libcurl itself let it through */
 }
 
 static size_t on_body(char *data, size_t size, size_t n, void *ud)
@@ -290,7 +267,7 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud)
     return len;
 }
 
-/* ---- attempts ------------------------------------------------------------- */
+/* ---- easy handles --------------------------------------------------------- */
 
 /* Options that stay the same for every transfer of an engine, set once per
  * easy handle; pooled handles keep them (no curl_easy_reset on the hot path). */
@@ -356,7 +333,7 @@ static void easy_setup(st_request *r)
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
     curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, r->nhdr ? r->hdr : NULL);
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)r->connect_ms); /* 0: libcurl's default */
     curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)r->max_response);
     if (r->body == NULL && !post) {
@@ -372,26 +349,7 @@ static void easy_setup(st_request *r)
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, (get || head || post) ? NULL : m);
 }
 
-static int attempt_start(st_engine *e, st_request *r)
-{
-    r->attempt_start_ms = mono_ms();
-    r->last_byte_ms = r->attempt_start_ms;
-    r->rx_bytes = r->rx_seen = 0;
-    r->got_bytes = 0;
-    r->too_large = 0;
-    r->errbuf[0] = '\0';
-    r->head_too_large = 0;
-    r->streamed = 0;
-    st_headers_reset(&r->headers_in);
-    st_buf_reset(&r->body_buf);
-    if (curl_multi_add_handle(e->multi, r->easy) != CURLM_OK)
-        return 0;
-    r->state = ST_REQ_RUNNING;
-    list_push(&e->running, r);
-    r->started++;
-    e->n_attempts++;
-    return 1;
-}
+/* ---- attempts ------------------------------------------------------------- */
 
 static int attempt_log(st_request *r, long status, const char *kind)
 {
@@ -410,161 +368,171 @@ static int attempt_log(st_request *r, long status, const char *kind)
     return 1;
 }
 
+/* Masks every secret the request carries wherever it shows in what an error
+ * hands out (an echoing server puts it in the body). Same length, in place. */
+static void scrub(st_request *r, char *p, size_t len)
+{
+    size_t i;
+    for (i = 0; i < r->nsecrets; i++) {
+        const char *s = r->secrets[i].p;
+        size_t n = r->secrets[i].len, at;
+        if (n < 4 || n > len)
+            continue; /* too short to scrub without mangling ordinary text */
+        for (at = 0; at + n <= len; at++)
+            if (p[at] == s[0] && memcmp(p + at, s, n) == 0) {
+                memset(p + at, '*', n);
+                at += n - 1;
+            }
+    }
+}
+
 static void finish(st_engine *e, st_request *r, st_outcome o)
 {
     r->outcome = o;
     r->state = ST_REQ_DONE;
+    if (o.kind != NULL && r->nsecrets) {
+        scrub(r, r->body_buf.data, r->body_buf.len);
+        scrub(r, r->head.block.data, r->head.block.len);
+        scrub(r, r->errbuf, strlen(r->errbuf));
+    }
     list_push(&e->done, r);
 }
 
-static int64_t server_hint_ms(const st_request *r)
+static void fail_now(st_engine *e, st_request *r, const st_admission *a)
 {
-    const char *v;
-    int64_t ms;
-
-    if ((v = header_find(r, "retry-after-ms")) != NULL && st_retry_after_ms_parse(v, strlen(v), &ms))
-        return ms;
-    if ((v = header_find(r, "retry-after")) != NULL && st_retry_after_parse(v, strlen(v), wall_ms(), &ms))
-        return ms;
-    return -1;
+    attempt_log(r, 0, a->refusal.kind);
+    snprintf(r->errbuf, sizeof r->errbuf, "%s", a->detail ? a->detail : "");
+    finish(e, r, a->refusal);
 }
 
-static int is_retried(const st_retry_policy *p, st_class cls, long status, const char *should_retry)
+static void attempt_start(st_engine *e, st_request *r, int64_t now)
 {
-    if (cls == ST_CLASS_SUCCESS || cls == ST_CLASS_CANCELED)
-        return 0;
-    if (should_retry != NULL) {
-        if (strcasecmp(should_retry, "true") == 0)
-            return 1;
-        if (strcasecmp(should_retry, "false") == 0)
-            return 0;
+    r->attempt_start_ms = now;
+    r->last_byte_ms = now;
+    r->rx_bytes = r->rx_seen = 0;
+    r->got_bytes = 0;
+    r->too_large = r->head_too_large = r->bad_status = 0;
+    r->errbuf[0] = '\0';
+    r->streamed = 0;
+    st_headers_reset(&r->head);
+    st_buf_reset(&r->body_buf);
+    if (curl_multi_add_handle(e->multi, r->easy) != CURLM_OK) {
+        st_admission a;
+        st_events ev;
+        ev.n = ev.dropped = 0;
+        st_release(&e->decider, r->up, &r->call, now, &ev);
+        queue_events(e, &ev);
+        memset(&a, 0, sizeof a);
+        a.refusal.cls = ST_CLASS_FATAL;
+        a.refusal.kind = "transport";
+        a.detail = "could not start the transfer";
+        fail_now(e, r, &a);
+        return;
     }
-    if (status > 0 && status < ST_STATUS_OVERRIDES && p->status_retried[status] >= 0)
-        return p->status_retried[status];
-    return p->retried[cls];
+    r->state = ST_REQ_RUNNING;
+    list_push(&e->running, r);
+    e->n_attempts++;
+}
+
+static void schedule_wake(st_engine *e, st_upstream *u, int64_t wake_ms)
+{
+    if (wake_ms <= 0 || (u->wake.slot != 0 && u->wake.due_ms <= wake_ms))
+        return;
+    st_timerheap_remove(&e->timers, &u->wake);
+    u->wake.kind = TIMER_UPSTREAM;
+    u->wake.due_ms = wake_ms;
+    st_timerheap_push(&e->timers, &u->wake);
+}
+
+/* Starts queued calls of an upstream, in priority order, while it lets them. */
+static void pump(st_engine *e, st_upstream *u, int64_t now)
+{
+    st_admission a;
+    st_events ev;
+    st_call *c;
+
+    ev.n = ev.dropped = 0;
+    while ((c = st_pump(&e->decider, u, now, &a, &ev)) != NULL) {
+        st_request *r = request_of_call(c);
+        st_timerheap_remove(&e->timers, &r->timer);
+        if (a.verdict == ST_ADMIT_START)
+            attempt_start(e, r, now);
+        else
+            fail_now(e, r, &a);
+        queue_events(e, &ev);
+        ev.n = 0;
+    }
+    queue_events(e, &ev);
+    schedule_wake(e, u, a.wake_ms);
+}
+
+/* A request that is new or back from a retry wait asks the core to start. */
+static void admit(st_engine *e, st_request *r, int64_t now)
+{
+    st_admission a;
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_admit(&e->decider, r->up, &r->call, now, &a, &ev);
+    queue_events(e, &ev);
+    switch (a.verdict) {
+    case ST_ADMIT_START:
+        attempt_start(e, r, now);
+        break;
+    case ST_ADMIT_REFUSED:
+        fail_now(e, r, &a);
+        break;
+    case ST_ADMIT_QUEUED:
+        r->state = ST_REQ_QUEUED;
+        if (r->call.deadline_ms > 0) {
+            r->timer.kind = TIMER_REQUEST;
+            r->timer.due_ms = r->call.deadline_ms;
+            st_timerheap_push(&e->timers, &r->timer);
+        }
+        schedule_wake(e, r->up, a.wake_ms);
+        break;
+    }
 }
 
 static void keep_request_id(st_request *r)
 {
-    const char *id = header_find(r, "request-id");
+    const char *id = st_headers_find(&r->head, "request-id");
     if (id == NULL)
-        id = header_find(r, "x-request-id");
+        id = st_headers_find(&r->head, "x-request-id");
     if (id != NULL)
         snprintf(r->request_id, sizeof r->request_id, "%s", id);
 }
 
-/* Tells the upstream's policies how an attempt went: the breaker, the latency
- * windows, and the limiter (headers it learns from; a 429 pauses the key). */
-static void report_attempt(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now)
+static uint64_t seconds_to_us(double s)
 {
-    st_upstream *u = r->up;
-    st_breaker_state before = st_breaker_state_now(&u->breaker);
-    int64_t latency = now - r->attempt_start_ms;
-
-    if (u->in_flight > 0)
-        u->in_flight--;
-    if (u->breaker_enabled) {
-        st_breaker_record(&u->breaker, now, &r->permit, o.cls, latency);
-        if (o.cls == ST_CLASS_OVERLOADED && hint > e->policy.honor_retry_after_ms)
-            st_breaker_open_until(&u->breaker, now, now + hint);
-        emit_breaker_change(e, u, before);
-    }
-    if (status > 0) {
-        size_t cursor = 0;
-        const char *name, *v;
-        int64_t wall = wall_ms();
-
-        u->replied = 1;
-        st_upstream_record_latency(u, now, (uint64_t)(r->timings.ttfb * 1e6),
-                                   (uint64_t)(r->timings.total * 1e6));
-        while (st_headers_next(&r->headers_in, &cursor, &name, &v)) {
-            if (st_limiter_feed_header(&u->limiter, now, wall, name, v)) {
-                st_event ev;
-                memset(&ev, 0, sizeof ev);
-                ev.type = ST_EVENT_LIMIT_LEARNED;
-                ev.key = u->name;
-                st_ratelimit_header(name, &ev.dim, &(int){ 0 }, &(int){ 0 });
-                ev.limit = st_limiter_limit(&u->limiter, ev.dim);
-                emit(e, &ev);
-            }
-        }
-        st_limiter_response_done(&u->limiter, now);
-    }
-    if (o.cls == ST_CLASS_THROTTLED) {
-        /* a 429 pauses the whole key, not only this request */
-        int64_t pause = hint > 0 ? hint : (int64_t)e->policy.base_ms[ST_CLASS_THROTTLED];
-        st_event ev;
-        u->throttled++;
-        st_limiter_pause_until(&u->limiter, now + pause);
-        memset(&ev, 0, sizeof ev);
-        ev.type = ST_EVENT_PAUSED;
-        ev.key = u->name;
-        ev.pause_ms = (double)pause;
-        emit(e, &ev);
-    }
+    return s > 0 && s < 1e12 ? (uint64_t)(s * 1e6) : 0;
 }
 
-static void pump(st_engine *e, st_upstream *u, int64_t now);
-
-static void retry_or_finish(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now);
-
-/* An attempt ended with outcome o: finish the request or schedule the next attempt. */
-static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status)
+/* After an attempt ended (or its body was judged a failure): finish, or wait
+ * and try again, as the core decides. */
+static void decide(st_engine *e, st_request *r, st_outcome o, long status, int64_t now)
 {
-    int64_t now = mono_ms(), hint;
+    st_attempt_end a;
+    st_retry_decision d;
 
-    list_unlink(r);
-    curl_multi_remove_handle(e->multi, r->easy);
-    r->status = status;
-    keep_request_id(r);
-    attempt_log(r, status, o.kind);
-    hint = status > 0 ? server_hint_ms(r) : -1;
-    report_attempt(e, r, o, status, hint, now);
-    pump(e, r->up, now);
-    retry_or_finish(e, r, o, status, hint, now);
-}
-
-/* After an attempt: finish the request, or wait and try again. */
-static void retry_or_finish(st_engine *e, st_request *r, st_outcome o, long status, int64_t hint, int64_t now)
-{
-    const st_retry_policy *p = &e->policy;
-    double delay;
-
-    if (o.cls == ST_CLASS_SUCCESS) {
-        st_budget_deposit(&r->up->budget, now);
+    a.outcome = o;
+    a.status = status;
+    a.headers = status > 0 ? &r->head : NULL;
+    a.ttfb_us = seconds_to_us(r->timings.ttfb);
+    a.total_us = seconds_to_us(r->timings.total);
+    st_retry_decide(&e->decider, r->up, &r->call, &a, now, &d);
+    r->retryable = d.retryable;
+    r->stop = d.stop;
+    if (!d.retry) {
         finish(e, r, o);
         return;
     }
-    if (hint > 0)
-        r->retry_after_ms = hint;
-    if (r->committed || r->nattempts >= r->max_attempts
-        || !is_retried(p, o.cls, status, header_find(r, "x-should-retry"))
-        || (hint > 0 && hint > p->honor_retry_after_ms)) {
-        finish(e, r, o);
-        return;
-    }
-    if (hint > 0) {
-        delay = (double)hint;
-    } else {
-        delay = st_backoff_delay(p->jitter, p->base_ms[o.cls], p->cap_ms,
-                                 (unsigned)r->nattempts, r->prev_delay_ms, &e->rng);
-    }
-    if (r->deadline_ms > 0 && now + (int64_t)delay >= r->deadline_ms) {
-        finish(e, r, o);
-        return;
-    }
-    if (p->budget_enabled && !st_budget_try_withdraw(&r->up->budget, now)) {
-        st_outcome exhausted = { o.cls, "budget_exhausted" };
-        r->cause = o;
-        r->cause_status = status;
-        finish(e, r, exhausted);
-        return;
-    }
-    r->prev_delay_ms = delay;
-    r->attempts[r->nattempts - 1].delay_ms = delay;
+    if (r->nattempts > 0)
+        r->attempts[r->nattempts - 1].delay_ms = d.delay_ms;
     if (r->stream)
         st_buf_reset(&r->body_buf); /* never handed out: the next attempt starts afresh */
-    r->timer.due_ms = now + (int64_t)delay;
+    r->timer.kind = TIMER_REQUEST;
+    r->timer.due_ms = now + (int64_t)d.delay_ms;
     if (!st_timerheap_push(&e->timers, &r->timer)) {
         finish(e, r, o);
         return;
@@ -572,132 +540,45 @@ static void retry_or_finish(st_engine *e, st_request *r, st_outcome o, long stat
     r->state = ST_REQ_WAITING;
     list_push(&e->waiting, r);
     e->n_retries++;
-    if (e->retry_hook) {
-        st_retry_info info;
-        info.key = r->up->name;
-        info.attempt = (unsigned)r->nattempts;
-        info.cls = o.cls;
-        info.kind = o.kind;
-        info.status = status;
-        info.delay_ms = delay;
-        info.hinted = hint > 0;
-        e->retry_hook(e->retry_hook_ud, &info);
-    }
-}
-
-/* ---- admission: breaker, then limiter, then concurrency ------------------- */
-
-static void fail_now(st_engine *e, st_request *r, const char *kind, st_class cls, const char *detail)
-{
-    st_outcome o;
-    o.cls = cls;
-    o.kind = kind;
-    attempt_log(r, 0, kind);
-    snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
-    finish(e, r, o);
-}
-
-/* Starts r's next attempt if its upstream lets it now: the breaker (refusal
- * ends the call at once, sending nothing), then the concurrency cap, then the
- * rate limiter. Returns 1 when r is dealt with (started, or finished with an
- * error), 0 when it has to wait in the queue. */
-static int try_start(st_engine *e, st_request *r, int64_t now)
-{
-    st_upstream *u = r->up;
-    int64_t wait, retry_in = 0;
-
-    if (u->breaker_enabled) {
-        st_breaker_state before = st_breaker_state_now(&u->breaker);
-        int allowed = st_breaker_acquire(&u->breaker, now, &r->permit, &retry_in);
-        emit_breaker_change(e, u, before);
-        if (!allowed) {
-            u->circuit_open++;
-            r->retry_after_ms = retry_in > 0 ? retry_in : 1;
-            fail_now(e, r, "circuit_open", ST_CLASS_OVERLOADED,
-                     "the circuit breaker for this upstream is open; nothing was sent");
-            return 1;
+    if (e->want_retries) {
+        st_notice *n = notice_add(e, ST_NOTICE_RETRY);
+        if (n) {
+            n->retry.key = r->up->name;
+            n->retry.attempt = r->call.attempts;
+            n->retry.cls = o.cls;
+            n->retry.kind = o.kind;
+            n->retry.status = status;
+            n->retry.delay_ms = d.delay_ms;
+            n->retry.hinted = d.hinted;
         }
     }
-    wait = u->in_flight >= st_upstream_cap(u) ? -1 : st_limiter_acquire(&u->limiter, now, r->cost);
-    if (wait > e->policy.honor_retry_after_ms || (wait > 0 && r->deadline_ms > 0 && now + wait >= r->deadline_ms)) {
-        /* a wait this long (a 429's long pause) is surfaced, not sat through */
-        if (u->breaker_enabled)
-            st_breaker_release(&u->breaker, now, &r->permit);
-        r->retry_after_ms = wait;
-        if (wait > e->policy.honor_retry_after_ms)
-            fail_now(e, r, "rate_limited", ST_CLASS_THROTTLED,
-                     "the upstream is paused by the rate limit longer than honor_retry_after; nothing was sent");
-        else
-            fail_now(e, r, "total_timeout", ST_CLASS_TIMEOUT,
-                     "the rate limit would hold the call past its deadline; nothing was sent");
-        return 1;
-    }
-    if (wait != 0) {
-        if (u->breaker_enabled)
-            st_breaker_release(&u->breaker, now, &r->permit);
-        if (wait > 0 && !r->paced) {
-            r->paced = 1;
-            u->paced++;
-        }
-        if (wait > 0 && (u->wake.slot == 0 || u->wake.due_ms > now + wait)) {
-            /* the limiter opens at a known time: wake the queue then */
-            st_timerheap_remove(&e->timers, &u->wake);
-            u->wake.due_ms = now + wait;
-            st_timerheap_push(&e->timers, &u->wake);
-        }
-        return 0;
-    }
-    u->in_flight++;
-    if (!attempt_start(e, r)) {
-        u->in_flight--;
-        if (u->breaker_enabled)
-            st_breaker_release(&u->breaker, now, &r->permit);
-        fail_now(e, r, "transport", ST_CLASS_FATAL, "could not start the transfer");
-    }
-    return 1;
 }
 
-/* A request that is new or back from a retry wait: start it, or queue it
- * behind the ones already waiting on its upstream. */
-static void admit(st_engine *e, st_request *r, int64_t now)
+/* An attempt ended with outcome o: report it, free its place, decide. */
+static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status, int from_status, int64_t now)
 {
-    st_upstream *u = r->up;
+    st_attempt_end a;
+    st_events ev;
 
-    if (u->queued == 0 && try_start(e, r, now))
-        return;
-    if (u->breaker_enabled && st_breaker_state_now(&u->breaker) == ST_BREAKER_OPEN) {
-        /* an open breaker refuses at once even with others queued */
-        if (try_start(e, r, now))
-            return;
-    }
-    if (!st_upstream_enqueue(u, &r->qnode, r->priority)) {
-        u->queue_full++;
-        fail_now(e, r, "queue_full", ST_CLASS_OVERLOADED,
-                 "the queue for this upstream is full; nothing was sent");
-        return;
-    }
-    r->state = ST_REQ_QUEUED;
-    if (r->deadline_ms > 0) {
-        r->timer.due_ms = r->deadline_ms;
-        st_timerheap_push(&e->timers, &r->timer);
-    }
+    list_unlink(r);
+    curl_multi_remove_handle(e->multi, r->easy);
+    r->status = status;
+    r->from_status = from_status;
+    keep_request_id(r);
+    attempt_log(r, status, o.kind);
+    a.outcome = o;
+    a.status = status;
+    a.headers = status > 0 ? &r->head : NULL;
+    a.ttfb_us = seconds_to_us(r->timings.ttfb);
+    a.total_us = seconds_to_us(r->timings.total);
+    ev.n = ev.dropped = 0;
+    st_report(&e->decider, r->up, &r->call, &a, now, status > 0 ? wall_ms() : 0, &ev);
+    queue_events(e, &ev);
+    pump(e, r->up, now);
+    decide(e, r, o, status, now);
 }
 
-/* Starts queued requests of an upstream, in priority order, while it lets them. */
-static void pump(st_engine *e, st_upstream *u, int64_t now)
-{
-    st_qnode *n;
-
-    while ((n = st_upstream_peek(u)) != NULL) {
-        st_request *r = (st_request *)((char *)n - offsetof(st_request, qnode));
-        if (!try_start(e, r, now))
-            return;
-        st_upstream_dequeue(u, n);
-        st_timerheap_remove(&e->timers, &r->timer);
-    }
-}
-
-static st_outcome outcome_of_transport(CURLcode code)
+static st_outcome outcome_of_transport(st_request *r, CURLcode code)
 {
     st_outcome o = { ST_CLASS_TRANSIENT, "connection" };
 
@@ -731,10 +612,20 @@ static st_outcome outcome_of_transport(CURLcode code)
         o.cls = ST_CLASS_FATAL;
         o.kind = "tls";
         break;
+    case CURLE_WEIRD_SERVER_REPLY:
+        o.cls = ST_CLASS_FATAL;
+        o.kind = "bad_response";
+        break;
     case CURLE_URL_MALFORMAT:
     case CURLE_UNSUPPORTED_PROTOCOL:
+        /* libcurl says the same of an HTTP/0.9 (garbage) reply: the server answered */
         o.cls = ST_CLASS_FATAL;
-        o.kind = "bad_url";
+        o.kind = r->rx_bytes > 0 ? "bad_response" : "bad_url";
+        break;
+    case CURLE_OUT_OF_MEMORY:
+        /* libcurl refuses a giant header line this way */
+        o.cls = ST_CLASS_FATAL;
+        o.kind = r->rx_bytes > 0 && strstr(r->errbuf, "header") ? "bad_response" : "transport";
         break;
     default:
         o.cls = ST_CLASS_FATAL;
@@ -772,7 +663,7 @@ static void record_timings(st_engine *e, st_request *r)
     e->n_connections += (uint64_t)nconn;
 }
 
-static void collect(st_engine *e)
+static void collect(st_engine *e, int64_t now)
 {
     CURLMsg *m;
     int left;
@@ -780,6 +671,7 @@ static void collect(st_engine *e)
     while ((m = curl_multi_info_read(e->multi, &left)) != NULL) {
         st_request *r = NULL;
         long status = 0;
+        int from_status = 0;
         st_outcome o;
 
         if (m->msg != CURLMSG_DONE)
@@ -791,23 +683,32 @@ static void collect(st_engine *e)
         if (m->data.result == CURLE_OK) {
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
             o = st_outcome_of_status(status);
+            from_status = 1;
         } else if (r->too_large || m->data.result == CURLE_FILESIZE_EXCEEDED) {
             o.cls = ST_CLASS_FATAL;
             o.kind = "response_too_large";
             snprintf(r->errbuf, sizeof r->errbuf, "response body exceeds max_response (%lu bytes)",
                      (unsigned long)r->max_response);
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        } else if (r->bad_status || r->head_too_large) {
+            o.cls = ST_CLASS_FATAL;
+            o.kind = "bad_response";
+            snprintf(r->errbuf, sizeof r->errbuf, "%s", r->bad_status ? "malformed status line"
+                     : "response head too large");
         } else {
-            o = outcome_of_transport(m->data.result);
+            o = outcome_of_transport(r, m->data.result);
             if (r->errbuf[0] == '\0')
                 snprintf(r->errbuf, sizeof r->errbuf, "%s", curl_easy_strerror(m->data.result));
+            if (o.kind[0] == 'b') /* bad_response: what it received says more than the code */
+                curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
         }
-        attempt_done(e, r, o, status);
+        attempt_done(e, r, o, status, from_status, now);
     }
 }
 
 /* Our own timeouts: first byte, idle and the overall deadline. Returns the
- * earliest time one of them can next fire (INT64_MAX when none). */
+ * earliest time one of them can next fire (INT64_MAX when none). No hook runs
+ * here, so the next request stays valid across attempt_done. */
 static int64_t watchdogs(st_engine *e, int64_t now)
 {
     int64_t next = INT64_MAX;
@@ -823,9 +724,8 @@ static int64_t watchdogs(st_engine *e, int64_t now)
             r->last_byte_ms = now;
             r->got_bytes = 1;
         }
-
-        if (r->deadline_ms > 0) {
-            due = r->deadline_ms;
+        if (r->call.deadline_ms > 0) {
+            due = r->call.deadline_ms;
             if (now >= due)
                 kind = "total_timeout";
         }
@@ -850,9 +750,8 @@ static int64_t watchdogs(st_engine *e, int64_t now)
             o.kind = kind;
             record_timings(e, r);
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-            snprintf(r->errbuf, sizeof r->errbuf, "%s after %.3f s", kind,
-                     (now - r->attempt_start_ms) / 1000.0);
-            attempt_done(e, r, o, status);
+            snprintf(r->errbuf, sizeof r->errbuf, "%s after %.3f s", kind, (now - r->attempt_start_ms) / 1000.0);
+            attempt_done(e, r, o, status, 0, now);
         } else if (due < next) {
             next = due;
         }
@@ -867,40 +766,37 @@ static void fire_timers(st_engine *e, int64_t now)
 {
     st_timer *t;
     while ((t = st_timerheap_peek(&e->timers)) != NULL && t->due_ms <= now) {
+        st_request *r;
         st_timerheap_remove(&e->timers, t);
         if (t->kind == TIMER_UPSTREAM) {
             pump(e, (st_upstream *)((char *)t - offsetof(st_upstream, wake)), now);
             continue;
         }
-        {
-            st_request *r = (st_request *)((char *)t - offsetof(st_request, timer));
-            if (r->state == ST_REQ_QUEUED) {
-                st_upstream_dequeue(r->up, &r->qnode);
-                snprintf(r->errbuf, sizeof r->errbuf, "the deadline passed while queued");
-                {
-                    st_outcome o = { ST_CLASS_TIMEOUT, "total_timeout" };
-                    attempt_log(r, 0, o.kind);
-                    finish(e, r, o);
-                }
-            } else {
-                list_unlink(r);
-                admit(e, r, now);
-            }
+        r = (st_request *)((char *)t - offsetof(st_request, timer));
+        if (r->state == ST_REQ_QUEUED) {
+            static const st_outcome expired = { ST_CLASS_TIMEOUT, "total_timeout" };
+            st_unqueue(r->up, &r->call);
+            attempt_log(r, 0, expired.kind);
+            snprintf(r->errbuf, sizeof r->errbuf, "the deadline passed while queued");
+            finish(e, r, expired);
+        } else if (r->state == ST_REQ_WAITING) {
+            list_unlink(r);
+            admit(e, r, now);
         }
     }
 }
 
-static int64_t min64(int64_t a, int64_t b)
+int st_engine_ready(st_engine *e)
 {
-    return a < b ? a : b;
+    return e->notices.len > 0 || e->done.count > 0 || st_engine_streams(e, NULL, 0) > 0;
 }
 
-static int active_count(const st_engine *e)
+int st_engine_active(const st_engine *e)
 {
-    int n = list_count(&e->running) + list_count(&e->waiting), i;
+    int n = e->running.count + e->waiting.count, i;
     const st_upstream *u;
-    for (i = 0; i < KEY_BUCKETS; i++)
-        for (u = e->keys[i]; u; u = u->next)
+    for (i = 0; i < ST_KEY_BUCKETS; i++)
+        for (u = e->decider.keys[i]; u; u = u->next)
             n += (int)u->queued;
     return n;
 }
@@ -908,18 +804,18 @@ static int active_count(const st_engine *e)
 int st_engine_step(st_engine *e, int64_t max_wait_ms)
 {
     int still = 0;
-    int64_t now = mono_ms(), next, wait;
-    long curl_wait = -1;
-    st_timer *t;
+    int64_t now = mono_ms(), next;
 
     fire_timers(e, now);
     curl_multi_perform(e->multi, &still);
-    collect(e);
-    next = watchdogs(e, mono_ms());
+    collect(e, now);
+    next = watchdogs(e, now);
 
-    if (e->done.head == NULL && max_wait_ms > 0 && (e->running.head || st_timerheap_peek(&e->timers))) {
-        now = mono_ms();
-        wait = max_wait_ms;
+    if (e->done.count == 0 && e->notices.len == 0 && max_wait_ms > 0
+        && (e->running.head || st_timerheap_peek(&e->timers))) {
+        int64_t wait = max_wait_ms;
+        long curl_wait = -1;
+        st_timer *t;
         curl_multi_timeout(e->multi, &curl_wait);
         if (curl_wait >= 0)
             wait = min64(wait, curl_wait);
@@ -929,12 +825,13 @@ int st_engine_step(st_engine *e, int64_t max_wait_ms)
             wait = min64(wait, next - now);
         if (wait > 0)
             curl_multi_poll(e->multi, NULL, 0, (int)min64(wait, 1000000), NULL);
-        fire_timers(e, mono_ms());
+        now = mono_ms();
+        fire_timers(e, now);
         curl_multi_perform(e->multi, &still);
-        collect(e);
-        watchdogs(e, mono_ms());
+        collect(e, now);
+        watchdogs(e, now);
     }
-    return active_count(e);
+    return st_engine_active(e);
 }
 
 int64_t st_engine_timeout(st_engine *e)
@@ -944,7 +841,7 @@ int64_t st_engine_timeout(st_engine *e)
     st_timer *t;
     const st_request *r;
 
-    if (e->done.head)
+    if (e->done.head || e->notices.len)
         return 0;
     if (e->running.head) {
         curl_multi_timeout(e->multi, &curl_wait);
@@ -956,8 +853,8 @@ int64_t st_engine_timeout(st_engine *e)
     }
     for (r = e->running.head; r; r = r->next) {
         int64_t d = INT64_MAX;
-        if (r->deadline_ms > 0)
-            d = r->deadline_ms;
+        if (r->call.deadline_ms > 0)
+            d = r->call.deadline_ms;
         if (!r->got_bytes && r->first_byte_ms > 0)
             d = min64(d, r->attempt_start_ms + r->first_byte_ms);
         if (r->got_bytes && r->idle_ms > 0)
@@ -973,7 +870,9 @@ int64_t st_engine_timeout(st_engine *e)
 static void request_destroy(st_request *r)
 {
     free(r->attempts);
-    st_headers_free(&r->headers_in);
+    free(r->hdr);
+    st_buf_free(&r->text);
+    st_headers_free(&r->head);
     st_buf_free(&r->body_buf);
     free(r);
 }
@@ -986,18 +885,17 @@ static void request_release(st_request *r)
 
     if (r->easy)
         easy_put(e, r->easy);
-    curl_slist_free_all(r->headers);
-    free(r->method);
-    free(r->url);
-    free(r->body);
+    r->easy = NULL;
     if (e->nrequests_pooled == REQUEST_POOL_MAX) {
         request_destroy(r);
         return;
     }
     if (r->body_buf.cap > POOLED_BUF_MAX)
         st_buf_free(&r->body_buf);
-    if (r->headers_in.block.cap > POOLED_BUF_MAX)
-        st_headers_free(&r->headers_in);
+    if (r->text.cap > POOLED_BUF_MAX)
+        st_buf_free(&r->text);
+    if (r->head.block.cap > POOLED_BUF_MAX)
+        st_headers_free(&r->head);
     e->request_pool[e->nrequests_pooled++] = r;
 }
 
@@ -1005,109 +903,182 @@ static void request_release(st_request *r)
 static st_request *request_new(st_engine *e)
 {
     st_request *r;
-    st_headers raw;
-    st_buf body;
+    st_headers head;
+    st_buf body, text;
     st_attempt *attempts;
-    size_t cap_attempts;
+    struct curl_slist *hdr;
+    size_t cap_attempts, cap_hdr;
 
     if (e->nrequests_pooled == 0)
         return calloc(1, sizeof(st_request));
     r = e->request_pool[--e->nrequests_pooled];
-    raw = r->headers_in;
+    head = r->head;
     body = r->body_buf;
+    text = r->text;
     attempts = r->attempts;
     cap_attempts = r->cap_attempts;
+    hdr = r->hdr;
+    cap_hdr = r->cap_hdr;
     memset(r, 0, sizeof *r);
-    st_headers_reset(&raw);
+    st_headers_reset(&head);
     st_buf_reset(&body);
-    r->headers_in = raw;
+    st_buf_reset(&text);
+    r->head = head;
     r->body_buf = body;
+    r->text = text;
     r->attempts = attempts;
     r->cap_attempts = cap_attempts;
+    r->hdr = hdr;
+    r->cap_hdr = cap_hdr;
     return r;
+}
+
+static int is_secret_header(const char *line, size_t name_len)
+{
+    static const char *const names[] = { "authorization", "proxy-authorization", "x-api-key", "api-key",
+                                         "x-goog-api-key", "cookie", NULL };
+    size_t i;
+    for (i = 0; names[i]; i++)
+        if (strlen(names[i]) == name_len && strncasecmp(line, names[i], name_len) == 0)
+            return 1;
+    return 0;
+}
+
+static void add_secret(st_request *r, const char *p, size_t len)
+{
+    if (r->nsecrets < MAX_SECRETS && len > 0) {
+        r->secrets[r->nsecrets].p = p;
+        r->secrets[r->nsecrets].len = len;
+        r->nsecrets++;
+    }
+}
+
+/* "scheme://user:password@host/...": the userinfo is a credential */
+static void add_url_userinfo(st_request *r)
+{
+    const char *start = strstr(r->url, "://"), *end;
+    if (start == NULL)
+        return;
+    start += 3;
+    end = start + strcspn(start, "/?#@");
+    if (*end == '@')
+        add_secret(r, start, (size_t)(end - start));
+}
+
+/* Copies method, URL, body and header lines into the request's one text
+ * buffer, and links the header lines as libcurl's list. */
+static int request_copy(st_request *r, const st_request_spec *spec)
+{
+    const char *method = spec->method ? spec->method : "GET";
+    size_t lens[3], total = 0, i, off;
+    const char *parts[3];
+    size_t nlines = spec->nheaders;
+
+    parts[0] = method;
+    lens[0] = strlen(method);
+    parts[1] = spec->url;
+    lens[1] = strlen(spec->url);
+    parts[2] = spec->body;
+    lens[2] = spec->body ? spec->body_len : 0;
+    for (i = 0; i < 3; i++)
+        total += lens[i] + 1;
+    for (i = 0; i < nlines; i++)
+        total += strlen(spec->headers[i]) + 1;
+    st_buf_reset(&r->text);
+    if (!st_buf_reserve(&r->text, total))
+        return 0;
+    if (nlines > r->cap_hdr) {
+        struct curl_slist *h = realloc(r->hdr, nlines * sizeof *h);
+        if (h == NULL)
+            return 0;
+        r->hdr = h;
+        r->cap_hdr = nlines;
+    }
+    for (i = 0; i < 3; i++) {
+        if (parts[i] != NULL && lens[i])
+            memcpy(r->text.data + r->text.len, parts[i], lens[i]);
+        r->text.data[r->text.len + lens[i]] = '\0';
+        r->text.len += lens[i] + 1;
+    }
+    r->method = r->text.data;
+    r->url = r->text.data + lens[0] + 1;
+    r->body = spec->body ? r->url + lens[1] + 1 : NULL;
+    r->body_len = lens[2];
+    r->nsecrets = 0;
+    for (i = 0; i < nlines; i++) {
+        size_t n = strlen(spec->headers[i]);
+        const char *colon;
+        off = r->text.len;
+        memcpy(r->text.data + off, spec->headers[i], n + 1);
+        r->text.len += n + 1;
+        r->hdr[i].data = r->text.data + off;
+        r->hdr[i].next = i + 1 < nlines ? &r->hdr[i + 1] : NULL;
+        colon = strchr(r->hdr[i].data, ':');
+        if (colon && is_secret_header(r->hdr[i].data, (size_t)(colon - r->hdr[i].data))) {
+            const char *v = colon + 1;
+            while (*v == ' ' || *v == '\t')
+                v++;
+            if (strncasecmp(v, "Bearer ", 7) == 0)
+                v += 7;
+            add_secret(r, v, strlen(v));
+        }
+    }
+    r->nhdr = nlines;
+    add_url_userinfo(r);
+    return 1;
 }
 
 st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *err, size_t errlen)
 {
     st_request *r = request_new(e);
-    size_t i;
+    int64_t now = mono_ms();
 
     if (r == NULL) {
         set_err(err, errlen, "out of memory");
         return NULL;
     }
     r->eng = e;
-    r->retry_after_ms = -1;
-    r->method = dup_str(spec->method ? spec->method : "GET");
-    r->url = dup_str(spec->url);
-    if (spec->body != NULL) {
-        r->body = malloc(spec->body_len + 1);
-        if (r->body) {
-            memcpy(r->body, spec->body, spec->body_len);
-            r->body[spec->body_len] = '\0';
-        }
-        r->body_len = spec->body_len;
-    }
     r->easy = easy_get(e);
-    if (r->method == NULL || r->url == NULL || r->easy == NULL || (spec->body && r->body == NULL))
-        goto oom;
-    for (i = 0; i < spec->nheaders; i++) {
-        struct curl_slist *l = curl_slist_append(r->headers, spec->headers[i]);
-        if (l == NULL)
-            goto oom;
-        r->headers = l;
+    if (r->easy == NULL || !request_copy(r, spec)
+        || (r->up = st_decider_upstream(&e->decider, spec->key ? spec->key : "", now)) == NULL) {
+        set_err(err, errlen, "out of memory");
+        request_release(r);
+        return NULL;
     }
-    if ((r->up = upstream_get(e, spec->key ? spec->key : "")) == NULL)
-        goto oom;
-    r->priority = spec->priority;
-    r->cost[ST_DIM_REQUESTS] = 1;
-    r->cost[ST_DIM_INPUT_TOKENS] = spec->input_tokens;
-    r->cost[ST_DIM_OUTPUT_TOKENS] = spec->output_tokens;
-    r->cost[ST_DIM_TOKENS] = spec->input_tokens + spec->output_tokens;
+    st_call_init(&r->call, &e->decider, now, spec->total_ms, spec->attempts, spec->priority,
+                 spec->input_tokens, spec->output_tokens);
     r->connect_ms = spec->connect_ms;
     r->first_byte_ms = spec->first_byte_ms;
     r->idle_ms = spec->idle_ms;
-    r->deadline_ms = spec->total_ms > 0 ? mono_ms() + spec->total_ms : 0;
     r->max_response = spec->max_response ? spec->max_response : (size_t)64 << 20;
     r->stream = spec->stream;
-    r->auto_commit = spec->stream != ST_STREAM_MANUAL_COMMIT;
-    r->max_attempts = spec->attempts ? spec->attempts : e->policy.attempts;
-    if (r->max_attempts == 0)
-        r->max_attempts = 1;
     easy_setup(r);
     e->n_requests++;
-    admit(e, r, mono_ms());
+    admit(e, r, now);
     return r;
-oom:
-    set_err(err, errlen, "out of memory");
-    request_release(r);
-    return NULL;
 }
 
 void st_engine_cancel(st_engine *e, st_request *r)
 {
-    static const st_outcome canceled = { ST_CLASS_CANCELED, "canceled" };
-    int64_t now = mono_ms();
+    int64_t now;
+    st_events ev;
+    st_req_state was = r->state;
 
-    if (r->state == ST_REQ_DONE)
+    if (was == ST_REQ_DONE)
         return;
+    now = mono_ms();
     list_unlink(r);
     st_timerheap_remove(&e->timers, &r->timer);
-    if (r->state == ST_REQ_QUEUED)
-        st_upstream_dequeue(r->up, &r->qnode);
-    attempt_log(r, 0, canceled.kind);
-    snprintf(r->errbuf, sizeof r->errbuf, "canceled by the caller");
-    if (r->state == ST_REQ_RUNNING) {
+    if (was == ST_REQ_RUNNING)
         curl_multi_remove_handle(e->multi, r->easy);
-        if (r->up->in_flight > 0)
-            r->up->in_flight--;
-        if (r->up->breaker_enabled)
-            st_breaker_release(&r->up->breaker, now, &r->permit);
-        finish(e, r, canceled);
+    ev.n = ev.dropped = 0;
+    st_release(&e->decider, r->up, &r->call, now, &ev);
+    queue_events(e, &ev);
+    attempt_log(r, 0, CANCELED.kind);
+    snprintf(r->errbuf, sizeof r->errbuf, "canceled by the caller");
+    finish(e, r, CANCELED);
+    if (was == ST_REQ_RUNNING)
         pump(e, r->up, now); /* its place in flight is free */
-        return;
-    }
-    finish(e, r, canceled);
 }
 
 st_request *st_engine_take_done(st_engine *e)
@@ -1137,20 +1108,20 @@ void st_request_body_delivered(st_request *r)
 {
     if (!r->stream || r->body_buf.len == 0)
         return;
-    if (r->auto_commit)
-        r->committed = 1;
+    if (r->stream == ST_STREAM_AUTO)
+        r->call.committed = 1;
     r->streamed += r->body_buf.len;
     st_buf_reset(&r->body_buf);
 }
 
 void st_request_commit(st_request *r)
 {
-    r->committed = 1;
+    r->call.committed = 1;
 }
 
 unsigned st_request_attempt(const st_request *r)
 {
-    return r->started;
+    return r->call.attempts;
 }
 
 void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail)
@@ -1165,14 +1136,15 @@ void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const cha
         record_timings(e, r);
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
         snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
-        attempt_done(e, r, o, status);
+        attempt_done(e, r, o, status, 0, now);
     } else if (r->state == ST_REQ_DONE && r->outcome.kind == NULL && r->list == &e->done) {
         /* the transfer ended well but its body says otherwise: judge the attempt again */
         list_unlink(r);
         if (r->nattempts > 0)
             r->attempts[r->nattempts - 1].kind = kind;
         snprintf(r->errbuf, sizeof r->errbuf, "%s", detail);
-        retry_or_finish(e, r, o, r->status, -1, now);
+        r->from_status = 0;
+        decide(e, r, o, r->status, now);
     }
 }
 
@@ -1211,20 +1183,21 @@ void st_request_result(st_request *r, st_result *out)
     memset(out, 0, sizeof *out);
     out->outcome = r->outcome;
     out->status = r->status;
+    out->from_status = r->from_status;
     out->body = r->body_buf.data ? r->body_buf.data : "";
     out->body_len = r->body_buf.len;
-    out->headers = r->headers_in.block.data ? r->headers_in.block.data : "";
-    out->headers_len = r->headers_in.block.len;
+    out->headers = r->head.block.data ? r->head.block.data : "";
+    out->headers_len = r->head.block.len;
     out->timings = r->timings;
     out->http_version = r->http_version;
     out->attempts = r->attempts;
     out->nattempts = r->nattempts;
     out->detail = r->outcome.kind ? r->errbuf : "";
     out->request_id = r->request_id;
-    out->retry_after = r->retry_after_ms > 0 ? r->retry_after_ms / 1000.0 : -1;
-    out->committed = r->committed;
-    out->cause = r->cause;
-    out->cause_status = r->cause_status;
+    out->retry_after = r->call.retry_after_ms > 0 ? r->call.retry_after_ms / 1000.0 : -1;
+    out->committed = r->call.committed;
+    out->retryable = r->retryable;
+    out->stop = r->stop;
 }
 
 void st_request_free(st_request *r)
@@ -1238,26 +1211,6 @@ void st_request_free(st_request *r)
 }
 
 /* ---- engine --------------------------------------------------------------- */
-
-void st_retry_policy_defaults(st_retry_policy *p)
-{
-    int i;
-
-    memset(p, 0, sizeof *p);
-    p->attempts = 4;
-    p->base_ms[ST_CLASS_THROTTLED] = 1000;
-    p->base_ms[ST_CLASS_OVERLOADED] = 2000;
-    p->base_ms[ST_CLASS_TRANSIENT] = 500;
-    p->base_ms[ST_CLASS_TIMEOUT] = 500;
-    p->base_ms[ST_CLASS_FATAL] = 500;
-    p->cap_ms = 30000;
-    p->jitter = ST_JITTER_FULL;
-    p->honor_retry_after_ms = 60000;
-    for (i = 0; i < ST_CLASS_COUNT; i++)
-        p->retried[i] = (unsigned char)st_class_retried_by_default((st_class)i);
-    memset(p->status_retried, -1, sizeof p->status_retried);
-    p->budget_enabled = 1;
-}
 
 static int copy_config(st_transport_config *dst, const st_transport_config *src)
 {
@@ -1312,23 +1265,26 @@ st_engine *st_engine_new(const st_transport_config *tc, const st_retry_policy *r
         set_err(err, errlen, "out of memory");
         return NULL;
     }
+    st_decider_init(&e->decider, rp, uc, seed);
     e->multi = curl_multi_init();
     if (e->multi == NULL || !copy_config(&e->tc, tc)) {
         set_err(err, errlen, "out of memory");
         st_engine_free(e);
         return NULL;
     }
-    if (rp)
-        e->policy = *rp;
-    else
-        st_retry_policy_defaults(&e->policy);
-    if (uc)
-        e->upstream_config = *uc;
-    else
-        st_upstream_config_defaults(&e->upstream_config);
-    st_rng_seed(&e->rng, seed);
     curl_multi_setopt(e->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
     return e;
+}
+
+void st_engine_want_notices(st_engine *e, int retries, int events)
+{
+    e->want_retries = retries;
+    e->want_events = events;
+}
+
+st_decider *st_engine_decider(st_engine *e)
+{
+    return &e->decider;
 }
 
 size_t st_engine_fds(const st_engine *e, st_fd *out, size_t max)
@@ -1356,32 +1312,22 @@ size_t st_engine_fds(const st_engine *e, st_fd *out, size_t max)
     return n;
 }
 
+static void cancel_queued(void *ud, st_upstream *u)
+{
+    st_engine *e = ud;
+    st_qnode *n;
+    while ((n = st_upstream_peek(u)) != NULL)
+        st_engine_cancel(e, request_of_call((st_call *)n));
+}
+
 void st_engine_cancel_all(st_engine *e)
 {
     st_request *r;
-    int i;
-    st_upstream *u;
-    st_qnode *n;
 
     /* queued ones first, so canceling a running one does not start them */
-    for (i = 0; i < KEY_BUCKETS; i++)
-        for (u = e->keys[i]; u; u = u->next)
-            while ((n = st_upstream_peek(u)) != NULL)
-                st_engine_cancel(e, (st_request *)((char *)n - offsetof(st_request, qnode)));
+    st_decider_each(&e->decider, cancel_queued, e);
     while ((r = e->running.head) != NULL || (r = e->waiting.head) != NULL)
         st_engine_cancel(e, r);
-}
-
-void st_engine_set_event_hook(st_engine *e, st_event_hook hook, void *ud)
-{
-    e->event_hook = hook;
-    e->event_hook_ud = ud;
-}
-
-void st_engine_set_retry_hook(st_engine *e, st_retry_hook hook, void *ud)
-{
-    e->retry_hook = hook;
-    e->retry_hook_ud = ud;
 }
 
 void st_engine_free(st_engine *e)
@@ -1398,21 +1344,20 @@ void st_engine_free(st_engine *e)
     }
     for (i = 0; i < e->nrequests_pooled; i++)
         request_destroy(e->request_pool[i]);
-    for (i = 0; i < KEY_BUCKETS; i++) {
-        st_upstream *u = e->keys[i];
-        while (u) {
-            st_upstream *next = u->next;
-            st_upstream_free(u);
-            u = next;
-        }
-    }
+    st_decider_free(&e->decider);
     for (i = 0; i < e->npool; i++)
         curl_easy_cleanup(e->easy_pool[i]);
     if (e->multi)
         curl_multi_cleanup(e->multi);
     st_timerheap_free(&e->timers);
+    free(e->notices.items);
     free_config(&e->tc);
     free(e);
+}
+
+static void count_queued(void *ud, st_upstream *u)
+{
+    *(int *)ud += (int)u->queued;
 }
 
 void st_engine_stats_get(const st_engine *e, st_engine_stats *out)
@@ -1421,15 +1366,9 @@ void st_engine_stats_get(const st_engine *e, st_engine_stats *out)
     out->attempts = e->n_attempts;
     out->retries = e->n_retries;
     out->connections = e->n_connections;
-    out->running = list_count(&e->running);
-    out->waiting = list_count(&e->waiting);
-    out->done = list_count(&e->done);
+    out->running = e->running.count;
+    out->waiting = e->waiting.count;
+    out->done = e->done.count;
     out->queued = 0;
-    {
-        int i;
-        const st_upstream *u;
-        for (i = 0; i < KEY_BUCKETS; i++)
-            for (u = e->keys[i]; u; u = u->next)
-                out->queued += (int)u->queued;
-    }
+    st_decider_each(&e->decider, count_queued, &out->queued);
 }

@@ -1,11 +1,15 @@
-/* sturdy.core: the binding. It turns Lua values into engine structs and
- * results back into tables; the logic lives in the engine and the policies. */
+/* sturdy.core: the binding of the curl engine. Value conversion only: Lua
+ * values into engine structs (checked here too, since the module is public),
+ * results, notices and stats back into tables. No Lua code runs while the
+ * engine works: hooks and callbacks run from what `take` hands to Lua. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -13,27 +17,29 @@
 #include <lauxlib.h>
 
 #include "compat.h"
+#include "convert.h"
 #include "engine.h"
+#include "httpdate.h"
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
 #define MAX_FDS 1024
-#define MAX_SPEC_HEADERS 256
+#define MAX_HEADERS 256
+#define MAX_LINE 8192
 
 typedef struct l_engine {
     st_engine *e;
-    lua_State *L;       /* the state driving the engine right now, for hooks */
-    int on_retry_ref, on_event_ref;
+    char **lines;          /* the client's header lines, "Name: value" */
+    char **names;          /* their lowercase names */
+    size_t nlines;
 } l_engine;
 
-/* A submitted request. Its user value is { handle, engine }: the Lua handle
- * the results go to, and the engine, kept alive while the request is. While in
- * flight the request is referenced from the registry, so a handle nobody holds
- * still completes and fires its callback. */
+/* A submitted request. While in flight its handle (a Lua table) is referenced
+ * from the registry, so a handle nobody holds still completes. */
 typedef struct l_request {
     st_request *r;   /* NULL once finished and taken, or detached by close */
     l_engine *le;
-    int ref;         /* registry reference while in flight */
+    int ref;         /* registry reference to the handle while in flight */
 } l_request;
 
 #define check_engine(L, i) ((l_engine *)luaL_checkudata((L), (i), ENGINE_MT))
@@ -47,147 +53,13 @@ static l_engine *open_engine(lua_State *L, int i)
     return le;
 }
 
-/* ---- reading option tables ------------------------------------------------ */
-
-static const char *opt_string(lua_State *L, int t, const char *name)
-{
-    const char *s;
-    lua_getfield(L, t, name);
-    s = lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
-    lua_pop(L, 1); /* the string stays alive: the table holds it */
-    return s;
-}
-
-static double opt_number(lua_State *L, int t, const char *name, double def)
-{
-    double v = def;
-    lua_getfield(L, t, name);
-    if (!lua_isnil(L, -1))
-        v = lua_tonumber(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
-static void read_retry_policy(lua_State *L, int t, st_retry_policy *p)
-{
-    int i;
-
-    st_retry_policy_defaults(p);
-    p->attempts = (unsigned)opt_number(L, t, "attempts", p->attempts);
-    p->cap_ms = opt_number(L, t, "cap_ms", p->cap_ms);
-    p->honor_retry_after_ms = (int64_t)opt_number(L, t, "honor_retry_after_ms",
-                                                  (double)p->honor_retry_after_ms);
-    {
-        const char *j = opt_string(L, t, "jitter");
-        if (j && !st_jitter_parse(j, &p->jitter))
-            luaL_error(L, "sturdy: unknown jitter mode '%s'", j);
-    }
-    lua_getfield(L, t, "base_ms");
-    if (lua_istable(L, -1)) {
-        for (i = 0; i < ST_CLASS_COUNT; i++)
-            p->base_ms[i] = opt_number(L, lua_gettop(L), st_class_name((st_class)i), p->base_ms[i]);
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "retried");
-    if (lua_istable(L, -1)) {
-        for (i = 0; i < ST_CLASS_COUNT; i++) {
-            lua_getfield(L, -1, st_class_name((st_class)i));
-            if (!lua_isnil(L, -1))
-                p->retried[i] = (unsigned char)lua_toboolean(L, -1);
-            lua_pop(L, 1);
-        }
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "status_retried");
-    if (lua_istable(L, -1)) {
-        lua_pushnil(L);
-        while (lua_next(L, -2)) {
-            lua_Number status = lua_tonumber(L, -2);
-            if (status >= 100 && status < ST_STATUS_OVERRIDES)
-                p->status_retried[(int)status] = (signed char)lua_toboolean(L, -1);
-            lua_pop(L, 1);
-        }
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "budget");
-    if (lua_isboolean(L, -1) && !lua_toboolean(L, -1))
-        p->budget_enabled = 0;
-    lua_pop(L, 1);
-}
-
-static const char *const breaker_modes[] = { "normal", "forced_open", "disabled", "metrics_only", NULL };
-static const char *const breaker_states[] = { "closed", "open", "half_open" };
-static const char *const priorities[] = { "high", "normal", "low", NULL };
-
-/* Per-upstream settings: budget, breaker, limits, queue, latency windows. */
-static void read_upstream_config(lua_State *L, int t, st_upstream_config *c)
-{
-    int i;
-
-    st_upstream_config_defaults(c);
-    lua_getfield(L, t, "budget");
-    if (lua_istable(L, -1)) {
-        int b = lua_gettop(L);
-        c->budget_ratio = opt_number(L, b, "ratio", c->budget_ratio);
-        c->budget_min_per_s = opt_number(L, b, "min_per_s", c->budget_min_per_s);
-        c->budget_slot_ms = (int64_t)opt_number(L, b, "slot_ms", (double)c->budget_slot_ms);
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "breaker");
-    if (lua_istable(L, -1)) {
-        int b = lua_gettop(L);
-        st_breaker_config *bc = &c->breaker;
-        bc->window_ms = (int64_t)opt_number(L, b, "window_ms", (double)bc->window_ms);
-        bc->buckets = (unsigned)opt_number(L, b, "buckets", bc->buckets);
-        bc->min_calls = (unsigned)opt_number(L, b, "min_calls", bc->min_calls);
-        bc->failure_rate = opt_number(L, b, "failure_rate", bc->failure_rate);
-        bc->slow_call_ms = (int64_t)opt_number(L, b, "slow_call_ms", (double)bc->slow_call_ms);
-        bc->slow_rate = opt_number(L, b, "slow_rate", bc->slow_rate);
-        bc->open_ms = (int64_t)opt_number(L, b, "open_ms", (double)bc->open_ms);
-        bc->max_open_ms = (int64_t)opt_number(L, b, "max_open_ms", (double)bc->max_open_ms);
-        bc->probes = (unsigned)opt_number(L, b, "probes", bc->probes);
-        bc->probe_timeout_ms = (int64_t)opt_number(L, b, "probe_timeout_ms", (double)bc->probe_timeout_ms);
-        lua_getfield(L, b, "failure_classes");
-        if (lua_istable(L, -1)) {
-            bc->failure_classes = 0;
-            for (i = 1; i <= (int)lua_rawlen(L, -1); i++) {
-                st_class cls;
-                lua_rawgeti(L, -1, i);
-                if (lua_isstring(L, -1) && st_class_parse(lua_tostring(L, -1), &cls))
-                    bc->failure_classes |= ST_BREAKER_CLASS(cls);
-                lua_pop(L, 1);
-            }
-        }
-        lua_pop(L, 1);
-        lua_getfield(L, b, "mode");
-        if (!lua_isnil(L, -1))
-            c->breaker_mode = (st_breaker_mode)luaL_checkoption(L, -1, NULL, breaker_modes);
-        lua_pop(L, 1);
-    } else if (lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
-        c->breaker_enabled = 0;
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "limits");
-    if (lua_istable(L, -1)) {
-        int b = lua_gettop(L);
-        for (i = 0; i < ST_DIM_COUNT; i++)
-            c->limits_per_min[i] = opt_number(L, b, st_dim_name((st_dim)i), 0);
-        c->burst_seconds = opt_number(L, b, "burst_s", c->burst_seconds);
-        c->concurrency = (unsigned)opt_number(L, b, "concurrency", c->concurrency);
-        c->queue_max = (unsigned)opt_number(L, b, "queue", c->queue_max);
-    }
-    lua_pop(L, 1);
-}
-
-/* ---- results -------------------------------------------------------------- */
-
 static void set_num(lua_State *L, const char *k, double v)
 {
     lua_pushnumber(L, v);
     lua_setfield(L, -2, k);
 }
 
-static void set_int(lua_State *L, const char *k, long v)
+static void set_int(lua_State *L, const char *k, double v)
 {
     lua_pushinteger(L, (lua_Integer)v);
     lua_setfield(L, -2, k);
@@ -199,12 +71,323 @@ static void set_str(lua_State *L, const char *k, const char *v)
     lua_setfield(L, -2, k);
 }
 
-static void push_outcome_fields(lua_State *L, st_outcome o, long status)
+/* ---- checking what Lua hands in ------------------------------------------- */
+
+static int is_tchar(unsigned char c)
 {
-    set_str(L, "kind", o.kind);
-    set_str(L, "class", st_class_name(o.cls));
-    if (status > 0)
-        set_int(L, "status", status);
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+        || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+/* Headers that frame the message or the connection belong to libcurl: a wrong
+ * Content-Length would desynchronise a reused connection. */
+static int is_framing(const char *lname, size_t len)
+{
+    static const char *const names[] = { "content-length", "transfer-encoding", "host", "connection",
+                                         "upgrade", "te", "trailer", "keep-alive", "proxy-connection",
+                                         "expect", NULL };
+    size_t i;
+    for (i = 0; names[i]; i++)
+        if (strlen(names[i]) == len && memcmp(lname, names[i], len) == 0)
+            return 1;
+    return 0;
+}
+
+/* Checks a "Name: value" line; returns the name's length. Never echoes the value:
+ * it may be a secret. */
+static size_t check_line(lua_State *L, const char *line, size_t len, const char *where)
+{
+    size_t i, name_len;
+    const char *colon = memchr(line, ':', len);
+    char lname[64];
+
+    if (colon == NULL || colon == line)
+        luaL_error(L, "sturdy: a header line in %s has no 'Name: value' form", where);
+    name_len = (size_t)(colon - line);
+    for (i = 0; i < name_len; i++)
+        if (!is_tchar((unsigned char)line[i]))
+            luaL_error(L, "sturdy: header name '%s' in %s is not a valid HTTP token",
+                       lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where);
+    for (i = name_len + 1; i < len; i++)
+        if (line[i] == '\r' || line[i] == '\n' || line[i] == '\0')
+            luaL_error(L, "sturdy: header '%s' in %s contains CR, LF or NUL",
+                       lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where);
+    if (len > MAX_LINE)
+        luaL_error(L, "sturdy: header '%s' in %s is longer than %d bytes",
+                   lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where, MAX_LINE);
+    if (name_len < sizeof lname) {
+        for (i = 0; i < name_len; i++)
+            lname[i] = (char)(line[i] >= 'A' && line[i] <= 'Z' ? line[i] + 32 : line[i]);
+        if (is_framing(lname, name_len))
+            luaL_error(L, "sturdy: header '%s' in %s is set by sturdy itself; remove it",
+                       lua_pushlstring(L, line, name_len), where);
+    }
+    return name_len;
+}
+
+static const char *check_text(lua_State *L, int i, const char *what, int allow_space)
+{
+    size_t len, k;
+    const char *s = luaL_checklstring(L, i, &len);
+    for (k = 0; k < len; k++) {
+        unsigned char c = (unsigned char)s[k];
+        if (c < 0x20 || c == 0x7f || (!allow_space && c == ' '))
+            luaL_error(L, "sturdy: request %s contains a control character, space or NUL", what);
+    }
+    return s;
+}
+
+static int64_t check_ms(lua_State *L, int i, const char *what)
+{
+    lua_Number v = luaL_optnumber(L, i, 0);
+    if (!(v >= 0 && v <= (lua_Number)ST_RETRY_AFTER_MAX_MS))
+        luaL_error(L, "sturdy: request %s must be between 0 and 10 years in ms", what);
+    return (int64_t)ceil(v);
+}
+
+static double check_count(lua_State *L, int i, const char *what, double max)
+{
+    lua_Number v = luaL_optnumber(L, i, 0);
+    if (!(v >= 0 && v <= max) || v != floor(v))
+        luaL_error(L, "sturdy: request %s must be a whole number from 0 to %.0f", what, max);
+    return v;
+}
+
+/* ---- engine --------------------------------------------------------------- */
+
+static void free_lines(l_engine *le)
+{
+    size_t i;
+    for (i = 0; i < le->nlines; i++) {
+        size_t n = strlen(le->lines[i]);
+        memset(le->lines[i], 0, n); /* they may hold keys */
+        free(le->lines[i]);
+        free(le->names[i]);
+    }
+    free(le->lines);
+    free(le->names);
+    le->lines = le->names = NULL;
+    le->nlines = 0;
+}
+
+static char *dup_mem(const char *p, size_t n, int lower)
+{
+    char *d = malloc(n + 1);
+    size_t i;
+    if (d == NULL)
+        return NULL;
+    for (i = 0; i < n; i++)
+        d[i] = (char)(lower && p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
+    d[n] = '\0';
+    return d;
+}
+
+/* The client's header lines, checked and kept in C (they often carry keys). */
+static void read_client_lines(lua_State *L, l_engine *le, int t)
+{
+    size_t n, i;
+
+    lua_getfield(L, t, "headers");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    luaL_checktype(L, -1, LUA_TTABLE);
+    n = lua_rawlen(L, -1);
+    if (n > MAX_HEADERS)
+        luaL_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
+    le->lines = calloc(n ? n : 1, sizeof *le->lines);
+    le->names = calloc(n ? n : 1, sizeof *le->names);
+    if (le->lines == NULL || le->names == NULL)
+        luaL_error(L, "sturdy: out of memory");
+    for (i = 0; i < n; i++) {
+        size_t len, name_len;
+        const char *line;
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
+        line = lua_tolstring(L, -1, &len);
+        name_len = check_line(L, line, len, "client headers");
+        le->lines[i] = dup_mem(line, len, 0);
+        le->names[i] = dup_mem(line, name_len, 1);
+        if (le->lines[i] == NULL || le->names[i] == NULL) {
+            free(le->lines[i]);
+            free(le->names[i]);
+            luaL_error(L, "sturdy: out of memory");
+        }
+        le->nlines = i + 1;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* core.engine(config) -> engine; config as lua/sturdy/options.lua compiles it */
+static int l_engine_new(lua_State *L)
+{
+    st_transport_config tc;
+    st_retry_policy policy;
+    st_upstream_config upstream;
+    l_engine *le;
+    uint64_t seed;
+    lua_Number seed_n;
+    char err[256];
+    int t;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sl_read_policy(L, 1, &policy, &upstream);
+    lua_getfield(L, 1, "transport");
+    luaL_checktype(L, -1, LUA_TTABLE);
+    t = lua_gettop(L);
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = sl_opt_string(L, t, "ca_file");
+    tc.ca_path = sl_opt_string(L, t, "ca_path");
+    tc.client_cert = sl_opt_string(L, t, "client_cert");
+    tc.client_key = sl_opt_string(L, t, "client_key");
+    tc.client_key_password = sl_opt_string(L, t, "client_key_password");
+    tc.proxy = sl_opt_string(L, t, "proxy");
+    tc.no_proxy = sl_opt_string(L, t, "no_proxy");
+    tc.user_agent = sl_opt_string(L, t, "user_agent");
+
+    /* the userdata exists in a safe state before anything can fail */
+    le = lua_newuserdata(L, sizeof *le);
+    memset(le, 0, sizeof *le);
+    luaL_setmetatable(L, ENGINE_MT);
+    read_client_lines(L, le, t);
+
+    lua_getfield(L, 1, "seed");
+    seed_n = lua_isnil(L, -1) ? 0 : luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+    if (!(seed_n >= 0 && seed_n < 9007199254740992.0))
+        return luaL_error(L, "sturdy: option 'seed' must be a whole number below 2^53");
+    seed = (uint64_t)seed_n;
+    if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
+        seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20) ^ ((uint64_t)getpid() << 40);
+    le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
+    if (le->e == NULL)
+        return luaL_error(L, "sturdy: %s", err);
+    lua_getfield(L, 1, "notices");
+    if (lua_istable(L, -1)) {
+        int retries, events;
+        lua_getfield(L, -1, "retries");
+        retries = lua_toboolean(L, -1);
+        lua_getfield(L, -2, "events");
+        events = lua_toboolean(L, -1);
+        lua_pop(L, 2);
+        st_engine_want_notices(le->e, retries, events);
+    }
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* Is lname (lowercase) among the request's own header names? */
+static int overridden(const char *const *own, const size_t *own_len, size_t n, const char *lname)
+{
+    size_t i, len = strlen(lname);
+    for (i = 0; i < n; i++)
+        if (own_len[i] == len && strncasecmp(own[i], lname, len) == 0)
+            return 1;
+    return 0;
+}
+
+/* The request's own header lines (table at index i), then the client's it does
+ * not override, then Content-Type for a body and an empty Expect. */
+static size_t assemble_headers(lua_State *L, l_engine *le, int i, int has_body, const char **lines)
+{
+    size_t n = 0, k, nown;
+    size_t own_len[MAX_HEADERS];
+    int has_type = 0;
+
+    luaL_checktype(L, i, LUA_TTABLE);
+    nown = lua_rawlen(L, i);
+    if (nown + le->nlines + 2 > MAX_HEADERS)
+        luaL_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
+    for (k = 0; k < nown; k++) {
+        size_t len;
+        lua_rawgeti(L, i, (int)k + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "sturdy: request header line %d is not a string", (int)k + 1);
+        lines[n] = lua_tolstring(L, -1, &len);
+        lua_pop(L, 1); /* the table keeps the string alive */
+        own_len[n] = check_line(L, lines[n], len, "request headers");
+        if (own_len[n] == 12 && strncasecmp(lines[n], "content-type", 12) == 0)
+            has_type = 1;
+        n++;
+    }
+    for (k = 0; k < le->nlines; k++) {
+        if (overridden(lines, own_len, nown, le->names[k]))
+            continue;
+        if (strcmp(le->names[k], "content-type") == 0)
+            has_type = 1;
+        lines[n++] = le->lines[k];
+    }
+    if (has_body && !has_type)
+        lines[n++] = "Content-Type: application/json";
+    lines[n++] = "Expect:"; /* libcurl's 100-continue only adds a round trip for API calls */
+    return n;
+}
+
+/* engine:submit(handle, method, url, key, body, headers, connect_ms,
+ * first_byte_ms, idle_ms, total_ms, max_response, attempts, stream, priority,
+ * input_tokens, output_tokens) -> request. Starts it without waiting. stream:
+ * nil/false, "auto" or "manual" (see engine.h). */
+static int l_engine_submit(lua_State *L)
+{
+    static const char *const stream_modes[] = { "none", "auto", "manual", NULL };
+    static const char *const priorities[] = { "high", "normal", "low", NULL };
+    l_engine *le = open_engine(L, 1);
+    const char *headers[MAX_HEADERS];
+    st_request_spec spec;
+    l_request *lr;
+    char err[256];
+    lua_Number tokens_in, tokens_out, max_response;
+
+    luaL_checktype(L, 2, LUA_TTABLE);
+    memset(&spec, 0, sizeof spec);
+    spec.method = check_text(L, 3, "method", 0);
+    spec.url = check_text(L, 4, "url", 0);
+    spec.key = lua_isnil(L, 5) ? "" : check_text(L, 5, "key", 1);
+    spec.body = luaL_optlstring(L, 6, NULL, &spec.body_len);
+    spec.nheaders = assemble_headers(L, le, 7, spec.body != NULL, headers);
+    spec.headers = headers;
+    spec.connect_ms = check_ms(L, 8, "connect timeout");
+    spec.first_byte_ms = check_ms(L, 9, "first_byte timeout");
+    spec.idle_ms = check_ms(L, 10, "idle timeout");
+    spec.total_ms = check_ms(L, 11, "total timeout");
+    max_response = check_count(L, 12, "max_response", 9007199254740991.0);
+    spec.max_response = max_response < (lua_Number)SIZE_MAX ? (size_t)max_response : SIZE_MAX;
+    spec.attempts = (unsigned)check_count(L, 13, "attempts", 1000);
+    spec.stream = lua_toboolean(L, 14) ? luaL_checkoption(L, 14, NULL, stream_modes) : ST_STREAM_NONE;
+    spec.priority = luaL_checkoption(L, 15, "normal", priorities);
+    tokens_in = luaL_optnumber(L, 16, 0);
+    tokens_out = luaL_optnumber(L, 17, 0);
+    spec.input_tokens = tokens_in > 0 && tokens_in < 1e12 ? tokens_in : 0;
+    spec.output_tokens = tokens_out > 0 && tokens_out < 1e12 ? tokens_out : 0;
+
+    lr = lua_newuserdata(L, sizeof *lr);
+    lr->r = NULL;
+    lr->le = le;
+    lr->ref = LUA_NOREF;
+    luaL_setmetatable(L, REQUEST_MT);
+    lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
+    if (lr->r == NULL)
+        return luaL_error(L, "sturdy: %s", err);
+    st_request_set_userdata(lr->r, lr);
+    lua_pushvalue(L, 2);
+    lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 1;
+}
+
+/* engine:step(max_wait_ms) -> active, ready: requests still active, and whether
+ * take() has anything (finished requests, body bytes, notices). */
+static int l_engine_step(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_Number wait = luaL_optnumber(L, 2, 0);
+    int active = st_engine_step(le->e, wait > 0 ? (int64_t)(wait < 1e9 ? wait : 1e9) : 0);
+
+    lua_pushinteger(L, active);
+    lua_pushboolean(L, st_engine_ready(le->e));
+    return 2;
 }
 
 static void push_result(lua_State *L, st_request *r)
@@ -213,7 +396,7 @@ static void push_result(lua_State *L, st_request *r)
     size_t i;
 
     st_request_result(r, &res);
-    lua_createtable(L, 0, 12);
+    lua_createtable(L, 0, 10);
     if (res.status > 0)
         set_int(L, "status", res.status);
     lua_pushlstring(L, res.body, res.body_len);
@@ -244,375 +427,106 @@ static void push_result(lua_State *L, st_request *r)
         set_str(L, "request_id", res.request_id);
     if (res.outcome.kind == NULL)
         return;
-    push_outcome_fields(L, res.outcome, res.status);
+    set_str(L, "kind", res.outcome.kind);
+    set_str(L, "class", st_class_name(res.outcome.cls));
     set_str(L, "detail", res.detail);
     if (res.retry_after >= 0)
         set_num(L, "retry_after", res.retry_after);
     lua_pushboolean(L, res.committed);
     lua_setfield(L, -2, "committed");
-    if (res.cause.kind) {
-        lua_createtable(L, 0, 3);
-        push_outcome_fields(L, res.cause, res.cause_status);
-        lua_setfield(L, -2, "cause");
-    }
+    lua_pushboolean(L, res.retryable);
+    lua_setfield(L, -2, "retryable");
+    lua_pushboolean(L, res.from_status);
+    lua_setfield(L, -2, "from_status");
+    if (res.stop)
+        set_str(L, "stopped", res.stop);
 }
 
-/* ---- hooks ---------------------------------------------------------------- */
-
-static int call_retry_hook(lua_State *L)
+static void push_notice(lua_State *L, const st_notice *n)
 {
-    const st_retry_info *info = lua_touserdata(L, 1);
-    lua_pushvalue(L, 2); /* the hook */
-    lua_createtable(L, 0, 7);
-    set_str(L, "key", info->key);
-    set_int(L, "attempt", (long)info->attempt);
-    set_str(L, "class", st_class_name(info->cls));
-    set_str(L, "kind", info->kind);
-    if (info->status > 0)
-        set_int(L, "status", info->status);
-    set_num(L, "delay", info->delay_ms / 1000.0);
-    lua_pushboolean(L, info->hinted);
-    lua_setfield(L, -2, "hinted");
-    lua_call(L, 1, 0);
-    return 0;
-}
-
-/* Runs a hook from inside the engine: push(L) builds its argument from data
- * in protected mode, so neither a raising hook nor a memory error unwinds
- * through the engine; a failure is reported and the request goes on. */
-static void run_hook(l_engine *le, int ref, lua_CFunction push, const void *data, const char *name)
-{
-    lua_State *L = le->L;
-
-    if (L == NULL || ref == LUA_NOREF)
+    if (n->type == ST_NOTICE_EVENT) {
+        lua_pushliteral(L, "event");
+        sl_push_event(L, &n->event);
         return;
-    lua_pushcfunction(L, push);
-    lua_pushlightuserdata(L, (void *)data);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    if (lua_pcall(L, 2, 0, 0) != 0) {
-        fprintf(stderr, "sturdy: %s hook failed: %s\n", name, lua_tostring(L, -1));
-        lua_pop(L, 1);
     }
+    lua_pushliteral(L, "retry");
+    lua_createtable(L, 0, 7);
+    set_str(L, "key", n->retry.key);
+    set_int(L, "attempt", n->retry.attempt);
+    set_str(L, "class", st_class_name(n->retry.cls));
+    set_str(L, "kind", n->retry.kind);
+    if (n->retry.status > 0)
+        set_int(L, "status", n->retry.status);
+    set_num(L, "delay", n->retry.delay_ms / 1000.0);
+    lua_pushboolean(L, n->retry.hinted);
+    lua_setfield(L, -2, "hinted");
 }
 
-static void retry_hook(void *ud, const st_retry_info *info)
+static void append(lua_State *L, int list, int *n, int count)
 {
-    l_engine *le = ud;
-    run_hook(le, le->on_retry_ref, call_retry_hook, info, "on_retry");
+    /* the top `count` values go to list[n+1 .. n+4], padded with false */
+    int k;
+    for (k = count; k < 4; k++)
+        lua_pushboolean(L, 0);
+    for (k = 4; k >= 1; k--)
+        lua_rawseti(L, list, *n + k);
+    *n += 4;
 }
 
-static int call_event_hook(lua_State *L)
-{
-    const st_event *ev = lua_touserdata(L, 1);
-    lua_pushvalue(L, 2);
-    lua_createtable(L, 0, 6);
-    set_str(L, "key", ev->key);
-    switch (ev->type) {
-    case ST_EVENT_BREAKER:
-        set_str(L, "type", "breaker");
-        set_str(L, "from", breaker_states[ev->from]);
-        set_str(L, "to", breaker_states[ev->to]);
-        break;
-    case ST_EVENT_LIMIT_LEARNED:
-        set_str(L, "type", "limit_learned");
-        set_str(L, "dimension", st_dim_name(ev->dim));
-        set_num(L, "limit", ev->limit);
-        break;
-    case ST_EVENT_PAUSED:
-        set_str(L, "type", "paused");
-        set_num(L, "pause", ev->pause_ms / 1000.0);
-        break;
-    }
-    lua_call(L, 1, 0);
-    return 0;
-}
-
-static void event_hook(void *ud, const st_event *ev)
-{
-    l_engine *le = ud;
-    run_hook(le, le->on_event_ref, call_event_hook, ev, "on_event");
-}
-
-/* ---- engine methods ------------------------------------------------------- */
-
-static int l_engine_new(lua_State *L)
-{
-    st_transport_config tc;
-    st_retry_policy policy;
-    st_upstream_config upstream;
-    l_engine *le;
-    uint64_t seed;
-    char err[256];
-
-    luaL_checktype(L, 1, LUA_TTABLE);
-    memset(&tc, 0, sizeof tc);
-    tc.ca_file = opt_string(L, 1, "ca_file");
-    tc.ca_path = opt_string(L, 1, "ca_path");
-    tc.client_cert = opt_string(L, 1, "client_cert");
-    tc.client_key = opt_string(L, 1, "client_key");
-    tc.client_key_password = opt_string(L, 1, "client_key_password");
-    tc.proxy = opt_string(L, 1, "proxy");
-    tc.no_proxy = opt_string(L, 1, "no_proxy");
-    tc.user_agent = opt_string(L, 1, "user_agent");
-    read_retry_policy(L, 1, &policy);
-    read_upstream_config(L, 1, &upstream);
-
-    /* the userdata exists in a safe state before anything can fail */
-    le = lua_newuserdata(L, sizeof *le);
-    le->e = NULL;
-    le->L = NULL;
-    le->on_retry_ref = LUA_NOREF;
-    le->on_event_ref = LUA_NOREF;
-    luaL_setmetatable(L, ENGINE_MT);
-
-    seed = (uint64_t)opt_number(L, 1, "seed", 0);
-    if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
-        seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20);
-    le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
-    if (le->e == NULL)
-        return luaL_error(L, "sturdy: %s", err);
-    lua_getfield(L, 1, "on_retry");
-    if (lua_isfunction(L, -1)) {
-        le->on_retry_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        st_engine_set_retry_hook(le->e, retry_hook, le);
-    } else {
-        lua_pop(L, 1);
-    }
-    lua_getfield(L, 1, "on_event");
-    if (lua_isfunction(L, -1)) {
-        le->on_event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        st_engine_set_event_hook(le->e, event_hook, le);
-    } else {
-        lua_pop(L, 1);
-    }
-    return 1;
-}
-
-/* The request arrives as positional arguments from `first` on, cheaper than a
- * table on the hot path: method, url, key, body, header lines, connect_ms,
- * first_byte_ms, idle_ms, total_ms, max_response, attempts, on_data, priority,
- * input_tokens, output_tokens (estimates). */
-static void read_spec(lua_State *L, int first, st_request_spec *spec, const char **headers)
-{
-    size_t n, i;
-
-    memset(spec, 0, sizeof *spec);
-    spec->method = luaL_checkstring(L, first);
-    spec->url = luaL_checkstring(L, first + 1);
-    spec->key = luaL_optstring(L, first + 2, NULL);
-    spec->body = luaL_optlstring(L, first + 3, NULL, &spec->body_len);
-    luaL_checktype(L, first + 4, LUA_TTABLE);
-    n = lua_rawlen(L, first + 4);
-    if (n > MAX_SPEC_HEADERS)
-        luaL_error(L, "sturdy: too many headers (%d at most)", MAX_SPEC_HEADERS);
-    for (i = 0; i < n; i++) {
-        lua_rawgeti(L, first + 4, (int)i + 1);
-        headers[i] = lua_tostring(L, -1);
-        lua_pop(L, 1); /* the table keeps the string alive */
-        if (headers[i] == NULL)
-            luaL_error(L, "sturdy: header line %d is not a string", (int)i + 1);
-    }
-    spec->headers = headers;
-    spec->nheaders = n;
-    spec->connect_ms = (int64_t)luaL_optnumber(L, first + 5, 0);
-    spec->first_byte_ms = (int64_t)luaL_optnumber(L, first + 6, 0);
-    spec->idle_ms = (int64_t)luaL_optnumber(L, first + 7, 0);
-    spec->total_ms = (int64_t)luaL_optnumber(L, first + 8, 0);
-    spec->max_response = (size_t)luaL_optnumber(L, first + 9, 0);
-    spec->attempts = (unsigned)luaL_optnumber(L, first + 10, 0);
-    /* a function: blocking delivery to on_data; true: submitted, taken with take_data */
-    spec->stream = lua_isfunction(L, first + 11) ? 1 : (lua_toboolean(L, first + 11) ? ST_STREAM_MANUAL_COMMIT : 0);
-    spec->priority = luaL_checkoption(L, first + 12, "normal", priorities);
-    spec->input_tokens = luaL_optnumber(L, first + 13, 0);
-    spec->output_tokens = luaL_optnumber(L, first + 14, 0);
-}
-
-/* Hands the body bytes received so far to on_data (at the stack index given).
- * Returns 1 to go on, 0 when the callback asked to stop by returning false,
- * -1 when it raised (its error is left on the stack). */
-static int deliver_body(lua_State *L, st_request *r, int on_data)
-{
-    size_t len;
-    const char *p = st_request_pending_body(r, &len);
-    int keep_going;
-
-    if (len == 0)
-        return 1;
-    lua_pushvalue(L, on_data);
-    lua_pushlstring(L, p, len);
-    st_request_body_delivered(r);
-    if (lua_pcall(L, 1, 1, 0) != 0)
-        return -1; /* the error is on the stack */
-    keep_going = !(lua_isboolean(L, -1) && !lua_toboolean(L, -1));
-    lua_pop(L, 1);
-    return keep_going;
-}
-
-/* engine:perform(...) -> result table (arguments as read_spec reads them). Submits, then drives the engine until
- * this request is done. */
-static int l_engine_perform(lua_State *L)
+/* engine:take() -> list, n: what is ready for Lua, in order, four slots each:
+ *   "retry", info | "event", event         (notices, oldest first)
+ *   "data", handle, chunk, attempt         (streamed body bytes)
+ *   "done", handle, result                 (a finished request; its handle's
+ *                                           registry reference is released)
+ * Finished requests come only in a take without body bytes, so a stream reader
+ * sees the last bytes (and may still judge the attempt) before the end.
+ * The third result is true when more is ready. */
+static int l_engine_take(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
-    const char *headers[MAX_SPEC_HEADERS];
-    st_request_spec spec;
-    st_request *r;
-    lua_State *saved;
-    int on_data;
-    char err[256];
-
-    read_spec(L, 2, &spec, headers);
-    on_data = 13;
-    saved = le->L;
-    le->L = L; /* hooks may fire from submit itself (a breaker refusing) */
-    r = st_engine_submit(le->e, &spec, err, sizeof err);
-    if (r == NULL) {
-        le->L = saved;
-        return luaL_error(L, "sturdy: %s", err);
-    }
-    for (;;) {
-        st_engine_step(le->e, 1000);
-        if (spec.stream) {
-            int go_on = deliver_body(L, r, on_data);
-            if (go_on < 0) {
-                le->L = saved;
-                st_request_free(r);
-                return lua_error(L);
-            }
-            if (!go_on)
-                st_engine_cancel(le->e, r);
-        }
-        if (st_request_state(r) == ST_REQ_DONE)
-            break;
-    }
-    le->L = saved;
-    push_result(L, r);
-    st_request_free(r);
-    return 1;
-}
-
-/* engine:submit(handle, ...) -> request. Starts the request (arguments as
- * read_spec reads them, from the second on) without waiting for anything. */
-static int l_engine_submit(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    const char *headers[MAX_SPEC_HEADERS];
-    st_request_spec spec;
-    l_request *lr;
-    lua_State *saved;
-    char err[256];
-
-    luaL_checktype(L, 2, LUA_TTABLE);
-    read_spec(L, 3, &spec, headers);
-    if (lua_isfunction(L, 3 + 11))
-        return luaL_error(L, "sturdy: on_data is only for blocking requests");
-    lr = lua_newuserdata(L, sizeof *lr);
-    lr->r = NULL;
-    lr->le = le;
-    lr->ref = LUA_NOREF;
-    luaL_setmetatable(L, REQUEST_MT);
-    lua_createtable(L, 2, 0);
-    lua_pushvalue(L, 2);
-    lua_rawseti(L, -2, 1);
-    lua_pushvalue(L, 1);
-    lua_rawseti(L, -2, 2);
-    lua_setuservalue(L, -2);
-
-    saved = le->L;
-    le->L = L;
-    lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
-    le->L = saved;
-    if (lr->r == NULL)
-        return luaL_error(L, "sturdy: %s", err);
-    st_request_set_userdata(lr->r, lr);
-    lua_pushvalue(L, -1);
-    lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    return 1;
-}
-
-/* engine:step(max_wait_ms) -> requests still active. */
-static int l_engine_step(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    lua_Number wait = luaL_optnumber(L, 2, 0);
-    int active;
-
-    lua_State *saved = le->L;
-
-    le->L = L;
-    active = st_engine_step(le->e, wait > 0 ? (int64_t)wait : 0);
-    le->L = saved;
-    lua_pushinteger(L, active);
-    return 1;
-}
-
-/* Stores a finished request's result in its handle's `raw` field and lets it go. */
-static void finish_request(lua_State *L, l_request *lr, int request_index)
-{
-    st_request *r = lr->r;
-
-    lua_getuservalue(L, request_index);
-    lua_rawgeti(L, -1, 1);          /* the handle */
-    push_result(L, r);
-    lua_setfield(L, -2, "raw");
-    lua_remove(L, -2);              /* leaves the handle */
-    lr->r = NULL;
-    st_request_free(r);
-    luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
-    lr->ref = LUA_NOREF;
-}
-
-/* engine:take_done() -> list of the handles of requests that finished. */
-static int l_engine_take_done(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    st_request *r;
-    int n = 0;
+    st_engine *e = le->e;
+    st_notice notice;
+    st_request *streams[256], *r;
+    size_t ns, i;
+    int list, n = 0;
 
     lua_newtable(L);
-    while ((r = st_engine_take_done(le->e)) != NULL) {
-        l_request *lr = st_request_userdata(r);
-        lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
-        finish_request(L, lr, lua_gettop(L));
-        lua_remove(L, -2);
-        lua_rawseti(L, -2, ++n);
+    list = lua_gettop(L);
+    while (st_engine_take_notice(e, &notice)) {
+        push_notice(L, &notice);
+        append(L, list, &n, 2);
     }
-    return 1;
-}
-
-/* engine:take_data() -> list of { handle, chunk, attempt } for streamed
- * requests with body bytes waiting. */
-static int l_engine_take_data(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    st_request *streams[256];
-    size_t n = st_engine_streams(le->e, streams, 256), i;
-
-    if (n > 256)
-        n = 256; /* the rest come with the next call */
-    lua_createtable(L, (int)n, 0);
-    for (i = 0; i < n; i++) {
-        st_request *r = streams[i];
-        l_request *lr = st_request_userdata(r);
+    ns = st_engine_streams(e, streams, 256);
+    if (ns > 256)
+        ns = 256; /* the rest come with the next call */
+    for (i = 0; i < ns; i++) {
+        l_request *lr = st_request_userdata(streams[i]);
         size_t len;
-        const char *p = st_request_pending_body(r, &len);
-
-        lua_createtable(L, 3, 0);
+        const char *p = st_request_pending_body(streams[i], &len);
+        lua_pushliteral(L, "data");
         lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
-        lua_getuservalue(L, -1);
-        lua_rawgeti(L, -1, 1);
-        lua_rawseti(L, -4, 1);
-        lua_pop(L, 2);
         lua_pushlstring(L, p, len);
-        lua_rawseti(L, -2, 2);
-        lua_pushinteger(L, (lua_Integer)st_request_attempt(r));
-        lua_rawseti(L, -2, 3);
-        st_request_body_delivered(r);
-        lua_rawseti(L, -2, (int)i + 1);
+        lua_pushinteger(L, (lua_Integer)st_request_attempt(streams[i]));
+        st_request_body_delivered(streams[i]);
+        append(L, list, &n, 4);
     }
-    return 1;
+    while (ns == 0 && (r = st_engine_take_done(e)) != NULL) {
+        l_request *lr = st_request_userdata(r);
+        lua_pushliteral(L, "done");
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
+        push_result(L, r);
+        append(L, list, &n, 3);
+        lr->r = NULL;
+        st_request_free(r);
+        luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
+        lr->ref = LUA_NOREF;
+    }
+    lua_pushinteger(L, n);
+    lua_pushboolean(L, st_engine_ready(e));
+    return 3;
 }
 
-/* engine:cancel_all(): every unfinished request ends as canceled (take_done hands them out). */
+/* engine:cancel_all(): every unfinished request ends as canceled (take hands them out). */
 static int l_engine_cancel_all(lua_State *L)
 {
     st_engine_cancel_all(open_engine(L, 1)->e);
@@ -651,6 +565,106 @@ static int l_engine_timeout(lua_State *L)
     return 1;
 }
 
+static int l_engine_stats(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_engine_stats s;
+
+    st_engine_stats_get(le->e, &s);
+    lua_createtable(L, 0, 8);
+    set_int(L, "requests", (double)s.requests);
+    set_int(L, "attempts", (double)s.attempts);
+    set_int(L, "retries", (double)s.retries);
+    set_int(L, "connections", (double)s.connections);
+    set_int(L, "running", s.running);
+    set_int(L, "waiting", s.waiting);
+    set_int(L, "queued", s.queued);
+    set_int(L, "done", s.done);
+    return 1;
+}
+
+/* engine:upstream_stats(key) -> table, or nil when no request named the key. */
+static int l_engine_upstream_stats(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
+
+    if (u == NULL)
+        return 0;
+    sl_push_upstream_stats(L, u, st_engine_now_ms());
+    return 1;
+}
+
+/* engine:correct(key, dimension, delta): real usage known after a reply
+ * corrects the key's token buckets by (actual - estimated). */
+static int l_engine_correct(lua_State *L)
+{
+    static const char *const dims[] = { "requests", "input_tokens", "output_tokens", "tokens", NULL };
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
+    int d = luaL_checkoption(L, 3, NULL, dims);
+    lua_Number delta = luaL_checknumber(L, 4);
+
+    if (u != NULL && delta == delta && delta != 0)
+        st_limiter_correct(&u->limiter, st_engine_now_ms(), (st_dim)d, delta);
+    return 0;
+}
+
+static void push_key(void *ud, st_upstream *u)
+{
+    lua_State *L = ud;
+    lua_pushstring(L, u->name);
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+}
+
+/* engine:keys() -> the upstream keys requests have named. */
+static int l_engine_keys(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_newtable(L);
+    st_decider_each(st_engine_decider(le->e), push_key, L);
+    return 1;
+}
+
+static int l_engine_active(lua_State *L)
+{
+    lua_pushinteger(L, st_engine_active(open_engine(L, 1)->e));
+    return 1;
+}
+
+/* engine:close(): frees the engine. Requests still held by Lua are let go
+ * first, so none points into a freed engine. Take what is done first. */
+static int l_engine_close(lua_State *L)
+{
+    l_engine *le = check_engine(L, 1);
+    st_request *r;
+
+    if (le->e) {
+        st_engine_cancel_all(le->e);
+        while ((r = st_engine_take_done(le->e)) != NULL) {
+            l_request *lr = st_request_userdata(r);
+            lr->r = NULL;
+            if (lr->ref != LUA_NOREF)
+                luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
+            lr->ref = LUA_NOREF;
+            st_request_free(r);
+        }
+        st_engine_free(le->e);
+        le->e = NULL;
+    }
+    free_lines(le);
+    return 0;
+}
+
+static int l_engine_tostring(lua_State *L)
+{
+    l_engine *le = check_engine(L, 1);
+    lua_pushfstring(L, "sturdy.engine (%s)", le->e ? "open" : "closed");
+    return 1;
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
 static int l_request_cancel(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
@@ -670,19 +684,19 @@ static int l_request_commit(lua_State *L)
 /* request:fail_attempt(class, kind, detail): the body says the attempt failed. */
 static int l_request_fail_attempt(lua_State *L)
 {
+    /* kinds live as long as the engine: the few a body may report are interned */
+    static const char *const kinds[] = { "overloaded", "rate_limited", "server", "bad_request", "auth",
+                                         "permission", "not_found", "too_large", "stream_error",
+                                         "bad_response", NULL };
     l_request *lr = check_request(L, 1);
     st_class cls;
     const char *name = luaL_checkstring(L, 2);
+    int k = luaL_checkoption(L, 3, NULL, kinds);
 
-    if (!st_class_parse(name, &cls))
-        return luaL_error(L, "sturdy: unknown class '%s'", name);
-    if (lr->r != NULL && lr->le->e != NULL) {
-        /* kinds live as long as the engine: intern the few a provider uses */
-        static const char *const kinds[] = { "overloaded", "rate_limited", "server", "bad_request", "auth",
-                                             "permission", "not_found", "too_large", "stream_error", NULL };
-        int k = luaL_checkoption(L, 3, NULL, kinds);
+    if (!st_class_parse(name, &cls) || cls == ST_CLASS_SUCCESS)
+        return luaL_error(L, "sturdy: unknown failure class '%s'", name);
+    if (lr->r != NULL && lr->le->e != NULL)
         st_engine_fail_attempt(lr->le->e, lr->r, cls, kinds[k], luaL_optstring(L, 4, ""));
-    }
     return 0;
 }
 
@@ -696,181 +710,18 @@ static int l_request_gc(lua_State *L)
     return 0;
 }
 
-static int l_engine_stats(lua_State *L)
+/* ---- module --------------------------------------------------------------- */
+
+static int l_isatty(lua_State *L)
 {
-    l_engine *le = open_engine(L, 1);
-    st_engine_stats s;
-
-    st_engine_stats_get(le->e, &s);
-    lua_createtable(L, 0, 6);
-    set_num(L, "requests", (double)s.requests);
-    set_num(L, "attempts", (double)s.attempts);
-    set_num(L, "retries", (double)s.retries);
-    set_num(L, "connections", (double)s.connections);
-    set_int(L, "running", s.running);
-    set_int(L, "waiting", s.waiting);
-    set_int(L, "queued", s.queued);
-    set_int(L, "done", s.done);
-    return 1;
-}
-
-static void push_latency(lua_State *L, st_latency *l, int64_t now)
-{
-    static const double qs[] = { 0.5, 0.9, 0.95, 0.99, 0.999 };
-    static const char *const names[] = { "p50", "p90", "p95", "p99", "p999" };
-    uint64_t out[5];
-    st_latency_summary sum;
-    size_t i;
-
-    lua_createtable(L, 0, 9);
-    if (l == NULL || st_latency_query(l, now, qs, 5, out, &sum) == 0) {
-        set_int(L, "count", 0); /* an empty window has no percentiles, not zeros */
-        return;
-    }
-    set_num(L, "count", (double)sum.count);
-    set_num(L, "min", sum.min_us / 1e6);
-    set_num(L, "max", sum.max_us / 1e6);
-    set_num(L, "mean", sum.mean_us / 1e6);
-    for (i = 0; i < 5; i++)
-        set_num(L, names[i], out[i] / 1e6);
-}
-
-/* engine:upstream_stats(key) -> table, or nil when no request named the key. */
-static int l_engine_upstream_stats(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    st_upstream *u = st_engine_upstream(le->e, luaL_checkstring(L, 2));
-    int64_t now = st_engine_now_ms();
-    st_breaker_stats bs;
-    int i;
-
-    if (u == NULL)
-        return 0;
-    lua_createtable(L, 0, 10);
-    set_str(L, "key", u->name);
-    set_int(L, "in_flight", (long)u->in_flight);
-    set_int(L, "queued", (long)u->queued);
-    set_num(L, "throttled", (double)u->throttled);
-    set_num(L, "circuit_open", (double)u->circuit_open);
-    set_num(L, "queue_full", (double)u->queue_full);
-    set_num(L, "paced", (double)u->paced);
-    set_num(L, "budget", st_budget_balance(&u->budget, now));
-
-    st_breaker_stats_get(&u->breaker, now, &bs);
-    lua_createtable(L, 0, 9);
-    set_str(L, "state", u->breaker_enabled ? breaker_states[bs.state] : "disabled");
-    set_str(L, "mode", u->breaker_enabled ? breaker_modes[bs.mode] : "disabled");
-    set_num(L, "calls", bs.calls);
-    set_num(L, "failures", bs.failures);
-    set_num(L, "slow", bs.slow);
-    set_num(L, "failure_rate", bs.failure_rate);
-    set_num(L, "slow_rate", bs.slow_rate);
-    set_num(L, "opens", bs.opens);
-    set_num(L, "open_for", bs.current_open_ms / 1000.0);
-    if (bs.state == ST_BREAKER_OPEN && bs.open_until_ms != INT64_MAX)
-        set_num(L, "retry_in", bs.open_until_ms > now ? (bs.open_until_ms - now) / 1000.0 : 0);
-    lua_setfield(L, -2, "breaker");
-
-    push_latency(L, u->total, now);
-    lua_setfield(L, -2, "latency");
-    push_latency(L, u->ttfb, now);
-    lua_setfield(L, -2, "ttfb");
-
-    lua_createtable(L, 0, ST_DIM_COUNT + 1);
-    for (i = 0; i < ST_DIM_COUNT; i++) {
-        double limit = st_limiter_limit(&u->limiter, (st_dim)i);
-        if (limit <= 0 && u->limiter.remaining[i] < 0)
-            continue;
-        lua_createtable(L, 0, 5);
-        if (limit > 0)
-            set_num(L, "limit", limit);
-        if (u->limiter.configured[i] > 0)
-            set_num(L, "configured", u->limiter.configured[i]);
-        if (u->limiter.learned[i] > 0)
-            set_num(L, "learned", u->limiter.learned[i]);
-        if (u->limiter.remaining[i] >= 0)
-            set_num(L, "remaining", u->limiter.remaining[i]);
-        if (u->limiter.reset_at_ms[i] > now)
-            set_num(L, "reset_in", (u->limiter.reset_at_ms[i] - now) / 1000.0);
-        lua_setfield(L, -2, st_dim_name((st_dim)i));
-    }
-    if (u->limiter.paused_until_ms > now)
-        set_num(L, "paused_for", (u->limiter.paused_until_ms - now) / 1000.0);
-    lua_setfield(L, -2, "limits");
-    return 1;
-}
-
-/* engine:correct(key, dimension, delta): real usage known after a reply
- * corrects the key's token buckets by (actual - estimated). */
-static int l_engine_correct(lua_State *L)
-{
-    static const char *const dims[] = { "requests", "input_tokens", "output_tokens", "tokens", NULL };
-    l_engine *le = open_engine(L, 1);
-    st_upstream *u = st_engine_upstream(le->e, luaL_checkstring(L, 2));
-    int d = luaL_checkoption(L, 3, NULL, dims);
-    lua_Number delta = luaL_checknumber(L, 4);
-
-    if (u != NULL && delta != 0)
-        st_limiter_correct(&u->limiter, st_engine_now_ms(), (st_dim)d, delta);
-    return 0;
-}
-
-static void push_key(void *ud, st_upstream *u)
-{
-    lua_State *L = ud;
-    lua_pushstring(L, u->name);
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
-}
-
-/* engine:keys() -> the upstream keys requests have named. */
-static int l_engine_keys(lua_State *L)
-{
-    l_engine *le = open_engine(L, 1);
-    lua_newtable(L);
-    st_engine_each_upstream(le->e, push_key, L);
-    return 1;
-}
-
-static int l_engine_close(lua_State *L)
-{
-    l_engine *le = check_engine(L, 1);
-    st_request *r;
-
-    if (le->e && le->L != NULL)
-        return luaL_error(L, "sturdy: the client cannot be closed from a hook while it waits on a request");
-    if (le->e) {
-        /* requests still held by Lua are let go first, so none points into a freed engine */
-        st_engine_cancel_all(le->e);
-        while ((r = st_engine_take_done(le->e)) != NULL) {
-            l_request *lr = st_request_userdata(r);
-            lr->r = NULL;
-            if (lr->ref != LUA_NOREF)
-                luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
-            lr->ref = LUA_NOREF;
-            st_request_free(r);
-        }
-        st_engine_free(le->e);
-        le->e = NULL;
-    }
-    luaL_unref(L, LUA_REGISTRYINDEX, le->on_retry_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, le->on_event_ref);
-    le->on_retry_ref = le->on_event_ref = LUA_NOREF;
-    return 0;
-}
-
-static int l_engine_tostring(lua_State *L)
-{
-    l_engine *le = check_engine(L, 1);
-    lua_pushfstring(L, "sturdy.engine (%s)", le->e ? "open" : "closed");
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
     return 1;
 }
 
 static const luaL_Reg engine_methods[] = {
-    { "perform", l_engine_perform },
     { "submit", l_engine_submit },
     { "step", l_engine_step },
-    { "take_done", l_engine_take_done },
-    { "take_data", l_engine_take_data },
+    { "take", l_engine_take },
     { "cancel_all", l_engine_cancel_all },
     { "fds", l_engine_fds },
     { "timeout", l_engine_timeout },
@@ -878,6 +729,7 @@ static const luaL_Reg engine_methods[] = {
     { "upstream_stats", l_engine_upstream_stats },
     { "keys", l_engine_keys },
     { "correct", l_engine_correct },
+    { "active", l_engine_active },
     { "close", l_engine_close },
     { NULL, NULL }
 };
@@ -900,33 +752,28 @@ static const luaL_Reg request_meta[] = {
     { NULL, NULL }
 };
 
-static int l_isatty(lua_State *L)
-{
-    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
-    return 1;
-}
-
 static const luaL_Reg core_functions[] = {
     { "isatty", l_isatty },
     { "engine", l_engine_new },
     { NULL, NULL }
 };
 
+static void new_class(lua_State *L, const char *name, const luaL_Reg *meta, const luaL_Reg *methods)
+{
+    luaL_newmetatable(L, name);
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+}
+
 ST_EXPORT int luaopen_sturdy_core(lua_State *L);
 
 ST_EXPORT int luaopen_sturdy_core(lua_State *L)
 {
-    luaL_newmetatable(L, ENGINE_MT);
-    luaL_setfuncs(L, engine_meta, 0);
-    luaL_newlib(L, engine_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    luaL_newmetatable(L, REQUEST_MT);
-    luaL_setfuncs(L, request_meta, 0);
-    luaL_newlib(L, request_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-
+    new_class(L, ENGINE_MT, engine_meta, engine_methods);
+    new_class(L, REQUEST_MT, request_meta, request_methods);
     luaL_newlib(L, core_functions);
     return 1;
 }

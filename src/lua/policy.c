@@ -1,9 +1,9 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
- * the SSE parser, the HTTP response-head parser, and the monotonic clock.
+ * the SSE parser, the HTTP response-head parser, the options' enums and
+ * defaults, and the monotonic clock.
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
-#include <ctype.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -12,6 +12,7 @@
 #include <lauxlib.h>
 
 #include "compat.h"
+#include "convert.h"
 #include "headers.h"
 #include "sse.h"
 
@@ -20,68 +21,12 @@
 
 /* ---- header blocks -------------------------------------------------------- */
 
-/* Pushes name lowercased. */
-static void push_lower(lua_State *L, const char *p, size_t len)
-{
-    char small[256];
-    size_t i;
-
-    if (len <= sizeof small) {
-        for (i = 0; i < len; i++)
-            small[i] = (char)tolower((unsigned char)p[i]);
-        lua_pushlstring(L, small, len);
-    } else {
-        luaL_Buffer b;
-        luaL_buffinit(L, &b);
-        for (i = 0; i < len; i++)
-            luaL_addchar(&b, (char)tolower((unsigned char)p[i]));
-        luaL_pushresult(&b);
-    }
-}
-
-/* Headers as a table keyed by lowercase name; a repeated header becomes a
- * list. The block holds "name\0value\0" pairs (as st_headers keeps them); a
- * block cut short ends the table there, so foreign input cannot be over-read. */
-static void push_header_table(lua_State *L, const char *p, size_t len)
-{
-    const char *end = p + len;
-
-    lua_newtable(L);
-    while (p < end) {
-        const char *name_end = memchr(p, '\0', (size_t)(end - p)), *value, *value_end;
-        if (name_end == NULL)
-            break;
-        value = name_end + 1;
-        value_end = value < end ? memchr(value, '\0', (size_t)(end - value)) : NULL;
-        if (value_end == NULL)
-            break;
-        push_lower(L, p, (size_t)(name_end - p));
-        lua_pushvalue(L, -1);
-        lua_rawget(L, -3);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            lua_pushlstring(L, value, (size_t)(value_end - value));
-        } else if (lua_istable(L, -1)) {
-            lua_pushlstring(L, value, (size_t)(value_end - value));
-            lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
-        } else {
-            lua_createtable(L, 2, 0);
-            lua_insert(L, -2);
-            lua_rawseti(L, -2, 1);
-            lua_pushlstring(L, value, (size_t)(value_end - value));
-            lua_rawseti(L, -2, 2);
-        }
-        lua_rawset(L, -3);
-        p = value_end + 1;
-    }
-}
-
 /* policy.header_table(block) -> { lowercase name = value | { values } } */
 static int l_header_table(lua_State *L)
 {
     size_t len;
     const char *raw = luaL_checklstring(L, 1, &len);
-    push_header_table(L, raw, len);
+    sl_push_header_table(L, raw, len);
     return 1;
 }
 
@@ -282,7 +227,23 @@ static int l_monotime(lua_State *L)
     return 1;
 }
 
+/* policy.enums() -> the name lists the options schema checks against */
+static int l_enums(lua_State *L)
+{
+    sl_push_enums(L);
+    return 1;
+}
+
+/* policy.defaults() -> the decision core's defaults, in the compiled configuration's shape */
+static int l_defaults(lua_State *L)
+{
+    sl_push_defaults(L);
+    return 1;
+}
+
 static const luaL_Reg policy_functions[] = {
+    { "enums", l_enums },
+    { "defaults", l_defaults },
     { "sse", l_sse_new },
     { "head", l_head_new },
     { "header_table", l_header_table },

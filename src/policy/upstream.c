@@ -9,6 +9,7 @@ void st_upstream_config_defaults(st_upstream_config *c)
     c->breaker_enabled = 1;
     st_breaker_config_defaults(&c->breaker);
     c->burst_seconds = 1;
+    c->max_pause_ms = 300000;
     c->concurrency = 16;
     c->queue_max = 1000;
     c->budget_ratio = 0.2;
@@ -36,6 +37,7 @@ st_upstream *st_upstream_new(const char *name, const st_upstream_config *c, int6
     u->latency_slot_ms = c->latency_slot_ms;
     u->concurrency = c->concurrency ? c->concurrency : 1;
     u->queue_max = c->queue_max;
+    u->max_pause_ms = c->max_pause_ms > 0 ? c->max_pause_ms : 300000;
     return u;
 }
 

@@ -21,6 +21,7 @@ typedef struct st_upstream_config {
     st_breaker_mode breaker_mode;
     double limits_per_min[ST_DIM_COUNT]; /* configured; 0 = learn from headers */
     double burst_seconds;
+    int64_t max_pause_ms;                /* longest pause a 429 may put on the key */
     unsigned concurrency;                /* in flight at most */
     unsigned queue_max;                  /* waiting at most */
     double budget_ratio, budget_min_per_s;
@@ -48,10 +49,11 @@ typedef struct st_upstream {
     unsigned latency_slots;
     int64_t latency_slot_ms;
     unsigned concurrency, queue_max;
+    int64_t max_pause_ms;
     unsigned in_flight, queued;
     int replied;                   /* a response has come back: slow start is over */
     st_qnode *head[ST_PRIORITY_COUNT], *tail[ST_PRIORITY_COUNT];
-    st_timer wake;                 /* the limiter's next opening, while requests wait on it */
+    st_timer wake;                 /* a transport's timer for the limiter's next opening */
     uint64_t throttled, circuit_open, queue_full; /* 429s received; calls refused */
     uint64_t paced;                /* attempts the rate limiter held back rather than send */
     char name[];

@@ -1,0 +1,428 @@
+--- The options of `sturdy.client`, declared once: name, type, unit, range and,
+-- for what the C core decides, where the value goes in the compiled
+-- configuration it reads. Defaults of those come from the C core itself
+-- (`sturdy.policy.defaults()`), and the names of classes, jitters, breaker modes
+-- and priorities from its enums, so no list is kept twice.
+--
+-- `options.client(cfg)` checks a client's options once, at creation, converts
+-- units once (seconds to milliseconds, rounded up), and returns the compiled
+-- configuration and the Lua-side settings. `options.check_request(req)` is the
+-- per-call check, cheap when a request uses the defaults.
+-- @module sturdy.options
+local policy = require "sturdy.policy"
+
+local options = {}
+
+local type, pairs, ipairs, tostring, next = type, pairs, ipairs, tostring, next
+local floor, ceil, huge = math.floor, math.ceil, math.huge
+local format = string.format
+
+--- The longest span any option in seconds may name: 10 years.
+options.MAX_SECONDS = 315360000
+
+local ENUMS = policy.enums()
+options.enums = ENUMS
+
+local function set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+
+local CLASS_SET = set_of(ENUMS.class)
+-- classes a user may name in retry and breaker settings
+local POLICY_CLASSES = { throttled = true, overloaded = true, transient = true, timeout = true, fatal = true }
+local ENUM_SETS = {}
+for name, list in pairs(ENUMS) do ENUM_SETS[name] = set_of(list) end
+
+local function fail(msg, ...)
+  error("sturdy: " .. format(msg, ...), 0)
+end
+
+--- Flattens a value to one printable line of at most n bytes.
+local function one_line(s, n)
+  s = tostring(s):gsub("[%c]+", " ")
+  if #s > n then s = s:sub(1, n) .. "..." end
+  return s
+end
+options.one_line = one_line
+
+local function shown(v)
+  return type(v) == "string" and format("%q", one_line(v, 40)) or type(v)
+end
+
+---------------------------------------------------------------------------
+-- Kinds of values. Each checks v and returns it converted, or calls bad(want).
+---------------------------------------------------------------------------
+
+local function finite(v)
+  return type(v) == "number" and v == v and v > -huge and v < huge
+end
+
+local function seconds_to_ms(v)
+  return ceil(v * 1000)
+end
+
+local KINDS = {}
+
+function KINDS.string(v, _, bad)
+  if type(v) ~= "string" then bad("a string") end
+  return v
+end
+
+function KINDS.table(v, _, bad)
+  if type(v) ~= "table" then bad("a table") end
+  return v
+end
+
+KINDS["function"] = function(v, _, bad)
+  if type(v) ~= "function" then bad("a function") end
+  return v
+end
+
+-- seconds > 0, at most MAX_SECONDS; to milliseconds (at least 1)
+function KINDS.seconds(v, _, bad)
+  if not finite(v) or v <= 0 then bad("a positive number") end
+  if v > options.MAX_SECONDS then bad(format("at most %d (seconds)", options.MAX_SECONDS)) end
+  return seconds_to_ms(v)
+end
+
+-- as seconds, or false for none (0)
+KINDS["seconds|false"] = function(v, spec, bad)
+  if v == false then return 0 end
+  if not finite(v) or v <= 0 then bad("a positive number or false") end
+  return KINDS.seconds(v, spec, bad)
+end
+
+-- a whole number within spec.range
+function KINDS.count(v, spec, bad)
+  local lo, hi = spec.range[1], spec.range[2]
+  if not finite(v) or v ~= floor(v) or v < lo then bad(format("a whole number >= %d", lo)) end
+  if v > hi then bad(format("a whole number from %d to %.0f", lo, hi)) end
+  return v
+end
+
+-- a finite number within spec.range
+function KINDS.number(v, spec, bad)
+  local lo, hi = spec.range[1], spec.range[2]
+  if not finite(v) then bad("a number") end
+  if v < lo or v > hi then bad(format("a number from %g to %g", lo, hi)) end
+  return v
+end
+
+-- a per-minute limit
+function KINDS.rate(v, _, bad)
+  if not finite(v) or v <= 0 then bad("a positive number") end
+  if v > 1e12 then bad("at most 1e12 (per minute)") end
+  return v
+end
+
+function KINDS.enum(v, spec, bad)
+  if type(v) ~= "string" or not ENUM_SETS[spec.values][v] then
+    bad("one of " .. table.concat(ENUMS[spec.values], ", "))
+  end
+  return v
+end
+
+-- one number of seconds for every class, or a table of them by class
+KINDS["seconds|classes"] = function(v, spec, bad, where)
+  local out = {}
+  if type(v) == "number" then
+    local ms = KINDS.seconds(v, spec, bad)
+    for class in pairs(POLICY_CLASSES) do out[class] = ms end
+    return out
+  end
+  if type(v) ~= "table" then bad("a positive number or a table of them by class") end
+  for class, s in pairs(v) do
+    if not POLICY_CLASSES[class] then fail("unknown class '%s' in %s", tostring(class), where) end
+    out[class] = KINDS.seconds(s, spec, function(want)
+      fail("%s.%s must be %s, got %s", where, class, want, shown(s))
+    end)
+  end
+  return out
+end
+
+-- a list of class names or HTTP statuses
+function KINDS.outcomes(v, _, bad, where)
+  if type(v) ~= "table" then bad("a list of class names or HTTP statuses") end
+  for _, x in ipairs(v) do
+    if not POLICY_CLASSES[x] and not (type(x) == "number" and x >= 100 and x <= 599 and x == floor(x)) then
+      fail("%s takes class names (throttled, overloaded, transient, timeout, fatal) or HTTP statuses, got %s",
+           where, tostring(x))
+    end
+  end
+  return v
+end
+
+-- a list of class names
+function KINDS.classes(v, _, bad, where)
+  if type(v) ~= "table" then bad("a list of class names") end
+  for _, x in ipairs(v) do
+    if not POLICY_CLASSES[x] then fail("unknown class '%s' in %s", tostring(x), where) end
+  end
+  return v
+end
+
+---------------------------------------------------------------------------
+-- The schema. A leaf: { kind, to = compiled path, range =, values =, default = }.
+-- A section: { fields = {...} }, optionally `false` allowed (or_false).
+---------------------------------------------------------------------------
+
+local TIMEOUT = {
+  fields = {
+    connect = { "seconds|false", default = 10 },
+    first_byte = { "seconds|false", default = 60 },
+    idle = { "seconds|false", default = 30 },
+    total = { "seconds|false", default = 600 },
+  },
+}
+options.TIMEOUT_NAMES = { "connect", "first_byte", "idle", "total" }
+
+local CLIENT = { fields = {
+  base_url = { "string" },
+  headers = { "table" },
+  key = { "string" },
+  timeout = TIMEOUT,
+  retry = { fields = {
+    attempts = { "count", range = { 1, 1000 }, to = "retry.attempts" },
+    base = { "seconds|classes", to = "retry.base_ms" },
+    cap = { "seconds", to = "retry.cap_ms" },
+    jitter = { "enum", values = "jitter", to = "retry.jitter" },
+    honor_retry_after = { "seconds", to = "retry.honor_retry_after_ms" },
+    retry_on = { "outcomes" },
+    never_retry_on = { "outcomes" },
+    budget = { or_false = "retry.budget", fields = {
+      ratio = { "number", range = { 0, 1e6 }, to = "upstream.budget.ratio" },
+      min_per_s = { "number", range = { 0, 1e6 }, to = "upstream.budget.min_per_s" },
+      -- the window is ten slots
+      window = { "seconds", to = "upstream.budget.slot_ms", scale = 0.1 },
+    } },
+  } },
+  tls = { fields = {
+    ca_file = { "string", to = "transport.ca_file" },
+    ca_path = { "string", to = "transport.ca_path" },
+    client_cert = { "string", to = "transport.client_cert" },
+    client_key = { "string", to = "transport.client_key" },
+    client_key_password = { "string", to = "transport.client_key_password" },
+  } },
+  proxy = { "string", to = "transport.proxy" },
+  no_proxy = { "string", to = "transport.no_proxy" },
+  user_agent = { "string", to = "transport.user_agent" },
+  max_response = { "count", range = { 1, 2 ^ 53 } },
+  seed = { "count", range = { 1, 2 ^ 53 - 1 }, to = "seed" },
+  on_retry = { "function" }, on_error = { "function" }, on_event = { "function" }, yield = { "function" },
+  breaker = { or_false = "upstream.breaker", fields = {
+    window = { "seconds", to = "upstream.breaker.window_ms" },
+    buckets = { "count", range = { 1, 64 }, to = "upstream.breaker.buckets" },
+    min_calls = { "count", range = { 1, 1e9 }, to = "upstream.breaker.min_calls" },
+    failure_rate = { "number", range = { 0, 1 }, to = "upstream.breaker.failure_rate" },
+    slow_call = { "seconds|false", to = "upstream.breaker.slow_call_ms" },
+    slow_rate = { "number", range = { 0, 1 }, to = "upstream.breaker.slow_rate" },
+    open_for = { "seconds", to = "upstream.breaker.open_ms" },
+    max_open_for = { "seconds", to = "upstream.breaker.max_open_ms" },
+    probes = { "count", range = { 1, 64 }, to = "upstream.breaker.probes" },
+    probe_timeout = { "seconds", to = "upstream.breaker.probe_timeout_ms" },
+    failure_classes = { "classes", to = "upstream.breaker.failure_classes" },
+    mode = { "enum", values = "breaker_mode", to = "upstream.breaker.mode" },
+  } },
+  limits = { fields = {
+    rpm = { "rate", to = "upstream.limits.requests" },
+    tpm = { "rate", to = "upstream.limits.tokens" },
+    itpm = { "rate", to = "upstream.limits.input_tokens" },
+    otpm = { "rate", to = "upstream.limits.output_tokens" },
+    concurrency = { "count", range = { 1, 1e6 }, to = "upstream.limits.concurrency" },
+    queue = { "count", range = { 1, 1e7 }, to = "upstream.limits.queue" },
+    burst = { "number", range = { 1e-3, 3600 }, to = "upstream.limits.burst_s" },
+    max_pause = { "seconds", to = "upstream.limits.max_pause_ms" },
+  } },
+} }
+options.CLIENT = CLIENT
+
+local function deep_copy(t)
+  if type(t) ~= "table" then return t end
+  local c = {}
+  for k, v in pairs(t) do c[k] = deep_copy(v) end
+  return c
+end
+
+-- Sets compiled[path] (dotted) = v.
+local function put(compiled, path, v)
+  local t, last = compiled, nil
+  for part in path:gmatch("[^.]+") do
+    if last then
+      t[last] = t[last] or {}
+      t = t[last]
+    end
+    last = part
+  end
+  t[last] = v
+end
+
+local function check_section(t, section, where, compiled, settings)
+  if type(t) ~= "table" then fail("%s must be a table, got %s", where, type(t)) end
+  for k, v in pairs(t) do
+    local spec = section.fields[k]
+    if spec == nil then fail("unknown option '%s' in %s", tostring(k), where) end
+    local function bad(want)
+      fail("option '%s' in %s must be %s, got %s", k, where, want, shown(v))
+    end
+    if spec.fields then
+      if v == false and spec.or_false then
+        put(compiled, spec.or_false, false)
+      elseif type(v) ~= "table" then
+        bad(spec.or_false and "a table or false" or "a table")
+      else
+        if spec.or_false == "upstream.breaker" then
+          -- a breaker table starts from the defaults again (it may follow `false`)
+          put(compiled, "upstream.breaker", deep_copy(options.DEFAULTS.upstream.breaker))
+        elseif spec.or_false then
+          put(compiled, spec.or_false, true)
+        end
+        settings[k] = settings[k] or {}
+        check_section(v, spec, where .. "." .. k, compiled, settings[k])
+      end
+    else
+      local value = KINDS[spec[1]](v, spec, bad, where .. "." .. k)
+      if spec.to then
+        if spec.scale then value = ceil(value * spec.scale) end
+        put(compiled, spec.to, value)
+      end
+      settings[k] = value
+    end
+  end
+end
+
+options.DEFAULTS = policy.defaults()
+
+-- retry_on / never_retry_on into the compiled per-class and per-status tables
+local function compile_retry_lists(retry, compiled)
+  for _, spec in ipairs { { retry.retry_on, true }, { retry.never_retry_on, false } } do
+    for _, v in ipairs(spec[1] or {}) do
+      if type(v) == "number" then
+        compiled.retry.status_retried[v] = spec[2]
+      else
+        compiled.retry.retried[v] = spec[2]
+      end
+    end
+  end
+end
+
+--- The header lines of a headers table ({ Name = value }), checked: names are
+-- tokens, values strings or numbers (CR, LF and NUL are refused by the core).
+local function header_lines(headers, where)
+  local lines = {}
+  for name, value in pairs(headers) do
+    if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+%-.^_`|~]+$") then
+      fail("header name %s in %s is not a valid HTTP token", format("%q", tostring(name)), where)
+    end
+    if type(value) ~= "string" and type(value) ~= "number" then
+      fail("header '%s' in %s must be a string, got %s", name, where, type(value))
+    end
+    lines[#lines + 1] = name .. ": " .. tostring(value)
+  end
+  return lines
+end
+options.header_lines = header_lines
+
+--- Checks a client's options. Returns the compiled configuration (for the C
+-- core) and the settings (every option given, converted; timeouts in ms).
+function options.client(cfg)
+  if cfg == nil then cfg = {} end
+  local compiled = deep_copy(options.DEFAULTS)
+  compiled.transport = {}
+  local settings = {}
+  check_section(cfg, CLIENT, "client options", compiled, settings)
+  if cfg.retry then compile_retry_lists(cfg.retry, compiled) end
+  if cfg.base_url and not cfg.base_url:find("^https?://[^/]") then
+    fail("option 'base_url' must start with http:// or https:// and name a host, got %q",
+         one_line(cfg.base_url, 80))
+  end
+  if cfg.base_url and cfg.base_url:find("%z") then fail("option 'base_url' contains a NUL byte") end
+  compiled.transport.headers = cfg.headers and header_lines(cfg.headers, "client headers") or {}
+  local timeout = {}
+  for name, spec in pairs(TIMEOUT.fields) do
+    local v = settings.timeout and settings.timeout[name]
+    if v == nil then v = seconds_to_ms(spec.default) end
+    timeout[name] = v
+  end
+  settings.timeout_ms = timeout
+  return compiled, settings
+end
+
+---------------------------------------------------------------------------
+-- Requests: checked on every call, so the common case costs one pass.
+---------------------------------------------------------------------------
+
+local REQUEST_TYPES = {
+  method = "string", path = "string", url = "string", headers = "table", body = "string",
+  json = "table", key = "string", timeout = "table", max_response = "number", attempts = "number",
+  on_data = "function", commit = "string", priority = "string", tokens = "table",
+}
+
+local function request_fail(k, want, v)
+  fail("option '%s' in request must be %s, got %s", k, want, shown(v))
+end
+
+--- Checks a request table; raises naming the first problem.
+function options.check_request(req)
+  if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
+  for k, v in next, req do
+    local want = REQUEST_TYPES[k]
+    if want == nil then
+      if k == "stream" then
+        fail("option 'stream' in request is not supported: give on_data to receive the body as it arrives")
+      end
+      fail("unknown option '%s' in request", tostring(k))
+    end
+    if type(v) ~= want then request_fail(k, "a " .. want, v) end
+  end
+  if req.priority ~= nil and not ENUM_SETS.priority[req.priority] then
+    fail("request 'priority' must be high, normal or low, got %q", one_line(req.priority, 40))
+  end
+  if req.commit ~= nil and req.commit ~= "auto" and req.commit ~= "manual" then
+    fail("request 'commit' must be auto or manual, got %q", one_line(req.commit, 40))
+  end
+  if req.commit ~= nil and req.on_data == nil then fail("request 'commit' needs on_data") end
+  local n = req.attempts
+  if n ~= nil and (not finite(n) or n ~= floor(n) or n < 1 or n > 1000) then
+    request_fail("attempts", "a whole number from 1 to 1000", n)
+  end
+  n = req.max_response
+  if n ~= nil and (not finite(n) or n ~= floor(n) or n < 1 or n > 2 ^ 53) then
+    request_fail("max_response", "a whole number >= 1", n)
+  end
+  local t = req.timeout
+  if t ~= nil then
+    for k, v in pairs(t) do
+      local spec = TIMEOUT.fields[k]
+      if spec == nil then fail("unknown option '%s' in request.timeout", tostring(k)) end
+      KINDS["seconds|false"](v, spec, function(want)
+        fail("option '%s' in request.timeout must be %s, got %s", k, want, shown(v))
+      end)
+    end
+  end
+  t = req.tokens
+  if t ~= nil then
+    for k, v in pairs(t) do
+      if k ~= "input" and k ~= "output" then fail("unknown option '%s' in request.tokens", tostring(k)) end
+      if not finite(v) or v < 0 then request_fail("tokens." .. k, "a number >= 0", v) end
+    end
+  end
+end
+
+--- A request's timeouts in ms (0 = none), its own overriding the client's.
+function options.timeouts_ms(client_ms, override)
+  local out = {}
+  for i, name in ipairs(options.TIMEOUT_NAMES) do
+    local v = override[name]
+    if v == nil then
+      out[i] = client_ms[name]
+    else
+      out[i] = v and seconds_to_ms(v) or 0
+    end
+  end
+  return out
+end
+
+options.classes = CLASS_SET
+return options

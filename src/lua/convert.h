@@ -1,0 +1,37 @@
+/* Value conversion shared by the bindings (sturdy.core and sturdy.policy):
+ * the compiled configuration read strictly into the decision core's structs,
+ * and upstream stats, events, enums and defaults pushed as Lua tables. */
+#ifndef STURDY_CONVERT_H
+#define STURDY_CONVERT_H
+
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "decide.h"
+
+/* Reads the compiled configuration (lua/sturdy/options.lua makes it) at index t:
+ * fields `retry` and `upstream`. Strict: a missing field, a wrong type, a NaN or
+ * a value outside its C type raises, naming the field. */
+void sl_read_policy(lua_State *L, int t, st_retry_policy *rp, st_upstream_config *uc);
+
+/* A string field of table t, or NULL when absent; raises on another type. The
+ * string stays alive while the table holds it. */
+const char *sl_opt_string(lua_State *L, int t, const char *field);
+
+/* Pushes the stats of an upstream: in-flight, queue, breaker, latency, limits. */
+void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now_ms);
+
+/* Pushes an event as { type, key, ... }. */
+void sl_push_event(lua_State *L, const st_event *ev);
+
+/* Pushes the enum name lists the options schema checks against, and the
+ * decision core's defaults in the compiled configuration's shape. */
+void sl_push_enums(lua_State *L);
+void sl_push_defaults(lua_State *L);
+
+/* Headers as a table keyed by lowercase name from a "name\0value\0" block; a
+ * repeated header becomes a list. A block cut short ends the table there. */
+void sl_push_header_table(lua_State *L, const char *p, size_t len);
+
+#endif

@@ -1,0 +1,181 @@
+/* The decision core: every decision a transport needs about a call, made once,
+ * here, with time passed in. Transports (the curl engine, the OpenResty cosocket
+ * transport) move bytes and obey the answers; none re-implements a decision.
+ *
+ *   st_admit        may a call start an attempt now?  start (it then holds an
+ *                   in-flight slot and, with a breaker, a permit) | queued (wait for
+ *                   a slot, or until the limiter opens at wake_ms) | refused
+ *                   (circuit_open, queue_full, rate_limited, total_timeout).
+ *   st_pump         after a slot frees or the limiter's wake time: the next queued
+ *                   call that is decided (started or refused), one at a time.
+ *   st_report       an attempt ended: frees its slot, feeds the breaker, the latency
+ *                   windows, the limiter (rate-limit headers; a 429 pauses the key)
+ *                   and the retry budget; reads the server's retry hint.
+ *   st_retry_decide after st_report: finish, or retry after delay_ms; says whether
+ *                   the outcome is retryable (err.retryable) and, for a retryable one
+ *                   that is not retried, what stopped it.
+ *   st_release      a call is canceled: its slot, permit and queue place go back.
+ *
+ * Every state change an operator wants to see (breaker transitions, limits learned,
+ * pauses) is returned as events in an st_events the caller passes in (NULL = not
+ * wanted); nothing here calls back into the caller, so a transport emits the events
+ * once its own state is consistent.
+ *
+ * Slots. A call holds at most one in-flight slot; st_report and st_release give it
+ * back exactly once (`holding`), whatever order they come in, so a key's in-flight
+ * count never drifts. A call is queued at most once (`qnode.queued`).
+ *
+ * Retry hints. retry-after-ms, then retry-after (delta-seconds or HTTP-date, wall
+ * clock), parsed by st_report into call->hint_ms (-1 none), clamped to
+ * ST_RETRY_AFTER_MAX_MS. A hint above honor_retry_after_ms ends the call (stop
+ * "hint_too_long") with retry_after set to the whole hint. A 429 pauses the key for
+ * its hint (else the throttled backoff base), an overloaded reply whose hint passes
+ * honor_retry_after_ms opens the breaker until then; both are capped at
+ * max_pause_ms and the breaker's max_open_ms, so a lying server cannot park a key
+ * for years.
+ *
+ * Retry decision, in this order: success finishes. Otherwise the outcome is
+ * retryable when x-should-retry says "true" ("false": not), else a status override,
+ * else its class (retried per class); canceled never is. A retryable outcome is
+ * retried unless: the call is committed (stop "committed"), the attempts are used
+ * up ("attempts"), the hint is too long ("hint_too_long"), the delay would pass the
+ * deadline ("deadline"), or the retry budget refuses ("budget_exhausted"; only then is the
+ * budget charged). The delay is the hint when there is one, else jittered backoff
+ * with the class's base. */
+#ifndef STURDY_DECIDE_H
+#define STURDY_DECIDE_H
+
+#include <stdint.h>
+
+#include "backoff.h"
+#include "headers.h"
+#include "outcome.h"
+#include "upstream.h"
+
+#define ST_STATUS_OVERRIDES 600
+
+typedef struct st_retry_policy {
+    unsigned attempts;                     /* attempts in all, first included, >= 1 */
+    double base_ms[ST_CLASS_COUNT];        /* backoff base per class */
+    double cap_ms;
+    st_jitter jitter;
+    int64_t honor_retry_after_ms;          /* a longer server hint ends the call instead */
+    unsigned char retried[ST_CLASS_COUNT]; /* per class: 1 = retried */
+    signed char status_retried[ST_STATUS_OVERRIDES]; /* -1 = as its class, 0 never, 1 always */
+    int budget_enabled;                    /* its figures are in st_upstream_config */
+} st_retry_policy;
+
+void st_retry_policy_defaults(st_retry_policy *p);
+
+#define ST_KEY_BUCKETS 64
+
+typedef struct st_decider {
+    st_retry_policy retry;
+    st_upstream_config upstream;
+    st_rng rng;
+    st_upstream *keys[ST_KEY_BUCKETS];
+} st_decider;
+
+/* rp / uc NULL = defaults. Counts are clamped: attempts to [1, 1000]. */
+void st_decider_init(st_decider *d, const st_retry_policy *rp, const st_upstream_config *uc, uint64_t seed);
+void st_decider_free(st_decider *d);  /* frees every upstream */
+/* The upstream of a key, made on first use (NULL when memory runs out). */
+st_upstream *st_decider_upstream(st_decider *d, const char *key, int64_t now_ms);
+/* The upstream of a key, NULL if none was made. */
+st_upstream *st_decider_find(const st_decider *d, const char *key);
+void st_decider_each(const st_decider *d, void (*fn)(void *ud, st_upstream *u), void *ud);
+
+/* Things an operator wants to see happen to an upstream key. */
+typedef enum { ST_EVENT_BREAKER = 1, ST_EVENT_LIMIT_LEARNED, ST_EVENT_PAUSED } st_event_type;
+typedef struct st_event {
+    st_event_type type;
+    const st_upstream *up;
+    st_breaker_state from, to;  /* ST_EVENT_BREAKER */
+    st_dim dim;                 /* ST_EVENT_LIMIT_LEARNED */
+    double limit;               /* per minute */
+    double pause_ms;            /* ST_EVENT_PAUSED */
+} st_event;
+
+#define ST_EVENTS_MAX 16
+typedef struct st_events {
+    unsigned n;                 /* events beyond ST_EVENTS_MAX are dropped, counted here */
+    unsigned dropped;
+    st_event ev[ST_EVENTS_MAX];
+} st_events;
+
+/* One call's state across its attempts; embedded in the transport's request. */
+typedef struct st_call {
+    st_qnode qnode;             /* place in its upstream's queue; first member */
+    st_permit permit;           /* the breaker's, while holding */
+    int priority;               /* ST_PRIORITY_* */
+    double cost[ST_DIM_COUNT];  /* what one attempt takes from the rate limiter */
+    int64_t deadline_ms;        /* absolute; 0 = none */
+    unsigned max_attempts;
+    unsigned attempts;          /* attempts started */
+    double prev_delay_ms;
+    int64_t hint_ms;            /* the last attempt's server hint, -1 none */
+    int64_t retry_after_ms;     /* for the caller's error: hint or refusal wait, -1 none */
+    unsigned char holding;      /* holds an in-flight slot */
+    unsigned char committed;    /* part of the reply reached the caller: never retried */
+    unsigned char paced;        /* held back by the limiter at least once (counted once) */
+} st_call;
+
+/* total_ms 0 = no deadline; attempts 0 = the policy's; tokens are estimates (0 unknown). */
+void st_call_init(st_call *c, const st_decider *d, int64_t now_ms, int64_t total_ms, unsigned attempts,
+                  int priority, double input_tokens, double output_tokens);
+
+typedef enum { ST_ADMIT_START = 0, ST_ADMIT_QUEUED, ST_ADMIT_REFUSED } st_admit_verdict;
+
+typedef struct st_admission {
+    st_admit_verdict verdict;
+    int64_t wake_ms;            /* QUEUED: when the limiter opens (absolute), 0 = when a slot frees */
+    st_outcome refusal;         /* REFUSED */
+    const char *detail;         /* REFUSED: one line for err.detail */
+} st_admission;
+
+/* A new call, or one back from its retry wait, asks to start an attempt. START:
+ * the attempt may begin now (c->attempts counts it). QUEUED: the call waits in
+ * the key's queue (FIFO within priority, higher first); st_pump hands it back.
+ * REFUSED: nothing is sent; c->retry_after_ms says when trying again makes sense. */
+void st_admit(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out, st_events *ev);
+
+/* The next queued call of u that is decided now (started or refused), or NULL
+ * when none can be; out->wake_ms then says when the limiter opens (0 = on a free
+ * slot). Call it until NULL after a slot frees and at the wake time. */
+st_call *st_pump(st_decider *d, st_upstream *u, int64_t now_ms, st_admission *out, st_events *ev);
+
+typedef struct st_attempt_end {
+    st_outcome outcome;
+    long status;                /* 0 = no response */
+    const st_headers *headers;  /* the response head; NULL = none */
+    uint64_t ttfb_us, total_us; /* latency of the attempt, recorded when status > 0 */
+} st_attempt_end;
+
+/* The attempt c started has ended. wall_ms: the wall clock, for HTTP-dates and
+ * RFC 3339 resets. */
+void st_report(st_decider *d, st_upstream *u, st_call *c, const st_attempt_end *a, int64_t now_ms,
+               int64_t wall_ms, st_events *ev);
+
+typedef struct st_retry_decision {
+    int retry;                  /* 1: wait delay_ms, then st_admit again */
+    double delay_ms;
+    int hinted;                 /* the delay is the server's hint */
+    int retryable;              /* the outcome is of a kind that is retried */
+    const char *stop;           /* retryable but not retried: why; else NULL */
+} st_retry_decision;
+
+/* After st_report, for a finished attempt a of c. */
+void st_retry_decide(st_decider *d, st_upstream *u, st_call *c, const st_attempt_end *a, int64_t now_ms,
+                     st_retry_decision *out);
+
+/* The call is canceled or abandoned: gives back its slot and permit (once), and
+ * its queue place. Safe in any state, any number of times. */
+void st_release(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_events *ev);
+
+/* A queued call whose deadline passed leaves the queue (its outcome is total_timeout). */
+void st_unqueue(st_upstream *u, st_call *c);
+
+/* Retry hint of a response head: retry-after-ms, then retry-after; -1 none. */
+int64_t st_retry_hint_ms(const st_headers *h, int64_t wall_ms);
+
+#endif
