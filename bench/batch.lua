@@ -1,5 +1,5 @@
 --- N POSTs through sturdy's client:batch at a given concurrency, for
---- comparison with `bare multi`. Prints: requests_per_s=<float> ok=<n> failed=<n>
+--- comparison with `bare multi`. Prints: requests_per_s=<float> cpu_us=<float> ok=<n> failed=<n>
 ---
 --- usage: lua bench/batch.lua N CONCURRENCY [BODYFILE]   (from the repository root)
 --- env:   STURDY_MOCK_URL  base URL of the mock API (required)
@@ -29,9 +29,9 @@ local req = { method = "POST", path = "/v1/messages", body = body }
 local reqs = {}
 for i = 1, n do reqs[i] = req end
 
-local t0 = sturdy.monotime()
+local t0, c0 = sturdy.monotime(), os.clock()
 local results = client:batch(reqs, { concurrency = concurrency })
-local elapsed = sturdy.monotime() - t0
+local elapsed, cpu = sturdy.monotime() - t0, os.clock() - c0
 client:close()
 
 local ok, failed = 0, 0
@@ -43,5 +43,6 @@ for _, r in ipairs(results) do
     ok = ok + 1
   end
 end
-print(string.format("requests_per_s=%.1f ok=%d failed=%d", elapsed > 0 and ok / elapsed or 0, ok, failed))
+print(string.format("requests_per_s=%.1f cpu_us=%.2f ok=%d failed=%d", elapsed > 0 and ok / elapsed or 0,
+                    cpu * 1e6 / n, ok, failed))
 os.exit(failed == 0 and 0 or 1)

@@ -1,5 +1,6 @@
 --- N sequential POSTs through sturdy's client:request, for comparison with
---- `bare seq`. Prints: requests_per_s=<float> ok=<n> failed=<n>
+--- `bare seq`. Prints: requests_per_s=<float> cpu_us=<float> ok=<n> failed=<n>
+--- (cpu_us: this process's CPU time per request, os.clock)
 ---
 --- usage: lua bench/seq.lua N [BODYFILE]   (from the repository root)
 --- env:   STURDY_MOCK_URL  base URL of the mock API (required)
@@ -38,7 +39,7 @@ local client = sturdy.client { base_url = base_url }
 local req = { method = "POST", path = "/v1/messages", body = body }
 
 local ok, failed, reported = 0, 0, 0
-local t0 = now()
+local t0, c0 = now(), os.clock()
 for _ = 1, n do
   local res, err = client:request(req)
   if res and res.status >= 200 and res.status < 300 and #res.body > 0 then
@@ -51,8 +52,9 @@ for _ = 1, n do
     end
   end
 end
-local elapsed = now() - t0
+local elapsed, cpu = now() - t0, os.clock() - c0
 client:close()
 
-print(string.format("requests_per_s=%.1f ok=%d failed=%d", elapsed > 0 and ok / elapsed or 0, ok, failed))
+print(string.format("requests_per_s=%.1f cpu_us=%.2f ok=%d failed=%d", elapsed > 0 and ok / elapsed or 0,
+                    cpu * 1e6 / n, ok, failed))
 os.exit(failed == 0 and 0 or 1)

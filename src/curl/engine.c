@@ -496,9 +496,9 @@ static void admit(st_engine *e, st_request *r, int64_t now)
 
 static void keep_request_id(st_request *r)
 {
-    const char *id = st_headers_find(&r->head, "request-id");
+    const char *id = st_headers_known(&r->head, ST_H_REQUEST_ID);
     if (id == NULL)
-        id = st_headers_find(&r->head, "x-request-id");
+        id = st_headers_known(&r->head, ST_H_X_REQUEST_ID);
     if (id != NULL)
         snprintf(r->request_id, sizeof r->request_id, "%s", id);
 }

@@ -284,9 +284,9 @@ int64_t st_retry_hint_ms(const st_headers *h, int64_t wall_ms)
 
     if (h == NULL)
         return -1;
-    if ((v = st_headers_find(h, "retry-after-ms")) != NULL && st_retry_after_ms_parse(v, strlen(v), &ms))
+    if ((v = st_headers_known(h, ST_H_RETRY_AFTER_MS)) != NULL && st_retry_after_ms_parse(v, strlen(v), &ms))
         return ms;
-    if ((v = st_headers_find(h, "retry-after")) != NULL && st_retry_after_parse(v, strlen(v), wall_ms, &ms))
+    if ((v = st_headers_known(h, ST_H_RETRY_AFTER)) != NULL && st_retry_after_parse(v, strlen(v), wall_ms, &ms))
         return ms;
     return -1;
 }
@@ -299,10 +299,13 @@ static int64_t min64(int64_t a, int64_t b)
 /* Feeds the limiter the rate-limit headers of one response. */
 static void learn_limits(st_upstream *u, const st_headers *h, int64_t now_ms, int64_t wall_ms, st_events *ev)
 {
-    size_t cursor = 0;
     const char *name, *value;
+    unsigned i;
 
-    while (st_headers_next(h, &cursor, &name, &value)) {
+    if (h->nlimits == 0)
+        return;
+    for (i = 0; i < h->nlimits; i++) {
+        st_headers_limit(h, i, &name, &value);
         if (st_limiter_feed_header(&u->limiter, now_ms, wall_ms, name, value)) {
             st_event *e = event_add(ev, ST_EVENT_LIMIT_LEARNED, u);
             if (e) {
@@ -359,7 +362,7 @@ void st_report(st_decider *d, st_upstream *u, st_call *c, const st_attempt_end *
 static int is_retried(const st_retry_policy *p, const st_attempt_end *a)
 {
     st_class cls = a->outcome.cls;
-    const char *should = a->headers && a->status > 0 ? st_headers_find(a->headers, "x-should-retry") : NULL;
+    const char *should = a->headers && a->status > 0 ? st_headers_known(a->headers, ST_H_SHOULD_RETRY) : NULL;
 
     if (cls == ST_CLASS_SUCCESS || cls == ST_CLASS_CANCELED || (unsigned)cls >= ST_CLASS_COUNT)
         return 0;

@@ -1,4 +1,9 @@
+#define _POSIX_C_SOURCE 200809L
+
 #include "ratelimit.h"
+
+#include <string.h>
+#include <strings.h>
 
 #include "httpdate.h"
 
@@ -324,83 +329,87 @@ int st_limiter_learn(st_limiter *l, int64_t now_ms, st_dim d, double limit, doub
 
 /* ---------------------------------------------------------------- header names */
 
-static char lower(char c)
-{
-    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
-}
-
 /* Length of lit when s[0..n) starts with it (any case), else 0. */
 static size_t iprefix(const char *s, size_t n, const char *lit)
 {
-    size_t i;
-    for (i = 0; lit[i]; i++)
-        if (i >= n || lower(s[i]) != lit[i])
-            return 0;
-    return i;
-}
-
-static int iequal(const char *s, size_t n, const char *lit)
-{
-    size_t k = iprefix(s, n, lit);
-    return k > 0 && k == n;
+    size_t len = strlen(lit);
+    return len <= n && strncasecmp(s, lit, len) == 0 ? len : 0;
 }
 
 static const char *const field_names[3] = { "limit", "remaining", "reset" };
 
-static const struct { const char *name; st_dim dim; } anthropic_kinds[] = {
+typedef struct kind_name { const char *name; st_dim dim; } kind_name;
+
+static const kind_name anthropic_kinds[] = {
     { "requests", ST_DIM_REQUESTS },
     { "tokens", ST_DIM_TOKENS },
     { "input-tokens", ST_DIM_INPUT_TOKENS },
     { "output-tokens", ST_DIM_OUTPUT_TOKENS },
 };
 
-static const struct { const char *name; st_dim dim; } openai_kinds[] = {
+static const kind_name openai_kinds[] = {
     { "requests", ST_DIM_REQUESTS },
     { "tokens", ST_DIM_TOKENS },
 };
 
-/* *aggregate marks Anthropic's tokens-* family, which st_limiter_feed_header skips. */
+/* The entry of kinds (n of them) named s[0..len) in any case, or -1. */
+static int kind_of(const kind_name *kinds, size_t n, const char *s, size_t len)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (strlen(kinds[i].name) == len && iprefix(s, len, kinds[i].name) == len)
+            return (int)i;
+    return -1;
+}
+
+static int field_of(const char *s, size_t len)
+{
+    int f;
+    for (f = 0; f < 3; f++)
+        if (strlen(field_names[f]) == len && iprefix(s, len, field_names[f]) == len)
+            return f;
+    return -1;
+}
+
+/* *aggregate marks Anthropic's tokens-* family, which st_limiter_feed_header skips.
+ * Anthropic names are PREFIX KIND "-" FIELD (a kind may hold '-'), OpenAI's are
+ * PREFIX FIELD "-" KIND: split at the last or the first '-', then match exactly. */
 static int classify(const char *name, st_dim *dim, int *field, int *format, int *aggregate)
 {
-    size_t n, k, j;
-    unsigned a, f;
+    size_t n, split;
+    const char *rest;
+    int a, f;
 
     if (name == NULL)
         return 0;
-    for (n = 0; name[n]; n++)
-        ;
-    if ((k = iprefix(name, n, "anthropic-ratelimit-")) > 0) {
-        for (a = 0; a < sizeof anthropic_kinds / sizeof anthropic_kinds[0]; a++) {
-            j = iprefix(name + k, n - k, anthropic_kinds[a].name);
-            if (j == 0 || k + j >= n || name[k + j] != '-')
-                continue;
-            for (f = 0; f < 3; f++) {
-                if (iequal(name + k + j + 1, n - k - j - 1, field_names[f])) {
-                    *dim = anthropic_kinds[a].dim;
-                    *field = (int)f;
-                    *format = f == 2 ? 1 : 0;
-                    *aggregate = anthropic_kinds[a].dim == ST_DIM_TOKENS;
-                    return 1;
-                }
-            }
-        }
-        return 0;
+    n = strlen(name);
+    if (n > 20 && iprefix(name, n, "anthropic-ratelimit-") == 20) {
+        rest = name + 20;
+        n -= 20;
+        for (split = n; split > 0 && rest[split - 1] != '-'; split--)
+            ;
+        if (split < 2 || (f = field_of(rest + split, n - split)) < 0
+            || (a = kind_of(anthropic_kinds, 4, rest, split - 1)) < 0)
+            return 0;
+        *dim = anthropic_kinds[a].dim;
+        *field = f;
+        *format = f == 2 ? 1 : 0;
+        *aggregate = anthropic_kinds[a].dim == ST_DIM_TOKENS;
+        return 1;
     }
-    if ((k = iprefix(name, n, "x-ratelimit-")) > 0) {
-        for (f = 0; f < 3; f++) {
-            j = iprefix(name + k, n - k, field_names[f]);
-            if (j == 0 || k + j >= n || name[k + j] != '-')
-                continue;
-            for (a = 0; a < sizeof openai_kinds / sizeof openai_kinds[0]; a++) {
-                if (iequal(name + k + j + 1, n - k - j - 1, openai_kinds[a].name)) {
-                    *dim = openai_kinds[a].dim;
-                    *field = (int)f;
-                    *format = f == 2 ? 2 : 0;
-                    *aggregate = 0;
-                    return 1;
-                }
-            }
-        }
+    if (n > 12 && iprefix(name, n, "x-ratelimit-") == 12) {
+        rest = name + 12;
+        n -= 12;
+        for (split = 0; split < n && rest[split] != '-'; split++)
+            ;
+        if (split == n || (f = field_of(rest, split)) < 0
+            || (a = kind_of(openai_kinds, 2, rest + split + 1, n - split - 1)) < 0)
+            return 0;
+        *dim = openai_kinds[a].dim;
+        *field = f;
+        *format = f == 2 ? 2 : 0;
+        *aggregate = 0;
+        return 1;
     }
     return 0;
 }
