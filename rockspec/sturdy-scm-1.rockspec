@@ -31,6 +31,7 @@ build = {
       ["sturdy.prices"] = "lua/sturdy/prices.lua",
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
       ["sturdy.options"] = "lua/sturdy/options.lua",
+      ["sturdy.partial_json"] = "lua/sturdy/partial_json.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",

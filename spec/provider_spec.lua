@@ -163,6 +163,20 @@ describe("providers", function()
     end)
   end)
 
+  it("gives token counts as integers, in the common usage and in the reply (120, not 120.0)", function()
+    local c, g = claude(), gpt()
+    local ra = assert(c:messages { max_tokens = 5, messages = { { role = "user", content = "count me" } } })
+    local rg = assert(g:chat { messages = { { role = "user", content = "count me" } } })
+    for _, n in ipairs { ra.usage.input, ra.usage.output, ra.usage.cache_read, ra.reply.usage.input_tokens,
+                         ra.reply.usage.output_tokens, rg.usage.input, rg.usage.output, rg.reply.usage.total_tokens,
+                         rg.reply.usage.completion_tokens_details.reasoning_tokens } do
+      assert.matches("^%d+$", tostring(n))
+      if math.type then assert.equal("integer", math.type(n)) end
+    end
+    c.client:close()
+    g.client:close()
+  end)
+
   it("uses a model price the user adds", function()
     local prices = require "sturdy.prices"
     prices["claude-custom"] = { input = 1000000, output = 0 }

@@ -12,10 +12,10 @@ local M = {}
 --- Anthropic's usage in the common shape: input excludes cached tokens.
 function M.usage(u)
   u = type(u) == "table" and u or {}
+  local count = provider.count
   return {
-    input = tonumber(u.input_tokens) or 0, output = tonumber(u.output_tokens) or 0,
-    cache_read = tonumber(u.cache_read_input_tokens) or 0,
-    cache_write = tonumber(u.cache_creation_input_tokens) or 0,
+    input = count(u.input_tokens), output = count(u.output_tokens),
+    cache_read = count(u.cache_read_input_tokens), cache_write = count(u.cache_creation_input_tokens),
   }
 end
 

@@ -174,10 +174,12 @@ local function strip_userinfo(url)
   return (url:gsub("^(%a[%w+.-]*://)[^/?#@]*@", "%1"))
 end
 
+--- The host (and port) of a URL, without any userinfo; nil for no URL.
 local function host_of(url)
   local host = url and url:match("^%a[%w+.-]*://([^/?#]+)")
-  return host and host:gsub("^.*@", "")
+  return host and (host:gsub("^.*@", ""))
 end
+sturdy.url_host = host_of
 
 --- Creates a client. See README for the options; unknown names and wrong
 -- types raise, naming the option.

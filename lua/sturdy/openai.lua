@@ -12,11 +12,12 @@ local M = {}
 --- OpenAI's usage in the common shape: input excludes cached prompt tokens.
 function M.usage(u)
   u = type(u) == "table" and u or {}
-  local cached = type(u.prompt_tokens_details) == "table" and tonumber(u.prompt_tokens_details.cached_tokens) or 0
-  return {
-    input = (tonumber(u.prompt_tokens) or 0) - cached, output = tonumber(u.completion_tokens) or 0,
-    cache_read = cached, cache_write = 0,
-  }
+  local count = provider.count
+  local prompt = count(u.prompt_tokens)
+  -- cached tokens are part of the prompt's, never more
+  local cached = math.min(prompt, count(type(u.prompt_tokens_details) == "table"
+                                        and u.prompt_tokens_details.cached_tokens))
+  return { input = prompt - cached, output = count(u.completion_tokens), cache_read = cached, cache_write = 0 }
 end
 
 local function first_choice(doc)

@@ -22,8 +22,40 @@ local NEW_SCHEMA = {
   max_tokens_cap = "number", max_input_chars = "number", prices = "table", client_options = "table",
 }
 
+local tointeger = math.tointeger
+
+--- n as an integer when it is integral and fits (Lua 5.3+ prints 120, not
+-- 120.0), else n unchanged.
+function provider.integral(n)
+  return type(n) == "number" and tointeger and tointeger(n) or n
+end
+
+--- Makes every integral number in t (nested tables too) an integer, in place;
+-- returns t.
+function provider.integral_all(t)
+  if type(t) == "table" then
+    for k, v in pairs(t) do
+      if type(v) == "table" then provider.integral_all(v) else t[k] = provider.integral(v) end
+    end
+  end
+  return t
+end
+
+--- A token count from a reply: a finite number >= 0 (an integer when
+-- integral), else 0. A lying server cannot put NaN or infinity in the totals.
+function provider.count(v)
+  v = tonumber(v)
+  if v == nil or v ~= v or v < 0 or v == math.huge then return 0 end
+  return provider.integral(v)
+end
+
+local host_of = sturdy.url_host
+
 --- Builds a provider object from new{...}. spec: name, env (API key variable),
 -- base_url (default), auth (function(key) -> headers), extra_headers(opts).
+-- With a shared client, the provider's base_url wins over the client's for its
+-- own requests (they go out with an absolute url, under the upstream key of
+-- that URL's host); without either, spec.base_url is used.
 function provider.new(class, spec, opts)
   opts = opts or {}
   if type(opts) ~= "table" then fail("%s.new takes a table of options, got %s", spec.name, type(opts)) end
@@ -37,6 +69,14 @@ function provider.new(class, spec, opts)
     fail("%s needs an API key: pass api_key or set %s", spec.name, spec.env)
   end
   if key:find("[%c]") then fail("%s api_key contains control characters", spec.name) end
+  local base_url = opts.base_url
+  if base_url then
+    if not base_url:find("^https?://[^/]") or base_url:find("[%c%s]") then
+      fail("option 'base_url' in %s.new must start with http:// or https:// and name a host, got %q",
+           spec.name, base_url:sub(1, 80))
+    end
+    base_url = base_url:gsub("/+$", "")
+  end
   local client = opts.client
   if client == nil then
     local copts = {}
@@ -46,9 +86,17 @@ function provider.new(class, spec, opts)
   elseif opts.client_options then
     fail("%s.new takes client or client_options, not both", spec.name)
   end
+  -- Requests name their URL only when it is not the client's: a shared client
+  -- with another base URL, or with none (then the provider's default).
+  local own_url
+  if opts.client then
+    own_url = base_url or (client.base_url == nil and spec.base_url) or nil
+    if own_url == client.base_url then own_url = nil end
+  end
   local self = setmetatable({
     client = client, model = opts.model, version = opts.version,
-    base_url = opts.base_url, max_tokens_cap = opts.max_tokens_cap, max_input_chars = opts.max_input_chars,
+    base_url = own_url, host = own_url and host_of(own_url),
+    max_tokens_cap = opts.max_tokens_cap, max_input_chars = opts.max_input_chars,
     prices = opts.prices,
   }, class)
   secrets[self] = key
@@ -136,6 +184,15 @@ end
 function provider.define(class, spec)
   class.__index = class
 
+  -- The upstream key of req: the caller's, else the host the provider sends
+  -- to plus "/model", else (requests to the client's base URL) the client's
+  -- own derivation.
+  local function upstream_key(self, req, model)
+    if req.key then return req.key end
+    if self.host then return self.host .. "/" .. model end
+    return self.client:key_for(req)
+  end
+
   -- The request for params; the options a call may add: key, priority, timeout, headers.
   function class:_request(params, opts)
     if type(params) ~= "table" then
@@ -149,15 +206,19 @@ function provider.define(class, spec)
     opts = opts or {}
     local headers = spec.auth(secrets[self], self)
     for k, v in pairs(opts.headers or {}) do headers[k] = v end
-    return {
-      method = "POST", path = spec.path, json = body, headers = headers,
+    local req = {
+      method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
-    }, body, estimated
+    }
+    if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
+    req.key = upstream_key(self, req, body.model)
+    return req, body, estimated
   end
 
   function class:_result(doc, res, body, estimated, req)
+    provider.integral_all(doc.usage)
     local usage = spec.usage(doc.usage)
-    local key = req.key or self.client:key_for(req)
+    local key = req.key
     local model = doc.model or body.model
     return {
       reply = doc, text = spec.text(doc), usage = usage, stop_reason = spec.stop_reason(doc),

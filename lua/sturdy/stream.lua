@@ -4,8 +4,16 @@
 -- dropped), after it the call is committed. An error event inside a 200 stream
 -- becomes a typed error; a stream that ends without its terminal event is an
 -- error, never a silently short answer.
+--
+-- stream:result() collects the reply in the non-streamed shape, as the SDKs
+-- collect it: every field of an Anthropic message_delta (stop_details, ...)
+-- and of its usage (nested ones merged) lands on the message; a tool block the
+-- stream cut (max_tokens, no content_block_stop) gets the complete part of its
+-- partial JSON as input, with incomplete = true and the raw partial_json;
+-- OpenAI deltas merge per choice, tool calls included.
 local policy = require "sturdy.policy"
 local sturdy = require "sturdy"
+local partial_json = require "sturdy.partial_json"
 local cjson = require "cjson.safe"
 
 local stream = {}
@@ -43,9 +51,118 @@ local function copy(t)
   return c
 end
 
+-- The 0-based index of a block, choice or tool call as a 1-based position in
+-- list: an existing one, or the next one. Anything else (a gap, a negative, a
+-- fraction, NaN, a string) is nil.
+local function position(list, index)
+  if type(index) ~= "number" or index ~= index or index < 0 or index > #list or index % 1 ~= 0 then
+    return nil
+  end
+  return index + 1
+end
+
+-- Merges usage counts the way the SDKs do: a field of the update replaces the
+-- one collected, nested tables (output_tokens_details, server_tool_use) merge
+-- field by field, and a null never erases a value.
+local function merge_usage(into, update)
+  for k, v in pairs(update) do
+    if type(v) == "table" and type(into[k]) == "table" then
+      merge_usage(into[k], v)
+    elseif v ~= cjson.null or into[k] == nil then
+      into[k] = copy(v)
+    end
+  end
+end
+
+local function append(list, s)
+  list[#list + 1] = s
+end
+
 ---------------------------------------------------------------------------
 -- Anthropic: event: message_start ... message_stop; event: error
 ---------------------------------------------------------------------------
+
+-- The message collected so far is acc.message (nil until message_start).
+-- What deltas add to a block is kept apart until its content_block_stop, in
+-- acc.pieces[position][field] (lists, so a long answer is joined once): text
+-- and thinking, and the input's JSON, so no private field sits in a block.
+
+local function anthropic_block(acc, index)
+  local content = acc.message and acc.message.content
+  local at = content and position(content, index)
+  return at and content[at], at
+end
+
+local function add_piece(acc, at, block, field, s)
+  local fields = acc.pieces[at] or {}
+  acc.pieces[at] = fields
+  local list = fields[field]
+  if not list then
+    list = { field ~= "input" and type(block[field]) == "string" and block[field] or "" }
+    fields[field] = list
+  end
+  append(list, s)
+end
+
+local function bad_input(block, what, why, text)
+  return { kind = "bad_response", class = "fatal",
+           message = "a " .. tostring(block.type) .. " block's input " .. what,
+           detail = why .. "; input starts: " .. text:sub(1, 120):gsub("[%c]", " ") }
+end
+
+-- Sets the input of a block from its JSON text, or returns nil and a
+-- bad_response error. A whole block's text is parsed as is; a block the
+-- stream never stopped (max_tokens cut it) gets the complete part of its
+-- partial JSON, and says so.
+local function set_input(block, text, whole)
+  if not whole then
+    block.incomplete = true
+    block.partial_json = text
+    local input, err = partial_json.decode(text)
+    if input ~= nil then
+      block.input = input
+    elseif err ~= "no complete value" then
+      return nil, bad_input(block, "is not the start of JSON", err, text)
+    end
+  elseif not text:find("^%s*$") then   -- no input deltas: the start's input stands
+    local input, err = cjson.decode(text)
+    if input == nil then return nil, bad_input(block, "is not valid JSON", tostring(err), text) end
+    block.input = input
+  end
+  return true
+end
+
+-- Joins what the deltas gave block at position at; whole: its
+-- content_block_stop came.
+local function finish_block(acc, at, whole)
+  local fields, block = acc.pieces[at], acc.message.content[at]
+  acc.pieces[at] = nil
+  for field, list in pairs(fields or {}) do
+    if field == "input" then
+      local ok, err = set_input(block, table.concat(list), whole)
+      if not ok then acc.error = acc.error or err end
+    else
+      block[field] = table.concat(list)
+    end
+  end
+end
+
+local ANTHROPIC_DELTAS = {
+  text_delta = function(acc, at, block, delta)
+    if type(delta.text) == "string" then add_piece(acc, at, block, "text", delta.text) end
+  end,
+  thinking_delta = function(acc, at, block, delta)
+    if type(delta.thinking) == "string" then add_piece(acc, at, block, "thinking", delta.thinking) end
+  end,
+  input_json_delta = function(acc, at, block, delta)
+    if type(delta.partial_json) == "string" then add_piece(acc, at, block, "input", delta.partial_json) end
+  end,
+  signature_delta = function(_, _, block, delta) block.signature = delta.signature end,
+  citations_delta = function(_, _, block, delta)
+    if type(block.citations) ~= "table" then block.citations = {} end
+    append(block.citations, copy(delta.citation))
+  end,
+}
 
 stream.anthropic = {
   parse = function(raw)
@@ -57,48 +174,110 @@ stream.anthropic = {
     local t = raw.event ~= "message" and raw.event or doc.type
     return { type = t, data = doc, content = t == "content_block_delta", terminal = t == "message_stop" }
   end,
-  new_acc = function() return { content = {} } end,
+  new_acc = function() return { pieces = {} } end,
   accumulate = function(acc, ev)
-    local d = ev.data
-    if ev.type == "message_start" and type(d.message) == "table" then
-      local content = acc.content
-      for k, v in pairs(copy(d.message)) do acc[k] = v end
-      acc.content = content
-    elseif ev.type == "content_block_start" and type(d.content_block) == "table" then
-      acc.content[(tonumber(d.index) or #acc.content) + 1] = copy(d.content_block)
-    elseif ev.type == "content_block_delta" and type(d.delta) == "table" then
-      local block = acc.content[(tonumber(d.index) or 0) + 1]
-      if block then
-        local delta = d.delta
-        if delta.type == "text_delta" then block.text = (block.text or "") .. (delta.text or "")
-        elseif delta.type == "input_json_delta" then block._json = (block._json or "") .. (delta.partial_json or "")
-        elseif delta.type == "thinking_delta" then block.thinking = (block.thinking or "") .. (delta.thinking or "")
-        elseif delta.type == "signature_delta" then block.signature = delta.signature
+    local d, msg = ev.data, acc.message
+    if ev.type == "message_start" then
+      -- a second message_start is ignored, as the SDKs do
+      if msg == nil and type(d.message) == "table" then
+        msg = copy(d.message)
+        if type(msg.content) ~= "table" then msg.content = {} end
+        acc.message = msg
+      end
+    elseif msg == nil then
+      return   -- nothing is collected before message_start
+    elseif ev.type == "content_block_start" then
+      if type(d.content_block) == "table" then append(msg.content, copy(d.content_block)) end
+    elseif ev.type == "content_block_delta" then
+      local block, at = anthropic_block(acc, d.index)
+      local delta = d.delta
+      local add = type(delta) == "table" and ANTHROPIC_DELTAS[delta.type]
+      if block and add then add(acc, at, block, delta) end
+    elseif ev.type == "content_block_stop" then
+      local _, at = anthropic_block(acc, d.index)
+      if at then finish_block(acc, at, true) end
+    elseif ev.type == "message_delta" then
+      -- every field, so fields the API adds later arrive without a code
+      -- change; content and type are the stream's own
+      if type(d.delta) == "table" then
+        for k, v in pairs(d.delta) do
+          if k ~= "content" and k ~= "type" then msg[k] = copy(v) end
         end
       end
-    elseif ev.type == "content_block_stop" then
-      local block = acc.content[(tonumber(d.index) or 0) + 1]
-      if block and block._json then
-        block.input = cjson.decode(block._json ~= "" and block._json or "{}")
-        block._json = nil
-      end
-    elseif ev.type == "message_delta" then
-      if type(d.delta) == "table" then
-        acc.stop_reason = d.delta.stop_reason
-        acc.stop_sequence = d.delta.stop_sequence
-      end
       if type(d.usage) == "table" then
-        acc.usage = acc.usage or {}
-        for k, v in pairs(d.usage) do acc.usage[k] = v end
+        if type(msg.usage) ~= "table" then msg.usage = {} end
+        merge_usage(msg.usage, d.usage)
       end
     end
   end,
-  message = function(acc) return acc end,
+  message = function(acc)
+    if not acc.message then
+      return nil, { kind = "bad_response", class = "fatal", message = "the stream sent no message_start" }
+    end
+    for at in pairs(acc.pieces) do finish_block(acc, at, false) end
+    if acc.error then return nil, acc.error end
+    return acc.message
+  end,
 }
 
 ---------------------------------------------------------------------------
 -- OpenAI: data: {chunk} ... data: [DONE]; data: {"error": ...}
 ---------------------------------------------------------------------------
+
+-- Deltas merge as the SDKs merge them: strings are appended (kept as a list
+-- of pieces until the end), objects merge field by field, lists of objects
+-- with an "index" (tool_calls) merge by it, other lists are appended to, and
+-- any other value replaces the one collected; a null never erases a value.
+local Pieces = {}
+
+local function merge_delta(into, delta)
+  for k, v in pairs(delta) do
+    local have = into[k]
+    if k == "index" or k == "type" then
+      into[k] = copy(v)
+    elseif type(v) == "string" then
+      if getmetatable(have) == Pieces then
+        append(have, v)
+      elseif type(have) == "string" then
+        into[k] = setmetatable({ have, v }, Pieces)
+      else
+        into[k] = v
+      end
+    elseif type(v) == "table" then
+      if type(have) ~= "table" or getmetatable(have) == Pieces then
+        have = {}
+        into[k] = have
+      end
+      if v[1] ~= nil then
+        for _, item in ipairs(v) do
+          local at = type(item) == "table" and position(have, item.index)
+          if at then
+            have[at] = have[at] or {}
+            merge_delta(have[at], item)
+          else
+            append(have, copy(item))
+          end
+        end
+      else
+        merge_delta(have, v)
+      end
+    elseif v ~= cjson.null or have == nil then
+      into[k] = v
+    end
+  end
+end
+
+-- Joins the pieces of appended strings.
+local function join_pieces(t)
+  for k, v in pairs(t) do
+    if getmetatable(v) == Pieces then
+      t[k] = table.concat(v)
+    elseif type(v) == "table" then
+      join_pieces(v)
+    end
+  end
+  return t
+end
 
 stream.openai = {
   parse = function(raw)
@@ -112,30 +291,55 @@ stream.openai = {
       and ((type(delta.content) == "string" and delta.content ~= "") or delta.tool_calls ~= nil)
     return { type = "chunk", data = doc, content = content and true or false }
   end,
-  new_acc = function() return { content = {} } end,
+  new_acc = function() return { doc = {}, choices = {} } end,
   accumulate = function(acc, ev)
     local d = ev.data
     if not d then return end
-    acc.id, acc.model, acc.created = acc.id or d.id, acc.model or d.model, acc.created or d.created
-    acc.system_fingerprint = acc.system_fingerprint or d.system_fingerprint
-    if type(d.usage) == "table" then acc.usage = copy(d.usage) end
-    local choice = type(d.choices) == "table" and d.choices[1]
-    if type(choice) == "table" then
-      local delta = type(choice.delta) == "table" and choice.delta or {}
-      if type(delta.role) == "string" then acc.role = delta.role end
-      if type(delta.content) == "string" then acc.content[#acc.content + 1] = delta.content end
-      if type(choice.finish_reason) == "string" then acc.finish_reason = choice.finish_reason end
+    for k, v in pairs(d) do
+      if k ~= "choices" and k ~= "object" and (v ~= cjson.null or acc.doc[k] == nil) then
+        acc.doc[k] = copy(v)
+      end
+    end
+    if type(d.choices) ~= "table" then return end
+    for _, c in ipairs(d.choices) do
+      local at = type(c) == "table" and position(acc.choices, c.index)
+      if at then
+        local choice = acc.choices[at] or { index = at - 1, message = {} }
+        acc.choices[at] = choice
+        for k, v in pairs(c) do
+          if k == "delta" then
+            if type(v) == "table" then merge_delta(choice.message, v) end
+          elseif k == "logprobs" and type(v) == "table" then
+            if type(choice.logprobs) ~= "table" then choice.logprobs = {} end
+            merge_delta(choice.logprobs, v)
+          elseif k ~= "index" and (v ~= cjson.null or choice[k] == nil) then
+            choice[k] = copy(v)
+          end
+        end
+      end
     end
   end,
+  -- The collected completion in the non-streamed shape.
   message = function(acc)
-    return {
-      id = acc.id, object = "chat.completion", created = acc.created, model = acc.model,
-      system_fingerprint = acc.system_fingerprint,
-      choices = { { index = 0, finish_reason = acc.finish_reason, logprobs = cjson.null,
-                    message = { role = acc.role or "assistant", content = table.concat(acc.content),
-                                refusal = cjson.null } } },
-      usage = acc.usage,
-    }
+    local doc = join_pieces(acc.doc)
+    doc.object = "chat.completion"
+    doc.choices = {}
+    for i, choice in ipairs(join_pieces(acc.choices)) do
+      local m = choice.message
+      m.role = m.role or "assistant"
+      if m.content == nil then m.content = cjson.null end
+      if m.refusal == nil then m.refusal = cjson.null end
+      if type(m.tool_calls) == "table" then
+        for _, call in ipairs(m.tool_calls) do
+          if type(call) == "table" then call.index = nil end
+        end
+      end
+      if choice.finish_reason == nil then choice.finish_reason = cjson.null end
+      if choice.logprobs == nil then choice.logprobs = cjson.null end
+      doc.choices[i] = choice
+    end
+    acc.doc, acc.choices = {}, {}
+    return doc
   end,
 }
 
@@ -235,7 +439,15 @@ function Stream:_finish(res, err)
       message = "the stream ended before its terminal event",
     }
   else
-    self._result = self.finish_fn(self.flavor.message(self.acc), res)
+    local doc, bad = self.flavor.message(self.acc)
+    if doc then
+      self._result = self.finish_fn(doc, res)
+    else
+      self.error = sturdy.Error.new {
+        kind = bad.kind, class = bad.class, committed = self.committed, status = res.status,
+        request_id = res.request_id, attempts = res.attempts, message = bad.message, detail = bad.detail,
+      }
+    end
   end
   if self.on_event and self.error then self.on_event { type = "error", error = self.error } end
 end

@@ -315,7 +315,8 @@ http {
   server_tokens off;
 
   init_by_lua_block {
-    require("mock_server").init({ prefix = "${dir}", owner_pid = ${owner_pid}, owner_start = ${owner_start} })
+    require("mock_server").init({ prefix = "${dir}", fixtures = "${fixtures}",
+                                  owner_pid = ${owner_pid}, owner_start = ${owner_start} })
   }
   init_worker_by_lua_block { require("mock_server").init_worker() }
 
@@ -356,6 +357,7 @@ local function write_conf(dir, opts, port, tls_port)
     access_log = opts.access_log and (dir .. "/access.log") or "off",
     dir = dir,
     support = SUPPORT_DIR,
+    fixtures = opts.fixtures or (SUPPORT_DIR .. "/../fixtures/streams"),
     cpath = lua51_cpath(),
     port = port,
     tls_port = tls_port,
@@ -434,6 +436,7 @@ end
 --   access_log   true: write DIR/access.log (off by default: benchmarks)
 --   tries        start attempts with fresh ports (default 5)
 --   timeout      seconds to wait for nginx to answer (default 5)
+--   fixtures     directory the `replay` step reads (default spec/fixtures/streams)
 function M.start(opts)
   opts = opts or {}
   local nginx = opts.nginx or (file_exists("/usr/sbin/nginx") and "/usr/sbin/nginx" or "nginx")

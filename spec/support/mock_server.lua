@@ -334,7 +334,7 @@ end
 
 local KEYWORDS = {
   drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true,
-  huge = true, truncated = true, stream_error = true,
+  huge = true, truncated = true, stream_error = true, replay = true,
 }
 
 local NUMERIC_PARAMS = {
@@ -342,7 +342,7 @@ local NUMERIC_PARAMS = {
   pieces = true, chunked = true, after_delta = true, status = true,
 }
 
-local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true }
+local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true }
 
 local function parse_step(text)
   local parts = split(text, ";")
@@ -371,6 +371,13 @@ local function parse_step(text)
       step.params[k] = v
     elseif k ~= "" then
       return nil, "unknown step param '" .. k .. "'"
+    end
+  end
+  if step.keyword == "replay" then
+    local file = step.params.file
+    -- a bare name inside the fixtures directory, never a path
+    if not (file and file:match("^[%w][%w_.-]*$")) or file:find("..", 1, true) then
+      return nil, "step 'replay' needs file=NAME, a file name in spec/fixtures/streams"
     end
   end
   return step
@@ -734,6 +741,28 @@ local function reply_error(provider, status, request_id, message)
   return ngx.exit(ngx.OK)
 end
 
+-- A recorded stream from spec/fixtures/streams, byte for byte; with drip=MS
+-- in `pieces` parts (default 5) cut at byte offsets, sleeping MS before each.
+local function reply_replay(step, provider, request_id)
+  local p = step.params
+  local f = io.open((settings.fixtures or "") .. "/" .. p.file, "rb")
+  if not f then
+    return reply_error(provider, 400, request_id, "mock: no stream fixture '" .. p.file .. "'")
+  end
+  local body = f:read("*a")
+  f:close()
+  ngx.status = 200
+  ngx.header["content-type"] = "text/event-stream"
+  ngx.header["cache-control"] = "no-cache"
+  if p.drip then
+    flush_headers()
+    send_parts(pieces(body, p.pieces or DEFAULT_DRIP_PIECES), p.drip)
+  else
+    ngx.print(body)
+  end
+  return ngx.exit(ngx.OK)
+end
+
 -- Status line code this step will produce (0: closed without a reply).
 local function step_status(step)
   if step.status then
@@ -851,6 +880,11 @@ local function run_step(step, provider, request_id, view, t)
     return reply_html(step)
   elseif kw == "huge" then
     return reply_huge(step)
+  elseif kw == "replay" then
+    if provider ~= "generic" then
+      set_ratelimit_headers(provider, view, t)
+    end
+    return reply_replay(step, provider, request_id)
   end
 
   local body = read_body()
