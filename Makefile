@@ -38,7 +38,7 @@ BUILD ?= build/$(LUA)
 # transport, and the Lua bindings.
 POLICY_SRC := $(wildcard src/policy/*.c)
 CURL_SRC := $(wildcard src/curl/*.c)
-CORE_SRC := $(CURL_SRC) src/lua/core.c src/lua/convert.c $(POLICY_SRC)
+CORE_SRC := $(CURL_SRC) src/lua/core.c src/lua/convert.c src/lua/request.c $(POLICY_SRC)
 POLICY_LIB_SRC := src/lua/policy.c src/lua/convert.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers

@@ -170,21 +170,22 @@ end
 local Client = {}
 Client.__index = Client
 
+local function open_engine(self)
+  if self._closing or not self._engine then fail("the client is closed") end
+  return self._engine
+end
+
 local function strip_userinfo(url)
   return (url:gsub("^(%a[%w+.-]*://)[^/?#@]*@", "%1"))
 end
 
---- The host (and port) of a URL, without any userinfo; nil for no URL.
-local function host_of(url)
-  local host = url and url:match("^%a[%w+.-]*://([^/?#]+)")
-  return host and (host:gsub("^.*@", ""))
-end
+local host_of = options.url_host
 sturdy.url_host = host_of
 
 --- Creates a client. See README for the options; unknown names and wrong
 -- types raise, naming the option.
 function sturdy.client(cfg)
-  local compiled, settings = options.client(cfg)
+  local compiled = options.client(cfg)
   cfg = cfg or {}
   compiled.notices = { retries = cfg.on_retry ~= nil, events = cfg.on_event ~= nil }
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
@@ -193,11 +194,6 @@ function sturdy.client(cfg)
     base_url = base_url and strip_userinfo(base_url),
     key = cfg.key or host_of(base_url),
     max_response = cfg.max_response,
-    _base_url = base_url,                 -- with its userinfo, if any: only sent, never shown
-    _explicit_key = cfg.key ~= nil,
-    _timeout_ms = settings.timeout_ms,
-    _timeouts = { settings.timeout_ms.connect, settings.timeout_ms.first_byte,
-                  settings.timeout_ms.idle, settings.timeout_ms.total },
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
   }, Client)
@@ -205,53 +201,23 @@ function sturdy.client(cfg)
   return self
 end
 
---- The upstream key of a request: its own `key`, else the client's `key`
--- option, else the host of the URL the request goes to; plus "/model" when the
--- JSON body names one, so a sick model does not trip another.
-function Client:key_for(req, url)
-  if req.key then return req.key end
-  local key = self._explicit_key and self.key or host_of(url or req.url or self._base_url) or ""
-  local model = type(req.json) == "table" and req.json.model
-  if type(model) == "string" then key = key .. "/" .. model end
-  return key
+--- The upstream key of a request: its own `key`, else the host of its
+-- absolute `url`, else the client's `key` option or the host of its base_url;
+-- plus "/model" when the JSON body names one, so a sick model does not trip
+-- another. (A client `key` option also keys absolute URLs.)
+function Client:key_for(req)
+  return open_engine(self):key_for(req)
 end
 
-local KNOWN_METHODS = { GET = true, POST = true, PUT = true, PATCH = true, DELETE = true, HEAD = true }
-local NO_HEADERS = {}
-
--- Checks a request and returns the engine's positional arguments (after the handle).
-function Client:_args(req)
-  options.check_request(req)
-  local url = req.url
-  if not url then
-    local path = req.path or "/"
-    if not self._base_url then fail("request needs 'url', or 'path' with a client base_url") end
-    if path:byte(1) ~= 47 then fail("request 'path' must start with '/', got %q", one_line(path, 80)) end
-    url = self._base_url .. path
-  elseif not url:find("^https?://[^/]") then
-    fail("request 'url' must start with http:// or https://, got %q", one_line(url, 80))
-  end
-  if url:find("[%z\1-\32\127]") then
-    fail("request url or path contains a control character, space or NUL byte")
-  end
-  local body = req.body
-  if req.json then
-    if body then fail("request takes 'body' or 'json', not both") end
-    local err
-    body, err = cjson.encode(req.json)
-    if not body then fail("request 'json' cannot be encoded: %s", err) end
-  end
-  local method = req.method or (body and "POST" or "GET")
-  if not KNOWN_METHODS[method] and not method:find("^%u+$") then
-    fail("request 'method' must be an upper-case HTTP method, got %q", one_line(method, 40))
-  end
-  local t = req.timeout and options.timeouts_ms(self._timeout_ms, req.timeout) or self._timeouts
-  local headers = req.headers and options.header_lines(req.headers, "request headers") or NO_HEADERS
-  local tokens = req.tokens
-  local stream = req.on_data and (req.commit or "auto") or nil
-  return method, url, self:key_for(req, url), body, headers, t[1], t[2], t[3], t[4],
-    req.max_response or self.max_response, req.attempts, stream, req.priority,
-    tokens and tokens.input, tokens and tokens.output
+-- The JSON body of a request, encoded; nil when it has none.
+local function json_body(req)
+  if type(req) ~= "table" then return nil end -- the core names the problem
+  local json = req.json
+  if json == nil then return nil end
+  if type(json) ~= "table" then fail("option 'json' in request must be a table, got %s", type(json)) end
+  local body, err = cjson.encode(json)
+  if not body then fail("request 'json' cannot be encoded: %s", err) end
+  return body
 end
 
 ---------------------------------------------------------------------------
@@ -279,11 +245,6 @@ end
 local now = policy.monotime
 sturdy.monotime = now
 
-local function open_engine(self)
-  if self._closing or not self._engine then fail("the client is closed") end
-  return self._engine
-end
-
 --- Starts a request and returns a handle at once. callback(res, err), if
 -- given, runs from a later poll, run or wait, never from submit itself.
 function Client:submit(req, callback)
@@ -291,9 +252,9 @@ function Client:submit(req, callback)
     fail("submit's callback must be a function, got %s", type(callback))
   end
   local engine = open_engine(self)
-  local h = setmetatable({ client = self, callback = callback, on_data = req and req.on_data, _done = false },
-                         Handle)
-  h._request = engine:submit(h, self:_args(req))
+  local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
+  h._request = engine:submit(h, req, json_body(req))
+  h.on_data = req.on_data
   self._active = self._active + 1
   return h
 end
@@ -481,8 +442,8 @@ function Client:request(req)
       end
     end
   end
-  local on_data = req.on_data
-  if on_data == nil then return self:submit(req):wait() end
+  local on_data = type(req) == "table" and req.on_data
+  if not on_data then return self:submit(req):wait() end
   -- a blocking call hands an error raised by on_data to its caller
   local h, raised
   local copy = {}
@@ -534,7 +495,7 @@ function Client:batch(requests, opts)
   local total = #requests
   for i = 1, total do
     if type(requests[i]) ~= "table" then fail("batch request #%d must be a table, got %s", i, type(requests[i])) end
-    self:_args(requests[i]) -- every request is checked before any is sent
+    self._engine:check(requests[i], json_body(requests[i])) -- every request is checked before any is sent
   end
   local concurrency = opts.concurrency or 32
   local on_progress = opts.on_progress

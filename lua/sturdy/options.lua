@@ -6,14 +6,14 @@
 --
 -- `options.client(cfg)` checks a client's options once, at creation, converts
 -- units once (seconds to milliseconds, rounded up), and returns the compiled
--- configuration and the Lua-side settings. `options.check_request(req)` is the
--- per-call check, cheap when a request uses the defaults.
+-- configuration and the Lua-side settings. Requests are checked by the C core
+-- (src/lua/request.c), in one pass over their fields.
 -- @module sturdy.options
 local policy = require "sturdy.policy"
 
 local options = {}
 
-local type, pairs, ipairs, tostring, next = type, pairs, ipairs, tostring, next
+local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
 local floor, ceil, huge = math.floor, math.ceil, math.huge
 local format = string.format
 
@@ -176,7 +176,6 @@ local TIMEOUT = {
     total = { "seconds|false", default = 600 },
   },
 }
-options.TIMEOUT_NAMES = { "connect", "first_byte", "idle", "total" }
 
 local CLIENT = { fields = {
   base_url = { "string" },
@@ -237,6 +236,12 @@ local CLIENT = { fields = {
   } },
 } }
 options.CLIENT = CLIENT
+
+--- The host (and port) of a URL, without any userinfo; nil for no URL.
+function options.url_host(url)
+  local host = url and url:match("^%a[%w+.-]*://([^/?#]+)")
+  return host and (host:gsub("^.*@", ""))
+end
 
 local function deep_copy(t)
   if type(t) ~= "table" then return t end
@@ -346,82 +351,12 @@ function options.client(cfg)
     timeout[name] = v
   end
   settings.timeout_ms = timeout
+  local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
+  compiled.client = {
+    base_url = base_url, key = cfg.key or (base_url and options.url_host(base_url)),
+    explicit_key = cfg.key ~= nil, timeout_ms = timeout, max_response = cfg.max_response,
+  }
   return compiled, settings
-end
-
----------------------------------------------------------------------------
--- Requests: checked on every call, so the common case costs one pass.
----------------------------------------------------------------------------
-
-local REQUEST_TYPES = {
-  method = "string", path = "string", url = "string", headers = "table", body = "string",
-  json = "table", key = "string", timeout = "table", max_response = "number", attempts = "number",
-  on_data = "function", commit = "string", priority = "string", tokens = "table",
-}
-
-local function request_fail(k, want, v)
-  fail("option '%s' in request must be %s, got %s", k, want, shown(v))
-end
-
---- Checks a request table; raises naming the first problem.
-function options.check_request(req)
-  if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
-  for k, v in next, req do
-    local want = REQUEST_TYPES[k]
-    if want == nil then
-      if k == "stream" then
-        fail("option 'stream' in request is not supported: give on_data to receive the body as it arrives")
-      end
-      fail("unknown option '%s' in request", tostring(k))
-    end
-    if type(v) ~= want then request_fail(k, "a " .. want, v) end
-  end
-  if req.priority ~= nil and not ENUM_SETS.priority[req.priority] then
-    fail("request 'priority' must be high, normal or low, got %q", one_line(req.priority, 40))
-  end
-  if req.commit ~= nil and req.commit ~= "auto" and req.commit ~= "manual" then
-    fail("request 'commit' must be auto or manual, got %q", one_line(req.commit, 40))
-  end
-  if req.commit ~= nil and req.on_data == nil then fail("request 'commit' needs on_data") end
-  local n = req.attempts
-  if n ~= nil and (not finite(n) or n ~= floor(n) or n < 1 or n > 1000) then
-    request_fail("attempts", "a whole number from 1 to 1000", n)
-  end
-  n = req.max_response
-  if n ~= nil and (not finite(n) or n ~= floor(n) or n < 1 or n > 2 ^ 53) then
-    request_fail("max_response", "a whole number >= 1", n)
-  end
-  local t = req.timeout
-  if t ~= nil then
-    for k, v in pairs(t) do
-      local spec = TIMEOUT.fields[k]
-      if spec == nil then fail("unknown option '%s' in request.timeout", tostring(k)) end
-      KINDS["seconds|false"](v, spec, function(want)
-        fail("option '%s' in request.timeout must be %s, got %s", k, want, shown(v))
-      end)
-    end
-  end
-  t = req.tokens
-  if t ~= nil then
-    for k, v in pairs(t) do
-      if k ~= "input" and k ~= "output" then fail("unknown option '%s' in request.tokens", tostring(k)) end
-      if not finite(v) or v < 0 then request_fail("tokens." .. k, "a number >= 0", v) end
-    end
-  end
-end
-
---- A request's timeouts in ms (0 = none), its own overriding the client's.
-function options.timeouts_ms(client_ms, override)
-  local out = {}
-  for i, name in ipairs(options.TIMEOUT_NAMES) do
-    local v = override[name]
-    if v == nil then
-      out[i] = client_ms[name]
-    else
-      out[i] = v and seconds_to_ms(v) or 0
-    end
-  end
-  return out
 end
 
 options.classes = CLASS_SET

@@ -20,15 +20,17 @@
 #include "convert.h"
 #include "engine.h"
 #include "httpdate.h"
+#include "request.h"
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
 #define MAX_FDS 1024
-#define MAX_HEADERS 256
-#define MAX_LINE 8192
+#define MAX_HEADERS SL_MAX_HEADERS
 
 typedef struct l_engine {
     st_engine *e;
+    sl_client client;      /* base URL, key, timeouts: what every request starts from */
+    st_buf scratch;        /* strings built for the request being read */
     char **lines;          /* the client's header lines, "Name: value" */
     char **names;          /* their lowercase names */
     size_t nlines;
@@ -69,88 +71,6 @@ static void set_str(lua_State *L, const char *k, const char *v)
 {
     lua_pushstring(L, v);
     lua_setfield(L, -2, k);
-}
-
-/* ---- checking what Lua hands in ------------------------------------------- */
-
-static int is_tchar(unsigned char c)
-{
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-        || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
-}
-
-/* Headers that frame the message or the connection belong to libcurl: a wrong
- * Content-Length would desynchronise a reused connection. */
-static int is_framing(const char *lname, size_t len)
-{
-    static const char *const names[] = { "content-length", "transfer-encoding", "host", "connection",
-                                         "upgrade", "te", "trailer", "keep-alive", "proxy-connection",
-                                         "expect", NULL };
-    size_t i;
-    for (i = 0; names[i]; i++)
-        if (strlen(names[i]) == len && memcmp(lname, names[i], len) == 0)
-            return 1;
-    return 0;
-}
-
-/* Checks a "Name: value" line; returns the name's length. Never echoes the value:
- * it may be a secret. */
-static size_t check_line(lua_State *L, const char *line, size_t len, const char *where)
-{
-    size_t i, name_len;
-    const char *colon = memchr(line, ':', len);
-    char lname[64];
-
-    if (colon == NULL || colon == line)
-        luaL_error(L, "sturdy: a header line in %s has no 'Name: value' form", where);
-    name_len = (size_t)(colon - line);
-    for (i = 0; i < name_len; i++)
-        if (!is_tchar((unsigned char)line[i]))
-            luaL_error(L, "sturdy: header name '%s' in %s is not a valid HTTP token",
-                       lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where);
-    for (i = name_len + 1; i < len; i++)
-        if (line[i] == '\r' || line[i] == '\n' || line[i] == '\0')
-            luaL_error(L, "sturdy: header '%s' in %s contains CR, LF or NUL",
-                       lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where);
-    if (len > MAX_LINE)
-        luaL_error(L, "sturdy: header '%s' in %s is longer than %d bytes",
-                   lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where, MAX_LINE);
-    if (name_len < sizeof lname) {
-        for (i = 0; i < name_len; i++)
-            lname[i] = (char)(line[i] >= 'A' && line[i] <= 'Z' ? line[i] + 32 : line[i]);
-        if (is_framing(lname, name_len))
-            luaL_error(L, "sturdy: header '%s' in %s is set by sturdy itself; remove it",
-                       lua_pushlstring(L, line, name_len), where);
-    }
-    return name_len;
-}
-
-static const char *check_text(lua_State *L, int i, const char *what, int allow_space)
-{
-    size_t len, k;
-    const char *s = luaL_checklstring(L, i, &len);
-    for (k = 0; k < len; k++) {
-        unsigned char c = (unsigned char)s[k];
-        if (c < 0x20 || c == 0x7f || (!allow_space && c == ' '))
-            luaL_error(L, "sturdy: request %s contains a control character, space or NUL", what);
-    }
-    return s;
-}
-
-static int64_t check_ms(lua_State *L, int i, const char *what)
-{
-    lua_Number v = luaL_optnumber(L, i, 0);
-    if (!(v >= 0 && v <= (lua_Number)ST_RETRY_AFTER_MAX_MS))
-        luaL_error(L, "sturdy: request %s must be between 0 and 10 years in ms", what);
-    return (int64_t)ceil(v);
-}
-
-static double check_count(lua_State *L, int i, const char *what, double max)
-{
-    lua_Number v = luaL_optnumber(L, i, 0);
-    if (!(v >= 0 && v <= max) || v != floor(v))
-        luaL_error(L, "sturdy: request %s must be a whole number from 0 to %.0f", what, max);
-    return v;
 }
 
 /* ---- engine --------------------------------------------------------------- */
@@ -207,7 +127,7 @@ static void read_client_lines(lua_State *L, l_engine *le, int t)
         if (lua_type(L, -1) != LUA_TSTRING)
             luaL_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
         line = lua_tolstring(L, -1, &len);
-        name_len = check_line(L, line, len, "client headers");
+        name_len = sl_check_header_line(L, line, len, "client headers");
         le->lines[i] = dup_mem(line, len, 0);
         le->names[i] = dup_mem(line, name_len, 1);
         if (le->lines[i] == NULL || le->names[i] == NULL) {
@@ -253,6 +173,7 @@ static int l_engine_new(lua_State *L)
     memset(le, 0, sizeof *le);
     luaL_setmetatable(L, ENGINE_MT);
     read_client_lines(L, le, t);
+    sl_client_read(L, 1, &le->client);
 
     lua_getfield(L, 1, "seed");
     seed_n = lua_isnil(L, -1) ? 0 : luaL_checknumber(L, -1);
@@ -280,89 +201,84 @@ static int l_engine_new(lua_State *L)
 }
 
 /* Is lname (lowercase) among the request's own header names? */
-static int overridden(const char *const *own, const size_t *own_len, size_t n, const char *lname)
+static int overridden(const char *const *own, size_t n, const char *lname)
 {
     size_t i, len = strlen(lname);
     for (i = 0; i < n; i++)
-        if (own_len[i] == len && strncasecmp(own[i], lname, len) == 0)
+        if (strncasecmp(own[i], lname, len) == 0 && own[i][len] == ':')
             return 1;
     return 0;
 }
 
-/* The request's own header lines (table at index i), then the client's it does
- * not override, then Content-Type for a body and an empty Expect. */
-static size_t assemble_headers(lua_State *L, l_engine *le, int i, int has_body, const char **lines)
+/* The request's own header lines, then the client's it does not override, then
+ * Content-Type for a body and an empty Expect. */
+static size_t assemble_headers(lua_State *L, l_engine *le, const sl_request *req, const char **lines)
 {
-    size_t n = 0, k, nown;
-    size_t own_len[MAX_HEADERS];
+    size_t n = 0, k;
     int has_type = 0;
 
-    luaL_checktype(L, i, LUA_TTABLE);
-    nown = lua_rawlen(L, i);
-    if (nown + le->nlines + 2 > MAX_HEADERS)
+    if (req->nlines + le->nlines + 2 > MAX_HEADERS)
         luaL_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
-    for (k = 0; k < nown; k++) {
-        size_t len;
-        lua_rawgeti(L, i, (int)k + 1);
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "sturdy: request header line %d is not a string", (int)k + 1);
-        lines[n] = lua_tolstring(L, -1, &len);
-        lua_pop(L, 1); /* the table keeps the string alive */
-        own_len[n] = check_line(L, lines[n], len, "request headers");
-        if (own_len[n] == 12 && strncasecmp(lines[n], "content-type", 12) == 0)
+    for (k = 0; k < req->nlines; k++) {
+        lines[n++] = req->lines[k];
+        if (strncasecmp(req->lines[k], "content-type:", 13) == 0)
             has_type = 1;
-        n++;
     }
     for (k = 0; k < le->nlines; k++) {
-        if (overridden(lines, own_len, nown, le->names[k]))
+        if (req->nlines && overridden(req->lines, req->nlines, le->names[k]))
             continue;
         if (strcmp(le->names[k], "content-type") == 0)
             has_type = 1;
         lines[n++] = le->lines[k];
     }
-    if (has_body && !has_type)
+    if (req->body != NULL && !has_type)
         lines[n++] = "Content-Type: application/json";
     lines[n++] = "Expect:"; /* libcurl's 100-continue only adds a round trip for API calls */
     return n;
 }
 
-/* engine:submit(handle, method, url, key, body, headers, connect_ms,
- * first_byte_ms, idle_ms, total_ms, max_response, attempts, stream, priority,
- * input_tokens, output_tokens) -> request. Starts it without waiting. stream:
- * nil/false, "auto" or "manual" (see engine.h). */
+/* Reads the request at idx (its encoded JSON body at body_idx, or 0) into spec. */
+static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_request_spec *spec,
+                         const char **headers)
+{
+    const char *own[SL_MAX_HEADERS];
+    sl_request req;
+
+    sl_request_read(L, idx, body_idx, &le->client, &le->scratch, own, &req);
+    memset(spec, 0, sizeof *spec);
+    spec->method = req.method;
+    spec->url = req.url;
+    spec->key = req.key;
+    spec->body = req.body;
+    spec->body_len = req.body_len;
+    spec->nheaders = assemble_headers(L, le, &req, headers);
+    spec->headers = headers;
+    spec->connect_ms = req.timeout_ms[0];
+    spec->first_byte_ms = req.timeout_ms[1];
+    spec->idle_ms = req.timeout_ms[2];
+    spec->total_ms = req.timeout_ms[3];
+    spec->max_response = req.max_response > 0 && req.max_response < (double)SIZE_MAX ? (size_t)req.max_response : 0;
+    spec->attempts = req.attempts;
+    spec->stream = req.stream == SL_STREAM_MANUAL ? ST_STREAM_MANUAL
+                 : req.stream == SL_STREAM_AUTO ? ST_STREAM_AUTO : ST_STREAM_NONE;
+    spec->priority = req.priority;
+    spec->input_tokens = req.tokens_in;
+    spec->output_tokens = req.tokens_out;
+}
+
+/* engine:submit(handle, request, json_body) -> request userdata. Checks the
+ * request table and starts it without waiting; json_body is its `json`
+ * already encoded (or nil). */
 static int l_engine_submit(lua_State *L)
 {
-    static const char *const stream_modes[] = { "none", "auto", "manual", NULL };
-    static const char *const priorities[] = { "high", "normal", "low", NULL };
     l_engine *le = open_engine(L, 1);
     const char *headers[MAX_HEADERS];
     st_request_spec spec;
     l_request *lr;
     char err[256];
-    lua_Number tokens_in, tokens_out, max_response;
 
     luaL_checktype(L, 2, LUA_TTABLE);
-    memset(&spec, 0, sizeof spec);
-    spec.method = check_text(L, 3, "method", 0);
-    spec.url = check_text(L, 4, "url", 0);
-    spec.key = lua_isnil(L, 5) ? "" : check_text(L, 5, "key", 1);
-    spec.body = luaL_optlstring(L, 6, NULL, &spec.body_len);
-    spec.nheaders = assemble_headers(L, le, 7, spec.body != NULL, headers);
-    spec.headers = headers;
-    spec.connect_ms = check_ms(L, 8, "connect timeout");
-    spec.first_byte_ms = check_ms(L, 9, "first_byte timeout");
-    spec.idle_ms = check_ms(L, 10, "idle timeout");
-    spec.total_ms = check_ms(L, 11, "total timeout");
-    max_response = check_count(L, 12, "max_response", 9007199254740991.0);
-    spec.max_response = max_response < (lua_Number)SIZE_MAX ? (size_t)max_response : SIZE_MAX;
-    spec.attempts = (unsigned)check_count(L, 13, "attempts", 1000);
-    spec.stream = lua_toboolean(L, 14) ? luaL_checkoption(L, 14, NULL, stream_modes) : ST_STREAM_NONE;
-    spec.priority = luaL_checkoption(L, 15, "normal", priorities);
-    tokens_in = luaL_optnumber(L, 16, 0);
-    tokens_out = luaL_optnumber(L, 17, 0);
-    spec.input_tokens = tokens_in > 0 && tokens_in < 1e12 ? tokens_in : 0;
-    spec.output_tokens = tokens_out > 0 && tokens_out < 1e12 ? tokens_out : 0;
-
+    read_request(L, le, 3, lua_isnoneornil(L, 4) ? 0 : 4, &spec, headers);
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
     lr->le = le;
@@ -374,6 +290,24 @@ static int l_engine_submit(lua_State *L)
     st_request_set_userdata(lr->r, lr);
     lua_pushvalue(L, 2);
     lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 1;
+}
+
+/* engine:check(request, json_body): raises as submit would, sends nothing. */
+static int l_engine_check(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *headers[MAX_HEADERS];
+    st_request_spec spec;
+    read_request(L, le, 2, lua_isnoneornil(L, 3) ? 0 : 3, &spec, headers);
+    return 0;
+}
+
+/* engine:key_for(request) -> the upstream key the request would go under */
+static int l_engine_key_for(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    sl_push_request_key(L, 2, &le->client);
     return 1;
 }
 
@@ -653,6 +587,8 @@ static int l_engine_close(lua_State *L)
         le->e = NULL;
     }
     free_lines(le);
+    sl_client_free(&le->client);
+    st_buf_free(&le->scratch);
     return 0;
 }
 
@@ -720,6 +656,8 @@ static int l_isatty(lua_State *L)
 
 static const luaL_Reg engine_methods[] = {
     { "submit", l_engine_submit },
+    { "check", l_engine_check },
+    { "key_for", l_engine_key_for },
     { "step", l_engine_step },
     { "take", l_engine_take },
     { "cancel_all", l_engine_cancel_all },
