@@ -6,16 +6,27 @@ local socket = require "socket"
 local mock = require "spec.support.mock"
 local runner = require "spec.support.ngx_runner"
 
--- A location on the runner itself that writes ?b=<base64> raw onto the
--- connection and closes it: replies no real server would send.
+-- Locations on the runner itself: /raw writes ?b=<base64> raw onto the
+-- connection and closes it (after ?linger= ms): replies no real server would
+-- send. /phase calls the client where nginx allows no cosocket.
 local RAW_LOCATION = [[
     location = /raw {
       content_by_lua_block {
         local bytes = ngx.decode_base64(ngx.unescape_uri(ngx.var.arg_b or "")) or ""
         local sock = assert(ngx.req.socket(true))
         sock:send(bytes)
+        local linger = tonumber(ngx.var.arg_linger)
+        if linger then ngx.sleep(linger / 1000) end
         return ngx.exit(444)
       }
+    }
+    location = /phase {
+      set_by_lua_block $phase_error {
+        local c = require("sturdy.cosocket").new()
+        local ok, err = pcall(c.request, c, { url = "http://127.0.0.1:1/" })
+        return ok and "no error" or tostring(err)
+      }
+      return 200 $phase_error;
     }
 ]]
 
@@ -154,6 +165,13 @@ describe("sturdy.cosocket in nginx", function()
       assert.are_not.equal(out.a, out.b)
       assert.is_false(out.reused)
       assert.equal("close", out.sent)
+    end)
+
+    it("tries a fresh connection when the server closed a pooled one unanswered", function()
+      local out = run("stale pooled connection")
+      assert.equal(200, out.first)
+      assert.equal(200, out.second)
+      assert.is_false(out.second_reused)
     end)
 
     it("keeps TLS, server name and verify setting in the pool name", function()
@@ -378,6 +396,18 @@ describe("sturdy.cosocket in nginx", function()
       assert.matches("method", out.method)
       assert.equal("bad_url", out.bad_url.kind)
       assert.equal("fatal", out.bad_url.class)
+    end)
+
+    it("names the phase where nginx allows no cosocket", function()
+      local status, body = r:request("GET", "/phase")
+      assert.equal(200, status)
+      assert.matches("sturdy: cosockets cannot be used in the set phase", body)
+    end)
+
+    it("needs nginx: outside it, new() says so", function()
+      local c, err = require("sturdy.cosocket").new()
+      assert.is_nil(c)
+      assert.matches("needs OpenResty", err)
     end)
 
     it("says what to build when the LuaJIT policy.so is missing", function()

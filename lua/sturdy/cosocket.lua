@@ -406,12 +406,12 @@ end
 
 function Call:connect(target)
   local sock = self.sock
-  local ok, err = self:arm(self.connect_end, "connect_timeout")
-  if not ok then return nil, err end
   local host, port = target.host, target.port
   local via = self.proxy
   if via then host, port = via.host, via.port end
   self.step = via and "connecting to the proxy" or "connecting"
+  local ok, err = self:arm(self.connect_end, "connect_timeout")
+  if not ok then return nil, err end
   ok, err = sock:connect(find(host, ":", 1, true) and ("[" .. host .. "]") or host, port,
                          { pool = self.pool_name, pool_size = self.pool_size })
   if not ok then
@@ -427,9 +427,9 @@ function Call:connect(target)
       ok, err = self:tunnel(authority_of(target.host, target.port, nil))
       if not ok then return nil, err end
     end
+    self.step = "the TLS handshake"
     ok, err = self:arm(self.connect_end, "connect_timeout")
     if not ok then return nil, err end
-    self.step = "the TLS handshake"
     ok, err = sock:sslhandshake(false, target.server_name, target.verify)
     if not ok then
       if err == "timeout" then return nil, self:socket_error(err) end
@@ -534,6 +534,7 @@ end
 -- How the body is delimited, from the head. Returns mode, length or nil, err.
 local function body_framing(call, method)
   local status, head = call.status, call.head
+  if status == 101 then call.reusable = false end   -- the connection speaks another protocol now
   if method == "HEAD" or BODYLESS_STATUS[status] or status < 200 then return "none", 0 end
   local te = head:get("transfer-encoding")
   if te then

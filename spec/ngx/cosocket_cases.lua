@@ -108,6 +108,17 @@ C["keepalive reuse"] = function(ctx)
   return out
 end
 
+-- The server answers completely (keep-alive allowed), then closes while the
+-- connection sits in the pool with the next request already sent on it.
+C["stale pooled connection"] = function(ctx)
+  local c = client()
+  local url = raw_url(ctx, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") .. "&linger=100"
+  local first = assert(c:request { url = url })
+  local second, err = c:request { url = url }
+  assert(second, err and err.detail)
+  return { first = first.status, second = second.status, second_reused = second.reused }
+end
+
 -- A body not read to its end: that connection is closed, the next call gets another.
 C["no reuse after an incomplete body"] = function(ctx)
   local c = client()
