@@ -320,6 +320,25 @@ function Call:release()
   sock:close()
 end
 
+-- Response-head parsers are kept for reuse: one per call in flight at most.
+local function take_head(self)
+  local heads = self.heads
+  local n = #heads
+  if n == 0 then return new_head(self.max_head) end
+  local head = heads[n]
+  heads[n] = nil
+  return head
+end
+
+local function give_head(call)
+  local head = call.head
+  if head then
+    call.head = nil
+    local heads = call.client.heads
+    heads[#heads + 1] = head
+  end
+end
+
 ---------------------------------------------------------------------------
 -- Connecting: TCP (via a proxy when set), CONNECT tunnel, TLS
 ---------------------------------------------------------------------------
@@ -566,6 +585,7 @@ end
 
 -- The error path of a read: the socket is closed, the error carries the status and timings.
 local function read_failed(call, err)
+  give_head(call)
   call:close()
   call.done = true
   finish_timings(call)
@@ -722,6 +742,7 @@ function M.new(opts)
     pool_size = DEFAULT_POOL_SIZE,
     keepalive = true,
     verify = true,
+    targets = {}, ntargets = 0, heads = {},
   }, Client)
   if opts.keepalive ~= nil or opts.pool_size ~= nil then self:set_keepalive(opts.keepalive, opts.pool_size) end
   local insecure = opts.insecure_skip_tls_verify
@@ -749,6 +770,7 @@ end
 --- Keep-alive: seconds a pooled connection may idle (false: no reuse,
 -- every request closes its connection), and the pool size per target.
 function Client:set_keepalive(idle, pool_size)
+  self.targets, self.ntargets = {}, 0   -- pool names hold the keep-alive setting
   if idle == false then
     self.keepalive = false
   elseif idle ~= nil then
@@ -769,20 +791,34 @@ local REQUEST_FIELDS = {
   max_response = true, on_chunk = true, server_name = true,
 }
 
--- The target of a request: host, port, tls, server_name, verify, path, authority.
+local MAX_CACHED_TARGETS = 256
+
+-- The target of a request: host, port, tls, server_name, verify, path,
+-- authority, proxy and pool name. Cached per client by URL and server name.
 local function target_of(self, req)
-  local scheme, host, port, path = parse_url(req.url)
-  if not scheme then return nil, host end
-  local tls = scheme == "https"
   local server_name = req.server_name
   if server_name ~= nil and type(server_name) ~= "string" then
     fail("server_name must be a string, got %s", type(server_name))
   end
-  return {
+  local key = server_name and (req.url .. "\n" .. server_name) or req.url
+  local target = self.targets[key]
+  if target then return target end
+  local scheme, host, port, path = parse_url(req.url)
+  if not scheme then return nil, host end
+  local tls = scheme == "https"
+  local proxy = self.proxy
+  if proxy and bypasses_proxy(self.no_proxy, host) then proxy = nil end
+  target = {
     host = host, port = port, tls = tls, path = path,
     server_name = tls and (server_name or host) or nil, verify = self.verify,
-    authority = authority_of(host, port, tls and 443 or 80),
+    authority = authority_of(host, port, tls and 443 or 80), proxy = proxy,
   }
+  target.pool_name = concat({ "sturdy", tls and "https" or "http", host, port, target.server_name or "",
+                              self.verify and "verify" or "noverify", proxy and proxy.id or "direct",
+                              self.keepalive and "" or "close" }, "|")
+  if self.ntargets >= MAX_CACHED_TARGETS then self.targets, self.ntargets = {}, 0 end
+  self.targets[key], self.ntargets = target, self.ntargets + 1
+  return target
 end
 
 local function new_call(self, req, target)
@@ -795,21 +831,15 @@ local function new_call(self, req, target)
     end
     if not deadline or req.deadline < deadline then deadline = req.deadline end
   end
-  local proxy = self.proxy
-  if proxy and bypasses_proxy(self.no_proxy, target.host) then proxy = nil end
-  local call = setmetatable({
-    timeouts = timeouts, started = started, deadline = deadline,
+  return setmetatable({
+    client = self, timeouts = timeouts, started = started, deadline = deadline,
     connect_end = timeouts.connect and started + timeouts.connect or nil,
     max_response = req.max_response and check_size(req.max_response, "max_response") or self.max_response,
-    max_head = self.max_head, head = new_head(self.max_head),
-    proxy = proxy, keepalive = self.keepalive, pool_idle_ms = self.pool_idle_ms, pool_size = self.pool_size,
+    max_head = self.max_head, head = take_head(self), pool_name = target.pool_name,
+    proxy = target.proxy, keepalive = self.keepalive, pool_idle_ms = self.pool_idle_ms, pool_size = self.pool_size,
     timings = { dns = 0, connect = 0, tls = 0, ttfb = 0, total = 0 },
     buf = "", pos = 1, received = 0, got_bytes = false, step = "starting",
   }, Call)
-  call.pool_name = concat({ "sturdy", target.tls and "https" or "http", target.host, target.port,
-                            target.server_name or "", target.verify and "verify" or "noverify",
-                            proxy and proxy.id or "direct", call.keepalive and "" or "close" }, "|")
-  return call
 end
 
 -- One try on one connection: connect (or reuse), send, read the head.
@@ -867,6 +897,7 @@ function Client:open(req)
     status = call.status, http_version = call.version, raw_headers = call.head:block(),
     timings = tm, reused = call.reused, _call = call,
   }, Response)
+  give_head(call)
   if mode == "none" or (mode == "length" and length == 0) then
     call.done = true
     call:release()

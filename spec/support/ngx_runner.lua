@@ -332,6 +332,7 @@ end
 --   resolver             e.g. "127.0.0.1:5353 ipv6=off" (and resolver_timeout, default "2s")
 --   http, server         extra text inside http { } and server { }
 --   vars                 a table handed to every case as ctx.vars
+--   lua_path             more lua_package_path entries, searched first
 --   build                folder holding sturdy/policy.so built for LuaJIT
 --                        (default build/luajit, made by `make LUA=luajit`)
 --   log_level            error_log level (default "warn")
@@ -364,9 +365,9 @@ function M.start(opts)
       user = capture("id -u") == "0" and "user root;" or "",
       workers = opts.workers or 1,
       dir = dir, build = build, cpath = lua51_cpath(),
-      lua_path = table.concat({ ROOT .. "/lua/?.lua", ROOT .. "/lua/?/init.lua", ROOT .. "/spec/ngx/?.lua",
-                                SUPPORT_DIR .. "/?.lua", "/usr/share/lua/5.1/?.lua",
-                                "/usr/share/lua/5.1/?/init.lua" }, ";"),
+      lua_path = (opts.lua_path and (opts.lua_path .. ";") or "") .. table.concat({
+        ROOT .. "/lua/?.lua", ROOT .. "/lua/?/init.lua", ROOT .. "/spec/ngx/?.lua", SUPPORT_DIR .. "/?.lua",
+        "/usr/share/lua/5.1/?.lua", "/usr/share/lua/5.1/?/init.lua" }, ";"),
       log_level = opts.log_level or "warn",
       shared_dicts = dicts, resolver = resolver, trusted = trusted,
       http = opts.http or "", server = opts.server or "",
