@@ -1,12 +1,14 @@
 -- sturdy.cosocket inside nginx against a plain proxy_pass, both to the
 -- mock's /echo over kept-alive connections, one nginx worker, wrk at the same
--- concurrency. Prints each round and the medians, with the cosocket
--- location's throughput as a ratio of proxy_pass's and its added p50.
+-- concurrency; the mock alone as the ceiling. Prints each round and the
+-- medians, with the cosocket location's throughput as a ratio of
+-- proxy_pass's and its added p50. At 1 connection the p50s are per-request
+-- latency; at 32 the mock is saturated and p50 is mostly queueing.
 --
 --   lua5.4 bench/cosocket.lua        (make bench-cosocket)
 --
 -- BENCH_ROUNDS (default 5), BENCH_SECONDS per run (default 4),
--- BENCH_CONNECTIONS (default 32).
+-- BENCH_CONNECTIONS (default "1,32").
 package.path = "./?.lua;" .. package.path
 
 local mock = require "spec.support.mock"
@@ -14,7 +16,7 @@ local runner = require "spec.support.ngx_runner"
 
 local ROUNDS = tonumber(os.getenv("BENCH_ROUNDS")) or 5
 local SECONDS = tonumber(os.getenv("BENCH_SECONDS")) or 4
-local CONNECTIONS = tonumber(os.getenv("BENCH_CONNECTIONS")) or 32
+local CONNECTIONS = os.getenv("BENCH_CONNECTIONS") or "1,32"
 
 local function capture(cmd)
   local p = assert(io.popen(cmd .. " 2>&1"))
@@ -26,8 +28,8 @@ end
 local UNITS = { us = 1e-3, ms = 1, s = 1e3 }
 
 -- wrk's requests/s and p50 in ms.
-local function wrk(url, seconds)
-  local out = capture(string.format("env -u LD_PRELOAD wrk -t1 -c%d -d%ds --latency %s", CONNECTIONS, seconds, url))
+local function wrk(url, seconds, connections)
+  local out = capture(string.format("env -u LD_PRELOAD wrk -t1 -c%d -d%ds --latency %s", connections, seconds, url))
   local rps = tonumber(out:match("Requests/sec:%s*([%d.]+)"))
   local p50, unit = out:match("\n%s*50%%%s+([%d.]+)(%a+)")
   local errors = out:match("Non%-2xx or 3xx responses:%s*(%d+)") or out:match("Socket errors:[^\n]*")
@@ -80,30 +82,33 @@ local function main()
       { name = "proxy_pass", url = r.url .. "/proxy_pass" },
       { name = "cosocket", url = r.url .. "/cosocket" },
     }
-    for _, t in ipairs(targets) do wrk(t.url, 1) end   -- warm up: pools, JIT
-    local rps, p50 = {}, {}
-    print(string.format("wrk -t1 -c%d -d%ds, one nginx worker each; %d rounds", CONNECTIONS, SECONDS, ROUNDS))
-    for round = 1, ROUNDS do
-      for i = 1, #targets do
-        -- alternate the order so drift favours neither side
-        local t = targets[(round % 2 == 1) and i or (#targets - i + 1)]
-        local x, lat, errors = wrk(t.url, SECONDS)
-        rps[t.name] = rps[t.name] or {}
-        p50[t.name] = p50[t.name] or {}
-        table.insert(rps[t.name], x)
-        table.insert(p50[t.name], lat)
-        print(string.format("  round %d  %-12s %9.0f req/s  p50 %.3f ms%s", round, t.name, x, lat,
-                            errors and ("  errors: " .. errors) or ""))
+    for _, t in ipairs(targets) do wrk(t.url, 1, 32) end   -- warm up: pools, JIT
+    for connections in CONNECTIONS:gmatch("%d+") do
+      connections = tonumber(connections)
+      local rps, p50 = {}, {}
+      print(string.format("wrk -t1 -c%d -d%ds, one nginx worker each; %d rounds", connections, SECONDS, ROUNDS))
+      for round = 1, ROUNDS do
+        for i = 1, #targets do
+          -- alternate the order so drift favours neither side
+          local t = targets[(round % 2 == 1) and i or (#targets - i + 1)]
+          local x, lat, errors = wrk(t.url, SECONDS, connections)
+          rps[t.name] = rps[t.name] or {}
+          p50[t.name] = p50[t.name] or {}
+          table.insert(rps[t.name], x)
+          table.insert(p50[t.name], lat)
+          print(string.format("  round %d  %-12s %9.0f req/s  p50 %.3f ms%s", round, t.name, x, lat,
+                              errors and ("  errors: " .. errors) or ""))
+        end
       end
+      print(string.format("medians at c=%d:", connections))
+      for _, t in ipairs(targets) do
+        print(string.format("  %-12s %9.0f req/s  p50 %.3f ms", t.name, median(rps[t.name]), median(p50[t.name])))
+      end
+      local ratio = median(rps.cosocket) / median(rps.proxy_pass)
+      local added = median(p50.cosocket) - median(p50.proxy_pass)
+      print(string.format("  cosocket / proxy_pass throughput: %.2fx (target >= 0.70)", ratio))
+      print(string.format("  cosocket added p50: %+.3f ms (target <= 0.200)", added))
     end
-    print("medians:")
-    for _, t in ipairs(targets) do
-      print(string.format("  %-12s %9.0f req/s  p50 %.3f ms", t.name, median(rps[t.name]), median(p50[t.name])))
-    end
-    local ratio = median(rps.cosocket) / median(rps.proxy_pass)
-    local added = median(p50.cosocket) - median(p50.proxy_pass)
-    print(string.format("cosocket / proxy_pass throughput: %.2fx (target >= 0.70)", ratio))
-    print(string.format("cosocket added p50: %+.3f ms (target <= 0.200)", added))
   end)
   r:stop()
   m:stop()

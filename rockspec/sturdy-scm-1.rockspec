@@ -30,6 +30,7 @@ build = {
       ["sturdy.openai"] = "lua/sturdy/openai.lua",
       ["sturdy.prices"] = "lua/sturdy/prices.lua",
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
+      ["sturdy.cosocket"] = "lua/sturdy/cosocket.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c",
