@@ -3,7 +3,8 @@
 -- concurrency; the mock alone as the ceiling. Prints each round and the
 -- medians, with the cosocket location's throughput as a ratio of
 -- proxy_pass's and its added p50. At 1 connection the p50s are per-request
--- latency; at 32 the mock is saturated and p50 is mostly queueing.
+-- latency; at 32 the mock is saturated and p50 is mostly queueing. A
+-- hand-written cosocket exchange ("bare cosocket") shows nginx's own share.
 --
 --   lua5.4 bench/cosocket.lua        (make bench-cosocket)
 --
@@ -70,7 +71,10 @@ local function main()
     location = /cosocket {
       content_by_lua_block { require("cosocket_bench").handle("%s/echo") }
     }
-]], m.http_url),
+    location = /bare_cosocket {
+      content_by_lua_block { require("cosocket_bench").bare("127.0.0.1", %d, "/echo") }
+    }
+]], m.http_url, m.port),
   }
   if not r then
     m:stop()
@@ -81,6 +85,7 @@ local function main()
       { name = "mock direct", url = m.http_url .. "/echo" },
       { name = "proxy_pass", url = r.url .. "/proxy_pass" },
       { name = "cosocket", url = r.url .. "/cosocket" },
+      { name = "bare cosocket", url = r.url .. "/bare_cosocket" },
     }
     for _, t in ipairs(targets) do wrk(t.url, 1, 32) end   -- warm up: pools, JIT
     for connections in CONNECTIONS:gmatch("%d+") do
@@ -96,19 +101,25 @@ local function main()
           p50[t.name] = p50[t.name] or {}
           table.insert(rps[t.name], x)
           table.insert(p50[t.name], lat)
-          print(string.format("  round %d  %-12s %9.0f req/s  p50 %.3f ms%s", round, t.name, x, lat,
+          print(string.format("  round %d  %-13s %9.0f req/s  p50 %.3f ms%s", round, t.name, x, lat,
                               errors and ("  errors: " .. errors) or ""))
         end
       end
       print(string.format("medians at c=%d:", connections))
       for _, t in ipairs(targets) do
-        print(string.format("  %-12s %9.0f req/s  p50 %.3f ms", t.name, median(rps[t.name]), median(p50[t.name])))
+        print(string.format("  %-13s %9.0f req/s  p50 %.3f ms", t.name, median(rps[t.name]), median(p50[t.name])))
       end
       local ratio = median(rps.cosocket) / median(rps.proxy_pass)
       local added = median(p50.cosocket) - median(p50.proxy_pass)
       print(string.format("  cosocket / proxy_pass throughput: %.2fx (target >= 0.70)", ratio))
       print(string.format("  cosocket added p50: %+.3f ms (target <= 0.200)", added))
+      print(string.format("  bare cosocket / proxy_pass throughput: %.2fx, added p50 %+.3f ms",
+                          median(rps["bare cosocket"]) / median(rps.proxy_pass),
+                          median(p50["bare cosocket"]) - median(p50.proxy_pass)))
     end
+    local seq = r:run("cosocket_bench", "sequential medians", { n = 5000 })
+    print(string.format("inside nginx, 5000 calls in a row: sturdy %.1f us, bare cosocket %.1f us per call "
+      .. "(medians): sturdy adds %.1f us", seq.sturdy, seq.bare, seq.sturdy - seq.bare))
   end)
   r:stop()
   m:stop()
