@@ -210,14 +210,24 @@ describe("sturdy.cosocket in nginx", function()
       assert.matches("host mismatch", out.detail)
     end)
 
-    it("refuses the mock's certificate without its CA", function()
+    -- Each try is a fresh handshake: some complete at once, which lua-resty-core
+    -- 0.1.25 mishandles (see the comment at sslhandshake in sturdy.cosocket).
+    it("refuses the mock's certificate without its CA, every time", function()
       local plain = assert(runner.start { mock = m, trusted_certificate = "/etc/ssl/certs/ca-certificates.crt" })
-      local ok, out = pcall(plain.run, plain, "cosocket_cases", "tls error", { server_name = "localhost" })
+      local ok, outs = pcall(function()
+        local list = {}
+        for i = 1, 20 do
+          list[i] = plain:run("cosocket_cases", "tls error", { server_name = "localhost" })
+        end
+        return list
+      end)
       plain:stop()
-      assert(ok, out)
-      assert.equal("tls", out.kind, out.detail)
-      assert.equal("fatal", out.class)
-      assert.matches("verify", out.detail)
+      assert(ok, outs)
+      for _, out in ipairs(outs) do
+        assert.equal("tls", out.kind, out.detail)
+        assert.equal("fatal", out.class)
+        assert.matches("verif", out.detail)
+      end
     end)
   end)
 

@@ -449,7 +449,16 @@ function Call:connect(target)
     self.step = "the TLS handshake"
     ok, err = self:arm(self.connect_end, "connect_timeout")
     if not ok then return nil, err end
-    ok, err = sock:sslhandshake(false, target.server_name, target.verify)
+    -- reused_session nil, never false: lua-resty-core 0.1.25 answers true to
+    -- false when a handshake that completed at once failed verification, and
+    -- fails an assertion with nil; the pcall turns that into a tls error.
+    local done, session, herr = pcall(sock.sslhandshake, sock, nil, target.server_name, target.verify)
+    if not done then
+      if not find(tostring(session), "assertion failed", 1, true) then error(session, 0) end
+      ok, err = nil, "certificate verification failed"
+    else
+      ok, err = session ~= nil and session ~= false, herr
+    end
     if not ok then
       if err == "timeout" then return nil, self:socket_error(err) end
       local hint = ""
