@@ -7,6 +7,7 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make goodput         goodput under a provider rate limit learned from headers
+#   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
 
@@ -53,7 +54,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket
 
 all: $(CORE_SO) $(POLICY_SO)
 
@@ -91,7 +92,13 @@ $(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
 test-c: $(addprefix $(BUILD)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
 
-test-lua: $(CORE_SO) $(POLICY_SO)
+# The in-nginx specs load sturdy.policy into nginx's LuaJIT: always a plain
+# build (nginx carries no sanitizer runtime), whatever this make was given.
+NGX_POLICY_MAKE = $(MAKE) --no-print-directory LUA=luajit BUILD=build/luajit CC=cc CFLAGS="-O2 -g" LDFLAGS=
+ngx-policy:
+	@$(NGX_POLICY_MAKE) -q build/luajit/sturdy/policy.so || $(NGX_POLICY_MAKE) build/luajit/sturdy/policy.so
+
+test-lua: $(CORE_SO) $(POLICY_SO) ngx-policy
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
 
 test: deps
@@ -103,6 +110,7 @@ test-all: deps
 
 # Lua itself is not instrumented, so the sanitizer runtime is preloaded.
 test-asan: deps
+	$(MAKE) --no-print-directory ngx-policy
 	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
 		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
 		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/sturdy/policy.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
@@ -136,6 +144,10 @@ demo: deps $(CORE_SO) $(POLICY_SO)
 bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
+
+# sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
+bench-cosocket: deps ngx-policy
+	$(LUA) bench/cosocket.lua
 
 # The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
 fidelity: deps

@@ -32,6 +32,7 @@ build = {
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
       ["sturdy.options"] = "lua/sturdy/options.lua",
       ["sturdy.partial_json"] = "lua/sturdy/partial_json.lua",
+      ["sturdy.cosocket"] = "lua/sturdy/cosocket.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",

@@ -20,6 +20,8 @@ local DICT_NAME = "mock"
 local DEFAULT_STALL_MS = 30000
 local DEFAULT_HUGE_SIZE = 70 * 1024 * 1024
 local DEFAULT_DRIP_PIECES = 5
+local DEFAULT_BIG_HEAD = 1024 * 1024
+local GARBAGE_REPLY = "HTTP/1.1 2OO OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 local HUGE_CHUNK = 64 * 1024
 
 -- lua-cjson 2.1.0 encodes an empty table as {}; this sentinel becomes [].
@@ -334,7 +336,7 @@ end
 
 local KEYWORDS = {
   drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true,
-  huge = true, truncated = true, stream_error = true, replay = true,
+  huge = true, truncated = true, stream_error = true, replay = true, garbage = true, big_head = true,
 }
 
 local NUMERIC_PARAMS = {
@@ -727,6 +729,41 @@ local function reply_huge(step)
   return ngx.exit(ngx.OK)
 end
 
+-- Raw bytes on the connection itself (HTTP/1.x only), past nginx's own
+-- response writer, so the reply can break HTTP.
+local function reply_raw(parts)
+  local sock, err = ngx.req.socket(true)
+  if not sock then
+    ngx.log(ngx.ERR, "mock: no raw socket (HTTP/2?): ", err)
+    return abort()
+  end
+  for _, part in ipairs(parts) do
+    if not sock:send(part) then break end   -- client went away
+  end
+  return ngx.exit(ngx.OK)
+end
+
+-- A 200 whose head (status line and header lines) is about `size` bytes:
+-- x-pad-N header lines of 1 KiB, then a 2-byte JSON body.
+local function reply_big_head(step)
+  local size = floor(step.params.size or DEFAULT_BIG_HEAD)
+  local parts = { "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" }
+  local used, n, batch = #parts[1], 0, {}
+  local pad = string.rep("a", 1000)
+  while used < size do
+    n = n + 1
+    local line = string.format("x-pad-%d: %s\r\n", n, pad)
+    batch[#batch + 1] = line
+    used = used + #line
+    if #batch == 64 then
+      parts[#parts + 1] = table.concat(batch)
+      batch = {}
+    end
+  end
+  parts[#parts + 1] = table.concat(batch) .. "content-length: 2\r\n\r\n{}"
+  return reply_raw(parts)
+end
+
 local function reply_error(provider, status, request_id, message)
   local body
   if provider == "openai" then
@@ -767,7 +804,7 @@ end
 local function step_status(step)
   if step.status then
     return step.status
-  elseif step.keyword == "drop" then
+  elseif step.keyword == "drop" or step.keyword == "garbage" then
     return 0
   elseif step.keyword == "html" then
     return step.params.status or 502
@@ -885,6 +922,10 @@ local function run_step(step, provider, request_id, view, t)
       set_ratelimit_headers(provider, view, t)
     end
     return reply_replay(step, provider, request_id)
+  elseif kw == "garbage" then
+    return reply_raw({ GARBAGE_REPLY })
+  elseif kw == "big_head" then
+    return reply_big_head(step)
   end
 
   local body = read_body()
