@@ -24,6 +24,13 @@ static int is_tchar(unsigned char c)
         || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
+/* Pushes a string and returns it (lua_pushlstring returns nothing before 5.2). */
+static const char *push_str(lua_State *L, const char *s, size_t len)
+{
+    lua_pushlstring(L, s, len);
+    return lua_tostring(L, -1);
+}
+
 static int has_control(const char *s, size_t len, int allow_space)
 {
     size_t i;
@@ -61,7 +68,7 @@ static const char *shown(lua_State *L, int i)
         size_t k, n = 0;
         for (k = 0; k < len && n < 40; k++)
             out[n++] = (unsigned char)s[k] < 0x20 ? ' ' : s[k];
-        return lua_pushfstring(L, "\"%s%s\"", lua_pushlstring(L, out, n), len > 40 ? "..." : "");
+        return lua_pushfstring(L, "\"%s%s\"", push_str(L, out, n), len > 40 ? "..." : "");
     }
     return luaL_typename(L, i);
 }
@@ -106,18 +113,18 @@ size_t sl_check_header_line(lua_State *L, const char *line, size_t len, const ch
     for (i = 0; i < name_len; i++)
         if (!is_tchar((unsigned char)line[i]))
             luaL_error(L, "sturdy: header name \"%s\" in %s is not a valid HTTP token",
-                       lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where);
+                       push_str(L, line, name_len < 64 ? name_len : 64), where);
     for (i = name_len + 1; i < len; i++)
         if (line[i] == '\r' || line[i] == '\n' || line[i] == '\0')
             luaL_error(L, "sturdy: header '%s' in %s contains CR, LF or NUL",
-                       lua_pushlstring(L, line, name_len), where);
+                       push_str(L, line, name_len), where);
     if (len > MAX_LINE)
         luaL_error(L, "sturdy: header '%s' in %s is longer than %d bytes",
-                   lua_pushlstring(L, line, name_len < 64 ? name_len : 64), where, MAX_LINE);
+                   push_str(L, line, name_len < 64 ? name_len : 64), where, MAX_LINE);
     for (i = 0; framing[i]; i++)
         if (strlen(framing[i]) == name_len && strncasecmp(line, framing[i], name_len) == 0)
             luaL_error(L, "sturdy: header '%s' in %s frames the message and is set by sturdy itself; remove it",
-                       lua_pushlstring(L, line, name_len), where);
+                       push_str(L, line, name_len), where);
     return name_len;
 }
 
