@@ -72,10 +72,11 @@ $(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
 		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
 
 install: $(CORE_SO) $(POLICY_SO)
-	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy/cache
 	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
 	install -m 0755 $(POLICY_SO) $(DESTDIR)$(LIBDIR)/sturdy/policy.so
 	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
+	install -m 0644 lua/sturdy/cache/*.lua $(DESTDIR)$(LUADIR)/sturdy/cache/
 
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy

@@ -30,6 +30,11 @@ build = {
       ["sturdy.openai"] = "lua/sturdy/openai.lua",
       ["sturdy.prices"] = "lua/sturdy/prices.lua",
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
+      ["sturdy.redis"] = "lua/sturdy/redis.lua",
+      ["sturdy.cache"] = "lua/sturdy/cache.lua",
+      ["sturdy.cache.memory"] = "lua/sturdy/cache/memory.lua",
+      ["sturdy.cache.redis"] = "lua/sturdy/cache/redis.lua",
+      ["sturdy.cache.ngx"] = "lua/sturdy/cache/ngx.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c",
