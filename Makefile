@@ -6,6 +6,7 @@
 #   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
+#   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
@@ -53,7 +54,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench bench-cache goodput fidelity fuzz clean
 
 all: $(CORE_SO) $(POLICY_SO)
 
@@ -137,6 +138,12 @@ demo: deps $(CORE_SO) $(POLICY_SO)
 bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
+	@$(MAKE) --no-print-directory bench-cache
+
+# The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
+bench-cache: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
 
 # The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
 fidelity: deps

@@ -43,18 +43,41 @@ end
 -- spelling and JSON whitespace do not matter).
 ---------------------------------------------------------------------------
 
-local function number_text(v, path)
+-- The path to the value being encoded, as a stack of segments, joined only
+-- for an error message.
+local function path_text(path, depth)
+  local parts = { "request" }
+  for i = 1, depth do
+    local seg = path[i]
+    parts[#parts + 1] = type(seg) == "number" and ("[" .. seg .. "]") or ("." .. seg)
+  end
+  return concat(parts)
+end
+
+local function number_text(v, path, depth)
   if v ~= v or v == huge or v == -huge then
-    fail("the request cannot be a cache key: %s is %s", path, tostring(v))
+    fail("the request cannot be a cache key: %s is %s", path_text(path, depth), tostring(v))
   end
   if v == floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then return format("%d", v) end
   return format("%.17g", v)
 end
 
+-- Object keys quoted, remembered: requests use the same few names again and
+-- again. The memo is emptied when it grows, so foreign names cannot bloat it.
+local quoted, quoted_count = {}, 0
+local function quoted_name(name)
+  local q = quoted[name]
+  if q then return q end
+  q = json.encode(name)
+  if quoted_count >= 4096 then quoted, quoted_count = {}, 0 end
+  quoted[name], quoted_count = q, quoted_count + 1
+  return q
+end
+
 local encode_value
 
-local function encode_table(t, out, depth, path)
-  if depth > MAX_DEPTH then fail("the request cannot be a cache key: it nests deeper than %d", MAX_DEPTH) end
+local function encode_table(t, out, path, depth)
+  if depth >= MAX_DEPTH then fail("the request cannot be a cache key: it nests deeper than %d", MAX_DEPTH) end
   local n, max = 0, 0
   for k in pairs(t) do
     n = n + 1
@@ -65,54 +88,64 @@ local function encode_table(t, out, depth, path)
       break
     end
   end
+  local at = depth + 1
   if n > 0 and max == n then
     out[#out + 1] = "["
     for i = 1, n do
       if i > 1 then out[#out + 1] = "," end
-      encode_value(t[i], out, depth + 1, path .. "[" .. i .. "]")
+      path[at] = i
+      encode_value(t[i], out, path, at)
     end
     out[#out + 1] = "]"
     return
   end
-  local names, by_name = {}, {}
+  -- string keys are looked up as they are; other keys by their text
+  local names, by_name = {}, nil
   for k, v in pairs(t) do
-    local name
-    if type(k) == "string" then
-      name = k
-    elseif type(k) == "number" then
-      name = number_text(k, path .. " (a key)")
-    else
-      fail("the request cannot be a cache key: %s has a %s key", path, type(k))
+    local name = k
+    if type(k) == "number" then
+      name = number_text(k, path, depth)
+      by_name = by_name or {}
+      by_name[name] = v
+    elseif type(k) ~= "string" then
+      fail("the request cannot be a cache key: %s has a %s key", path_text(path, depth), type(k))
     end
-    if by_name[name] ~= nil then fail("the request cannot be a cache key: %s has the key %q twice", path, name) end
-    by_name[name] = v
     names[#names + 1] = name
   end
   sort(names)
   out[#out + 1] = "{"
-  for i, name in ipairs(names) do
-    if i > 1 then out[#out + 1] = "," end
-    out[#out + 1] = json.encode(name)
+  for i = 1, #names do
+    local name = names[i]
+    if i > 1 then
+      if name == names[i - 1] then
+        fail("the request cannot be a cache key: %s has the key %q twice", path_text(path, depth), name)
+      end
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = quoted_name(name)
     out[#out + 1] = ":"
-    encode_value(by_name[name], out, depth + 1, path .. "." .. name)
+    path[at] = name
+    local v = t[name]
+    if by_name and by_name[name] ~= nil then v = by_name[name] end
+    encode_value(v, out, path, at)
   end
   out[#out + 1] = "}"
 end
 
-function encode_value(v, out, depth, path)
+function encode_value(v, out, path, depth)
   local t = type(v)
   if t == "string" then
     out[#out + 1] = json.encode(v)
   elseif t == "number" then
-    out[#out + 1] = number_text(v, path)
+    out[#out + 1] = number_text(v, path, depth)
   elseif t == "boolean" then
     out[#out + 1] = v and "true" or "false"
   elseif t == "table" then
-    encode_table(v, out, depth, path)
+    encode_table(v, out, path, depth)
   elseif v == nil or v == cjson.null then
     out[#out + 1] = "null"
   else
-    fail("the request cannot be a cache key: %s is a %s", path, t)
+    fail("the request cannot be a cache key: %s is a %s", path_text(path, depth), t)
   end
 end
 
@@ -121,7 +154,7 @@ end
 -- whitespace. NaN, infinities, functions and cycles raise.
 function M.canonical(v)
   local out = {}
-  encode_value(v, out, 0, "request")
+  encode_value(v, out, {}, 0)
   return concat(out)
 end
 
