@@ -397,6 +397,33 @@ describe("sturdy.cache", function()
       assert.equal(3, requests())
     end)
 
+    it("releases the flight when the leading call raises", function()
+      local c = claude { yield = coroutine.yield }
+      local cached = sturdy_cache({ yield = coroutine.yield }):wrap(c)
+      assert.has_error(function() cached:messages(ask("raise"), { headers = { ["bad header"] = "x" } }) end)
+      local r = assert(cached:messages(ask("raise")))
+      assert.equal("miss", r.cache)
+      assert.equal(1, requests())
+    end)
+
+    it("keeps a shared stream going for the others when one caller's on_event raises", function()
+      local c = claude()
+      local cached = sturdy_cache():wrap(c)
+      local good = {}
+      local bad = cached:stream(ask("robust"), { headers = steps("rb", "200;drip=20"),
+                                                 on_event = function(ev)
+                                                   if ev.type == "content_block_delta" then error("boom") end
+                                                 end })
+      local ok = cached:stream(ask("robust"), { on_event = function(ev) good[#good + 1] = ev.type end })
+      local r = assert(ok:result())
+      assert.equal("Echo: robust", r.text)
+      assert.equal("message_stop", good[#good])
+      local _, err = bad:result()
+      assert.equal("callback", err.kind)
+      assert.matches("boom", err.detail, 1, true)
+      assert.equal(1, requests())
+    end)
+
     it("shares one upstream stream between identical streams in flight", function()
       local c = claude()
       local cache = sturdy_cache()

@@ -240,6 +240,32 @@ end
 
 local monotime = policy.monotime
 
+local unpack = table.unpack or unpack -- luacheck: ignore 143
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+-- Lua 5.1's pcall cannot be yielded across; LuaJIT's and 5.2+'s can.
+local pcall_yields = (function()
+  local co = coroutine.create(function() return pcall(coroutine.yield) end)
+  return coroutine.resume(co) and coroutine.status(co) == "suspended"
+end)()
+
+-- pcall(fn, ...) that lets fn yield (a client waiting with its `yield`): on
+-- Lua 5.1, inside a coroutine, fn runs in a coroutine of its own whose yields
+-- are passed up and whose resumptions are passed down.
+local function protected_call(fn, ...)
+  if pcall_yields or not in_coroutine() then return pcall(fn, ...) end
+  local co = coroutine.create(fn)
+  local res = pack(coroutine.resume(co, ...))
+  while true do
+    if not res[1] then return false, res[2] end
+    if coroutine.status(co) == "dead" then return unpack(res, 1, res.n) end
+    res = pack(coroutine.resume(co, coroutine.yield(unpack(res, 2, res.n))))
+  end
+end
+
 local function canceled_error()
   return sturdy.Error.new { kind = "canceled", class = "canceled", attempts = {} }
 end
@@ -665,7 +691,7 @@ function Cached:_call(method, params, opts)
       end
     end
   end
-  local ok, r, err = pcall(fn, target, params, topts)
+  local ok, r, err = protected_call(fn, target, params, topts)
   if not ok then
     if locked then backend:unlock(key) end
     flight.raised = r
@@ -805,16 +831,29 @@ function CacheStream:_replay(env, how, now, exact, err)
   self:_end(r)
 end
 
--- Calls fn(sub) for every subscriber; an on_event that raises does not stop
--- the others, and the first error is raised again at the end.
+-- Calls fn(sub) for every subscriber. Alone, a subscriber's on_event raises
+-- through the client's poll, as a live stream's would. Shared, one that
+-- raises is detached and ends with a "callback" error (its result() says so),
+-- so that it cannot break the stream the others are reading.
 local function each_subscriber(flight, fn)
-  local subs, first = {}, nil
+  local subs = {}
   for i, s in ipairs(flight.subs) do subs[i] = s end
+  if #subs == 1 then return fn(subs[1]) end
   for _, s in ipairs(subs) do
     local ok, e = pcall(fn, s)
-    if not ok and first == nil then first = e end
+    if not ok then
+      for i, x in ipairs(flight.subs) do
+        if x == s then
+          table.remove(flight.subs, i)
+          break
+        end
+      end
+      s.on_event = nil -- _end does nothing to a stream already over
+      s:_end(nil, sturdy.Error.new { kind = "callback", class = "fatal", attempts = {},
+                                     message = "on_event raised; this caller was detached from the shared stream",
+                                     detail = tostring(e) })
+    end
   end
-  if first ~= nil then error(first, 0) end
 end
 
 local function finish_flight(cached, flight)
