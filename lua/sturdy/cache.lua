@@ -247,10 +247,7 @@ local function pack(...)
 end
 
 -- Lua 5.1's pcall cannot be yielded across; LuaJIT's and 5.2+'s can.
-local pcall_yields = (function()
-  local co = coroutine.create(function() return pcall(coroutine.yield) end)
-  return coroutine.resume(co) and coroutine.status(co) == "suspended"
-end)()
+local pcall_yields = _VERSION ~= "Lua 5.1" or rawget(_G, "jit") ~= nil
 
 -- pcall(fn, ...) that lets fn yield (a client waiting with its `yield`): on
 -- Lua 5.1, inside a coroutine, fn runs in a coroutine of its own whose yields
@@ -640,7 +637,8 @@ function Cached:_call(method, params, opts)
   end
 
   local flight = cache.flights[key]
-  if flight and cache:_can_wait() and cache:_wait(flight) then
+  -- a hook of the leading call asking again from inside it must not wait for itself
+  if flight and flight.co ~= coroutine.running() and cache:_can_wait() and cache:_wait(flight) then
     if flight.raised then error(flight.raised, 0) end
     now = cache.clock()
     local shared = flight.bytes and json.decode(flight.bytes)
@@ -666,7 +664,7 @@ function Cached:_call(method, params, opts)
   end
 
   -- this call leads: others that miss the same key meanwhile wait for it
-  flight = { done = false }
+  flight = { done = false, co = coroutine.running() }
   local leads = cache.single_flight and cache.flights[key] == nil
   if leads then cache.flights[key] = flight end
   local function land()
@@ -878,7 +876,11 @@ local function finish_flight(cached, flight)
     end)
     return
   end
-  local r = up:result()
+  local r, rerr = up:result()
+  if type(r) ~= "table" then
+    each_subscriber(flight, function(s) s:_end(nil, rerr) end)
+    return
+  end
   local label = cached:_label(r, flight.model)
   cache:_write(flight.key, flight.exact, label, r, flight.log, now)
   each_subscriber(flight, function(s)
