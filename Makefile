@@ -6,6 +6,7 @@
 #   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
+#   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
@@ -42,7 +43,7 @@ CURL_SRC := $(wildcard src/curl/*.c)
 CORE_SRC := $(CURL_SRC) src/lua/core.c src/lua/convert.c src/lua/request.c $(POLICY_SRC)
 POLICY_LIB_SRC := src/lua/policy.c src/lua/convert.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
-C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers
+C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256
 HEADERS := $(wildcard src/*/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
@@ -54,7 +55,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache
 
 all: $(CORE_SO) $(POLICY_SO)
 
@@ -73,10 +74,11 @@ $(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
 		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
 
 install: $(CORE_SO) $(POLICY_SO)
-	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy/cache
 	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
 	install -m 0755 $(POLICY_SO) $(DESTDIR)$(LIBDIR)/sturdy/policy.so
 	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
+	install -m 0644 lua/sturdy/cache/*.lua $(DESTDIR)$(LUADIR)/sturdy/cache/
 
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
@@ -144,6 +146,12 @@ demo: deps $(CORE_SO) $(POLICY_SO)
 bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
+	@$(MAKE) --no-print-directory bench-cache
+
+# The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
+bench-cache: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
 
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
 bench-cosocket: deps ngx-policy

@@ -34,6 +34,14 @@ describe("examples", function()
     assert.is_true(ticks and ticks > 5, out) -- the loop kept running while calls were in flight
   end)
 
+  it("cache.lua answers from the cache, then serves stale while the provider fails", function()
+    local code, out = run("examples/cache.lua")
+    assert.equal(0, code, out)
+    assert.matches("first: miss (Echo: Name a prime.), second: hit (Echo: Name a prime., cost 0)", out, 1, true)
+    assert.matches("the provider down: stale (Echo: Name a prime.) because overloaded", out, 1, true)
+    assert.matches("hits 1, misses 1, stale 1", out, 1, true)
+  end)
+
   it("single_call.lua prints a reply", function()
     local code, out = run("examples/single_call.lua")
     assert.equal(0, code, out)

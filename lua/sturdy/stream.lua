@@ -450,6 +450,16 @@ function Stream:_finish(res, err)
     end
   end
   if self.on_event and self.error then self.on_event { type = "error", error = self.error } end
+  -- s.on_done(s), when set, hears the end (success or error) after everything else
+  if self.on_done then self.on_done(self) end
+end
+
+--- Drives the client for at most timeout seconds (default 0) unless the
+-- stream is over; returns whether it is over. For callers that wait on several
+-- things at once (the cache's followers of a stream).
+function Stream:poll(timeout)
+  if not self.done then self.provider.client:poll(timeout or 0) end
+  return self.done
 end
 
 --- The next event, driving the client while none is ready; after the last, an

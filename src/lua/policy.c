@@ -1,6 +1,6 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
- * the SSE parser, the HTTP response-head parser, the options' enums and
- * defaults, and the monotonic clock.
+ * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
+ * options' enums and defaults, and the monotonic clock.
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -14,6 +14,7 @@
 #include "compat.h"
 #include "convert.h"
 #include "headers.h"
+#include "sha256.h"
 #include "sse.h"
 
 #define SSE_MT "sturdy.sse"
@@ -218,6 +219,20 @@ static const luaL_Reg sse_methods[] = {
     { NULL, NULL }
 };
 
+/* policy.sha256(s) -> the SHA-256 digest of s as 64 lowercase hex digits */
+static int l_sha256(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    unsigned char digest[ST_SHA256_DIGEST];
+    char hex[ST_SHA256_HEX];
+
+    st_sha256_digest(s, len, digest);
+    st_sha256_hex(digest, hex);
+    lua_pushlstring(L, hex, ST_SHA256_HEX - 1);
+    return 1;
+}
+
 /* Monotonic seconds, for timeouts measured in Lua. */
 static int l_monotime(lua_State *L)
 {
@@ -248,6 +263,7 @@ static const luaL_Reg policy_functions[] = {
     { "head", l_head_new },
     { "header_table", l_header_table },
     { "status_line", l_status_line },
+    { "sha256", l_sha256 },
     { "monotime", l_monotime },
     { NULL, NULL }
 };
