@@ -37,14 +37,16 @@ BUILD ?= build/$(LUA)
 # The layers, one folder each: pure policies (no I/O, no clock), the curl
 # transport, and the Lua bindings.
 POLICY_SRC := $(wildcard src/policy/*.c)
-CURL_SRC := $(wildcard src/curl/*.c)
+CURL_SRC := $(filter-out src/curl/diagnose.c,$(wildcard src/curl/*.c))
 CORE_SRC := $(CURL_SRC) src/lua/core.c $(POLICY_SRC)
+NETDIAG_SRC := src/curl/diagnose.c src/lua/netdiag.c src/policy/httpdate.c
 POLICY_LIB_SRC := src/lua/policy.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers
 HEADERS := $(wildcard src/*/*.h)
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
+NETDIAG_SO := $(BUILD)/sturdy/netdiag.so
 
 BUSTED ?= /usr/bin/busted
 BUSTED_ARGS ?=
@@ -55,9 +57,9 @@ SAN_CC ?= gcc
 
 .PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
 
-all: $(CORE_SO) $(POLICY_SO)
+all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
-# Only luaopen_* is exported: the two libraries carry the same policy code.
+# Only luaopen_* is exported: the libraries carry some of the same C code.
 SO_FLAGS := -fPIC -shared -fvisibility=hidden
 
 $(CORE_SO): $(CORE_SRC) $(HEADERS)
@@ -71,11 +73,20 @@ $(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) \
 		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
 
-install: $(CORE_SO) $(POLICY_SO)
-	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+# sturdy.netdiag: the network diagnosis, a module of its own so that
+# require "sturdy" does not load it
+$(NETDIAG_SO): $(NETDIAG_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
+		-o $@ $(NETDIAG_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
+
+install: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
+	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy/mock
 	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
 	install -m 0755 $(POLICY_SO) $(DESTDIR)$(LIBDIR)/sturdy/policy.so
+	install -m 0755 $(NETDIAG_SO) $(DESTDIR)$(LIBDIR)/sturdy/netdiag.so
 	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
+	install -m 0644 lua/sturdy/mock/*.lua $(DESTDIR)$(LUADIR)/sturdy/mock/
 
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
@@ -91,7 +102,7 @@ $(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
 test-c: $(addprefix $(BUILD)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
 
-test-lua: $(CORE_SO) $(POLICY_SO)
+test-lua: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
 
 test: deps
@@ -105,7 +116,8 @@ test-all: deps
 test-asan: deps
 	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
 		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
-		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/sturdy/policy.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
+		build/asan-$(LUA)/sturdy/core.so build/asan-$(LUA)/sturdy/policy.so \
+		build/asan-$(LUA)/sturdy/netdiag.so $(addprefix build/asan-$(LUA)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do \
 		ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		build/asan-$(LUA)/$$t; done

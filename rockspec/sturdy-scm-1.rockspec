@@ -30,6 +30,9 @@ build = {
       ["sturdy.openai"] = "lua/sturdy/openai.lua",
       ["sturdy.prices"] = "lua/sturdy/prices.lua",
       ["sturdy.stream"] = "lua/sturdy/stream.lua",
+      ["sturdy.diagnose"] = "lua/sturdy/diagnose.lua",
+      ["sturdy.mock"] = "lua/sturdy/mock/init.lua",
+      ["sturdy.mock.server"] = "lua/sturdy/mock/server.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c",
@@ -51,6 +54,13 @@ build = {
          },
          libraries = { "m" },
          incdirs = { "src/policy", "src/lua" },
+         defines = {},
+      },
+      ["sturdy.netdiag"] = {
+         sources = { "src/curl/diagnose.c", "src/lua/netdiag.c", "src/policy/httpdate.c" },
+         libraries = { "curl", "m" },
+         incdirs = { "$(CURL_INCDIR)", "src/policy", "src/curl", "src/lua" },
+         libdirs = { "$(CURL_LIBDIR)" },
          defines = {},
       },
    },

@@ -737,4 +737,6 @@ end
 
 sturdy.Client = Client
 
+function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, opts) end
+
 return sturdy
