@@ -18,6 +18,7 @@ PKG_CONFIG ?= pkg-config
 PREFIX ?= /usr/local
 LIBDIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUADIR ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+BINDIR ?= $(PREFIX)/bin
 DESTDIR ?=
 
 CC ?= cc
@@ -81,15 +82,17 @@ $(NETDIAG_SO): $(NETDIAG_SRC) $(HEADERS)
 		-o $@ $(NETDIAG_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
 install: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
-	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy/mock
+	install -d $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy/mock $(DESTDIR)$(BINDIR)
 	install -m 0755 $(CORE_SO) $(DESTDIR)$(LIBDIR)/sturdy/core.so
 	install -m 0755 $(POLICY_SO) $(DESTDIR)$(LIBDIR)/sturdy/policy.so
 	install -m 0755 $(NETDIAG_SO) $(DESTDIR)$(LIBDIR)/sturdy/netdiag.so
 	install -m 0644 lua/sturdy/*.lua $(DESTDIR)$(LUADIR)/sturdy/
 	install -m 0644 lua/sturdy/mock/*.lua $(DESTDIR)$(LUADIR)/sturdy/mock/
+	sed '1s|.*|#!/usr/bin/env $(LUA)|' bin/sturdy > $(DESTDIR)$(BINDIR)/sturdy
+	chmod 0755 $(DESTDIR)$(BINDIR)/sturdy
 
 uninstall:
-	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
+	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy $(DESTDIR)$(BINDIR)/sturdy
 
 deps:
 	@sh scripts/deps.sh
@@ -127,7 +130,7 @@ test-asan: deps
 		$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='build/asan-$(LUA)/?.so' $(BUSTED_ARGS) spec
 
 lint:
-	luacheck --quiet lua spec examples bench
+	luacheck --quiet lua spec examples bench bin/sturdy
 
 # The rock installs into a scratch tree and loads from outside the checkout.
 # Debian keeps curl.h under the multiarch include directory; lua-cjson comes

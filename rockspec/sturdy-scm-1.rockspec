@@ -64,4 +64,7 @@ build = {
          defines = {},
       },
    },
+   install = {
+      bin = { ["sturdy"] = "bin/sturdy" },
+   },
 }
