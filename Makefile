@@ -9,6 +9,7 @@
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
+#   make docs            the API reference (LDoc) into build/docs; a warning fails it
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -56,7 +57,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz docs clean
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -172,6 +173,12 @@ fuzz: deps
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/goodput.lua
+
+# LDoc runs on Lua 5.1, where Debian's lua-markdown installs markdown.lua;
+# config.ld lists the modules. --testing leaves the date out (reproducible).
+docs: deps
+	@rm -rf build/docs
+	lua5.1 "$$(command -v ldoc)" --fatalwarnings --testing .
 
 clean:
 	rm -rf build
