@@ -117,6 +117,9 @@ test-all: deps
 		echo "== $$l"; $(MAKE) --no-print-directory LUA=$$l test-c test-lua; done
 
 # Lua itself is not instrumented, so the sanitizer runtime is preloaded.
+# use_tls=0: LeakSanitizer's scan of dynamic TLS can fault on a garbage slot
+# (gcc 12 runtime, glibc 2.36), depending only on memory layout; not scanning
+# TLS can only report more, and glibc's own loader names are suppressed.
 test-asan: deps
 	$(MAKE) --no-print-directory BUILD=build/asan-$(LUA) CC=$(SAN_CC) \
 		CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" \
@@ -125,7 +128,7 @@ test-asan: deps
 	@set -e; for t in $(C_TESTS); do \
 		ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		build/asan-$(LUA)/$$t; done
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0 \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 LSAN_OPTIONS=suppressions=$(CURDIR)/spec/support/lsan.supp:print_suppressions=0:use_tls=0 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
 		$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='build/asan-$(LUA)/?.so' $(BUSTED_ARGS) spec
