@@ -38,6 +38,9 @@ build = {
       ["sturdy.cache.memory"] = "lua/sturdy/cache/memory.lua",
       ["sturdy.cache.redis"] = "lua/sturdy/cache/redis.lua",
       ["sturdy.cache.ngx"] = "lua/sturdy/cache/ngx.lua",
+      ["sturdy.diagnose"] = "lua/sturdy/diagnose.lua",
+      ["sturdy.mock"] = "lua/sturdy/mock/init.lua",
+      ["sturdy.mock.server"] = "lua/sturdy/mock/server.lua",
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",
@@ -63,5 +66,15 @@ build = {
          incdirs = { "src/policy", "src/lua" },
          defines = {},
       },
+      ["sturdy.netdiag"] = {
+         sources = { "src/curl/diagnose.c", "src/lua/netdiag.c", "src/policy/httpdate.c" },
+         libraries = { "curl", "m" },
+         incdirs = { "$(CURL_INCDIR)", "src/policy", "src/curl", "src/lua" },
+         libdirs = { "$(CURL_LIBDIR)" },
+         defines = {},
+      },
+   },
+   install = {
+      bin = { ["sturdy"] = "bin/sturdy" },
    },
 }

@@ -513,7 +513,7 @@ describe("mock API", function()
   end)
 
   describe("server helpers (loaded outside nginx)", function()
-    local server = require "spec.support.mock_server"
+    local server = require "sturdy.mock.server"
 
     it("format Go durations as OpenAI's reset headers do", function()
       assert.equal("0s", server.go_duration(0))

@@ -616,6 +616,10 @@ end
 
 sturdy.Client = Client
 
+--- Diagnoses the path to url (DNS, connect, TLS, first byte, proxy); see
+-- sturdy.diagnose. Loaded on first use.
+function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, opts) end
+
 return setmetatable(sturdy, { __index = function(_, k)
   -- helpers loaded on first use, so `require "sturdy"` does not pay for them
   if k == "options" then return options end

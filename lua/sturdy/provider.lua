@@ -241,7 +241,7 @@ function provider.define(class, spec)
     end
   end
 
-  --- Sends the request and returns { reply (decoded), text, usage, stop_reason,
+  -- Sends the request and returns { reply (decoded), text, usage, stop_reason,
   -- model, request_id, latency, attempts, cost } — or nil and a sturdy.Error.
   class[spec.call] = function(self, params, opts)
     local req, finish = self:prepare(params, opts)

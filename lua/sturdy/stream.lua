@@ -343,9 +343,7 @@ stream.openai = {
   end,
 }
 
----------------------------------------------------------------------------
 -- The stream object
----------------------------------------------------------------------------
 
 --- Starts a streamed call of provider p (flavor: stream.anthropic or
 -- stream.openai); finish(doc, res) turns the collected message into the result.

@@ -15,7 +15,8 @@ local function repo_root()
   return dir .. "/../.."
 end
 
-package.path = repo_root() .. "/?.lua;" .. package.path
+local root = repo_root()
+package.path = root .. "/?.lua;" .. root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
 
 local mock = require "spec.support.mock"
 

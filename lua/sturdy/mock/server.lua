@@ -1,7 +1,7 @@
 -- Request handling for the sturdy mock API. Runs inside nginx (ngx_http_lua,
--- worker_processes 1); spec/support/mock.lua writes the nginx.conf that loads it.
+-- worker_processes 1); sturdy.mock (init.lua beside it) writes the nginx.conf that loads it.
 --
--- README.md beside this file describes the endpoints, the fault steps and the
+-- spec/support/README.md describes the endpoints, the fault steps and the
 -- counters.
 --
 -- State lives in the lua_shared_dict "mock". With a single worker and no yield
