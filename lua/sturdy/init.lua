@@ -4,7 +4,6 @@
 -- sturdy.Error values. Every decision (admission, retries, what an outcome
 -- does to the key) is the C decision core's; this module only asks and reports.
 -- @module sturdy
-local core = require "sturdy.core"
 local policy = require "sturdy.policy"
 local options = require "sturdy.options"
 local cjson = require "cjson.safe"
@@ -182,6 +181,26 @@ end
 local host_of = options.url_host
 sturdy.url_host = host_of
 
+-- Is this an nginx phase where cosockets work (rewrite, access, content, timer)?
+local function cosocket_phase()
+  local ngx_ = rawget(_G, "ngx")
+  if type(ngx_) ~= "table" or type(ngx_.get_phase) ~= "function" then return false end
+  local phase = ngx_.get_phase()
+  return phase == "rewrite" or phase == "access" or phase == "content" or phase == "timer"
+    or phase == "ssl_cert" or phase == "ssl_session_fetch"
+end
+
+--- The transport module for a `transport` option: "curl" (libcurl, in
+-- scripts and apps) or "ngx" (cosockets, inside nginx); nil chooses "ngx"
+-- where nginx's cosockets work, else "curl". The curl transport is loaded
+-- only when chosen, so nothing blocking is ever loaded inside nginx.
+function sturdy.transport(name)
+  if name == nil then name = cosocket_phase() and "ngx" or "curl" end
+  if name == "curl" then return require "sturdy.core" end
+  if name == "ngx" then return require "sturdy.ngx" end
+  fail("option 'transport' must be curl or ngx, got %s", tostring(name))
+end
+
 --- Creates a client. See README for the options; unknown names and wrong
 -- types raise, naming the option.
 function sturdy.client(cfg)
@@ -197,7 +216,7 @@ function sturdy.client(cfg)
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
   }, Client)
-  self._engine = core.engine(compiled)
+  self._engine = sturdy.transport(cfg.transport).engine(compiled)
   return self
 end
 
@@ -499,7 +518,7 @@ function Client:batch(requests, opts)
   end
   local concurrency = opts.concurrency or 32
   local on_progress = opts.on_progress
-  if opts.progress and core.isatty(2) then
+  if opts.progress and policy.isatty(2) then
     local user = on_progress
     on_progress = function(done, n, failed)
       progress_bar(done, n, failed)

@@ -21,6 +21,7 @@ local format = string.format
 options.MAX_SECONDS = 315360000
 
 local ENUMS = policy.enums()
+ENUMS.transport = { "curl", "ngx" }
 options.enums = ENUMS
 
 local function set_of(list)
@@ -210,6 +211,8 @@ local CLIENT = { fields = {
   max_response = { "count", range = { 1, 2 ^ 53 } },
   seed = { "count", range = { 1, 2 ^ 53 - 1 }, to = "seed" },
   on_retry = { "function" }, on_error = { "function" }, on_event = { "function" }, yield = { "function" },
+  transport = { "enum", values = "transport" },
+  shared_dict = { "string" },
   breaker = { or_false = "upstream.breaker", fields = {
     window = { "seconds", to = "upstream.breaker.window_ms" },
     buckets = { "count", range = { 1, 64 }, to = "upstream.breaker.buckets" },

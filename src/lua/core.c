@@ -648,12 +648,6 @@ static int l_request_gc(lua_State *L)
 
 /* ---- module --------------------------------------------------------------- */
 
-static int l_isatty(lua_State *L)
-{
-    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
-    return 1;
-}
-
 static const luaL_Reg engine_methods[] = {
     { "submit", l_engine_submit },
     { "check", l_engine_check },
@@ -691,7 +685,6 @@ static const luaL_Reg request_meta[] = {
 };
 
 static const luaL_Reg core_functions[] = {
-    { "isatty", l_isatty },
     { "engine", l_engine_new },
     { NULL, NULL }
 };

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -256,7 +257,15 @@ static int l_defaults(lua_State *L)
     return 1;
 }
 
+/* policy.isatty(fd) -> whether fd is a terminal (progress lines) */
+static int l_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+    return 1;
+}
+
 static const luaL_Reg policy_functions[] = {
+    { "isatty", l_isatty },
     { "enums", l_enums },
     { "defaults", l_defaults },
     { "sse", l_sse_new },
