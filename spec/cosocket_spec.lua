@@ -200,14 +200,18 @@ describe("sturdy.cosocket in nginx", function()
       assert.equal("https", out.scheme)
       assert.equal("localhost:" .. m.tls_port, out.host_header)
       assert.equal("tls", out.wrong.kind, out.wrong.detail)
-      assert.matches("host mismatch", out.wrong.detail)
+      -- nginx names the mismatch, except for a handshake that completes at once
+      -- (see sturdy.cosocket's handshake): then it says only that it failed
+      assert.is_truthy(out.wrong.detail:find("host mismatch", 1, true)
+                       or out.wrong.detail:find("certificate verification failed", 1, true), out.wrong.detail)
     end)
 
     it("refuses a name the certificate does not hold", function()
       local out = run("tls error", { server_name = "wrong.example" })
       assert.equal("tls", out.kind, out.detail)
       assert.equal("fatal", out.class)
-      assert.matches("host mismatch", out.detail)
+      assert.is_truthy(out.detail:find("host mismatch", 1, true)
+                       or out.detail:find("certificate verification failed", 1, true), out.detail)
     end)
 
     -- Each try is a fresh handshake: some complete at once, which lua-resty-core

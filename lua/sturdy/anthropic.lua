@@ -40,6 +40,9 @@ local SPEC = {
   usage = M.usage,
   text = function(doc) return M.text(doc.content) end,
   stop_reason = function(doc) return doc.stop_reason end,
+  check = function(doc)
+    if type(doc.content) ~= "table" then return "no content" end
+  end,
 }
 
 M.Anthropic = provider.define({ __name = "sturdy.anthropic" }, SPEC)

@@ -215,6 +215,7 @@ function sturdy.client(cfg)
     max_response = cfg.max_response,
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
+    _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
   return self
@@ -306,38 +307,45 @@ local function finish_handle(self, errors, h, raw)
   return errors
 end
 
--- Hands what the engine has ready to Lua, in order: hooks, streamed bytes,
--- finished calls. Anything run from here may call any client method.
-function Client:_dispatch()
-  local errors
-  local more = true
-  while more do
-    local engine = self._engine
-    if not engine then return errors end
-    local list, n
-    list, n, more = engine:take()
-    errors = self:_deliver(list, n, errors)
+-- Delivers one item of the ready queue (see engine:take).
+local function deliver(self, errors, what, a, b, c)
+  if what == "done" then
+    return finish_handle(self, errors, a, b)
+  elseif what == "data" then
+    if not a._done and a.on_data then
+      local keep
+      errors, keep = call_user(self, errors, a, a.on_data, b, c)
+      if keep == false and a._request then a._request:cancel() end
+    end
+  elseif what == "retry" then
+    if self._on_retry then call_hook("on_retry", self._on_retry, a) end
+  elseif what == "event" then
+    if self._on_event then call_hook("on_event", self._on_event, a) end
   end
   return errors
 end
 
-function Client:_deliver(list, n, errors)
-  for i = 1, n, 4 do
-    local what, a, b, c = list[i], list[i + 1], list[i + 2], list[i + 3]
-    if what == "done" then
-      errors = finish_handle(self, errors, a, b)
-    elseif what == "data" then
-      if not a._done and a.on_data then
-        local keep
-        errors, keep = call_user(self, errors, a, a.on_data, b, c)
-        if keep == false and a._request then a._request:cancel() end
-      end
-    elseif what == "retry" then
-      if self._on_retry then call_hook("on_retry", self._on_retry, a) end
-    elseif what == "event" then
-      if self._on_event then call_hook("on_event", self._on_event, a) end
+-- Hands what the engine has ready to Lua, in order: hooks, streamed bytes,
+-- finished calls. Items wait in the client's own queue and are taken one at a
+-- time, so a callback that drives the client (poll, run, wait) goes on with
+-- the items after its own: nothing taken is stranded, nothing runs twice.
+function Client:_dispatch()
+  local errors
+  local more = true
+  while true do
+    local q, i = self._q, self._qh
+    if i > self._qt then
+      local engine = self._engine
+      if not more or not engine or self._closing then break end
+      self._qt, more = engine:take(q, self._qt)
+      if i > self._qt then break end
     end
+    local what, a, b, c = q[i], q[i + 1], q[i + 2], q[i + 3]
+    q[i], q[i + 1], q[i + 2], q[i + 3] = nil, nil, nil, nil
+    self._qh = i + 4
+    errors = deliver(self, errors, what, a, b, c)
   end
+  if self._qh > self._qt then self._qh, self._qt = 1, 0 end
   return errors
 end
 
@@ -610,12 +618,20 @@ function Client:close()
   self._closing = true -- from here on submit raises, so nothing new starts
   local engine = self._engine
   engine:cancel_all()
-  local ends, more = {}, true
-  while more do -- streamed bytes and hooks are dropped: the calls are over
-    local list, n
-    list, n, more = engine:take()
+  -- the ends already queued, then the engine's: streamed bytes and hooks are
+  -- dropped, the calls are over
+  local ends, q, more = {}, self._q, true
+  for i = self._qh, self._qt, 4 do
+    if q[i] == "done" then ends[#ends + 1] = q[i + 1]; ends[#ends + 1] = q[i + 2] end
+    q[i], q[i + 1], q[i + 2], q[i + 3] = nil, nil, nil, nil
+  end
+  self._qh, self._qt = 1, 0
+  while more do
+    local n
+    n, more = engine:take(q, 0)
     for i = 1, n, 4 do
-      if list[i] == "done" then ends[#ends + 1] = list[i + 1]; ends[#ends + 1] = list[i + 2] end
+      if q[i] == "done" then ends[#ends + 1] = q[i + 1]; ends[#ends + 1] = q[i + 2] end
+      q[i], q[i + 1], q[i + 2], q[i + 3] = nil, nil, nil, nil
     end
   end
   engine:close()

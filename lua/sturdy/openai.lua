@@ -36,6 +36,10 @@ local SPEC = {
     return type(message) == "table" and type(message.content) == "string" and message.content or ""
   end,
   stop_reason = function(doc) return first_choice(doc).finish_reason end,
+  check = function(doc)
+    local choice = type(doc.choices) == "table" and doc.choices[1]
+    if type(choice) ~= "table" or type(choice.message) ~= "table" then return "no choices" end
+  end,
   -- the usage comes in a last chunk only when asked for
   stream_body = function(body) body.stream_options = body.stream_options or { include_usage = true } end,
 }

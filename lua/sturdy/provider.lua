@@ -93,6 +93,12 @@ function provider.new(class, spec, opts)
     own_url = base_url or (client.base_url == nil and spec.base_url) or nil
     if own_url == client.base_url then own_url = nil end
   end
+  for _, name in ipairs { "max_tokens_cap", "max_input_chars" } do
+    local v = opts[name]
+    if v ~= nil and not (v >= 1 and v < math.huge and v == math.floor(v)) then
+      fail("option '%s' in %s.new must be a whole number >= 1, got %s", name, spec.name, tostring(v))
+    end
+  end
   local self = setmetatable({
     client = client, model = opts.model, version = opts.version,
     base_url = own_url, host = own_url and host_of(own_url),
@@ -130,17 +136,26 @@ function provider.guard(self, params, max_tokens)
     if n > self.max_input_chars then
       return sturdy.Error.new {
         kind = "too_large", class = "fatal",
-        message = format("the input is %d characters, above max_input_chars (%d); nothing was sent",
-                         n, self.max_input_chars),
+        message = format("the input is %d characters, above max_input_chars (%s); nothing was sent",
+                         n, tostring(provider.integral(self.max_input_chars))),
         attempts = {},
       }
     end
   end
-  if self.max_tokens_cap and type(max_tokens) == "number" and max_tokens > self.max_tokens_cap then
+  if max_tokens ~= nil and not (type(max_tokens) == "number" and max_tokens >= 1 and max_tokens < math.huge
+                                and max_tokens == math.floor(max_tokens)) then
     return sturdy.Error.new {
       kind = "bad_request", class = "fatal",
-      message = format("max_tokens %d is above max_tokens_cap (%d); nothing was sent",
-                       max_tokens, self.max_tokens_cap),
+      message = format("max_tokens must be a whole number >= 1, got %s; nothing was sent",
+                       type(max_tokens) == "number" and tostring(max_tokens) or type(max_tokens)),
+      attempts = {},
+    }
+  end
+  if self.max_tokens_cap and max_tokens and max_tokens > self.max_tokens_cap then
+    return sturdy.Error.new {
+      kind = "bad_request", class = "fatal",
+      message = format("max_tokens %s is above max_tokens_cap (%s); nothing was sent",
+                       tostring(provider.integral(max_tokens)), tostring(provider.integral(self.max_tokens_cap))),
       attempts = {},
     }
   end
@@ -151,16 +166,27 @@ function provider.estimate_input(params)
   return math.ceil(input_chars(params) / 4) + 8
 end
 
+local function bad_response(res, message, detail)
+  return sturdy.Error.new {
+    kind = "bad_response", class = "fatal", status = res.status, request_id = res.request_id,
+    attempts = res.attempts, message = message, detail = detail,
+  }
+end
+
 --- Decodes a JSON reply; a body that is not JSON is a bad_response error
--- carrying the first bytes of what came.
-function provider.decode(res)
+-- carrying the first bytes of what came. check(doc), when given, says what a
+-- reply of this provider lacks (nil when it is usable): a 200 without the
+-- message is an error, never an empty answer.
+function provider.decode(res, check)
   local doc, err = cjson.decode(res.body)
   if type(doc) ~= "table" then
-    return nil, sturdy.Error.new {
-      kind = "bad_response", class = "fatal", status = res.status, request_id = res.request_id,
-      attempts = res.attempts, message = "the reply is not valid JSON",
-      detail = format("%s; body starts: %s", tostring(err), res.body:sub(1, 120):gsub("[%c]", " ")),
-    }
+    return nil, bad_response(res, "the reply is not valid JSON",
+                             format("%s; body starts: %s", tostring(err), res.body:sub(1, 120):gsub("[%c]", " ")))
+  end
+  local lacks = check and check(doc)
+  if lacks then
+    return nil, bad_response(res, "the reply is not a message: " .. lacks,
+                             "body starts: " .. res.body:sub(1, 120):gsub("[%c]", " "))
   end
   return doc
 end
@@ -235,7 +261,7 @@ function provider.define(class, spec)
     if err then return nil, err end
     local req, body, estimated = self:_request(params, opts)
     return req, function(res)
-      local doc, derr = provider.decode(res)
+      local doc, derr = provider.decode(res, spec.check)
       if not doc then return nil, derr end
       return self:_result(doc, res, body, estimated, req)
     end

@@ -371,17 +371,34 @@ function Stream:_commit()
   if self.handle then self.handle:commit() end
 end
 
+-- Hands an event to on_event. An error it raises must not cost the stream its
+-- other events: it is kept and raised once the whole piece was read (so it
+-- reaches the client's on_error, or poll's list of errors).
 function Stream:_emit(ev)
   if self.on_event then
     self:_commit()
-    self.on_event(ev)
+    local ok, e = pcall(self.on_event, ev)
+    if not ok and self.hook_error == nil then self.hook_error = e end
   else
     self.tail = self.tail + 1
     self.queue[self.tail] = ev
   end
 end
 
+function Stream:_raise_hook_error()
+  local e = self.hook_error
+  if e ~= nil then
+    self.hook_error = nil
+    error(e, 0)
+  end
+end
+
 function Stream:_chunk(chunk, attempt)
+  self:_read(chunk, attempt)
+  self:_raise_hook_error()
+end
+
+function Stream:_read(chunk, attempt)
   if attempt ~= self.attempt then
     -- a new attempt: a fresh body, and nothing of the last reached the caller
     self.attempt = attempt
@@ -447,9 +464,10 @@ function Stream:_finish(res, err)
       }
     end
   end
-  if self.on_event and self.error then self.on_event { type = "error", error = self.error } end
+  if self.on_event and self.error then self:_emit { type = "error", error = self.error } end
   -- s.on_done(s), when set, hears the end (success or error) after everything else
   if self.on_done then self.on_done(self) end
+  self:_raise_hook_error()
 end
 
 --- Drives the client for at most timeout seconds (default 0) unless the

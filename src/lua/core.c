@@ -407,14 +407,15 @@ static void append(lua_State *L, int list, int *n, int count)
     *n += 4;
 }
 
-/* engine:take() -> list, n: what is ready for Lua, in order, four slots each:
+/* engine:take(queue, n) -> n, more: appends what is ready for Lua to
+ * queue[n+1 ...], in order, four slots each, and returns the new length:
  *   "retry", info | "event", event         (notices, oldest first)
  *   "data", handle, chunk, attempt         (streamed body bytes)
  *   "done", handle, result                 (a finished request; its handle's
  *                                           registry reference is released)
  * Finished requests come only in a take without body bytes, so a stream reader
  * sees the last bytes (and may still judge the attempt) before the end.
- * The third result is true when more is ready. */
+ * `more` is true when more is ready. */
 static int l_engine_take(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
@@ -422,10 +423,10 @@ static int l_engine_take(lua_State *L)
     st_notice notice;
     st_request *streams[256], *r;
     size_t ns, i;
-    int list, n = 0;
+    int list = 2, n;
 
-    lua_newtable(L);
-    list = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    n = (int)luaL_checkinteger(L, 3);
     while (st_engine_take_notice(e, &notice)) {
         push_notice(L, &notice);
         append(L, list, &n, 2);
@@ -457,7 +458,7 @@ static int l_engine_take(lua_State *L)
     }
     lua_pushinteger(L, n);
     lua_pushboolean(L, st_engine_ready(e));
-    return 3;
+    return 2;
 }
 
 /* engine:cancel_all(): every unfinished request ends as canceled (take hands them out). */

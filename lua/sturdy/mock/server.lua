@@ -337,6 +337,7 @@ end
 local KEYWORDS = {
   drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true,
   huge = true, truncated = true, stream_error = true, replay = true, garbage = true, big_head = true,
+  shape = true,
 }
 
 local NUMERIC_PARAMS = {
@@ -344,7 +345,8 @@ local NUMERIC_PARAMS = {
   pieces = true, chunked = true, after_delta = true, status = true,
 }
 
-local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true }
+local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true, code = true, json = true,
+                      echo = true }
 
 local function parse_step(text)
   local parts = split(text, ";")
@@ -764,7 +766,11 @@ local function reply_big_head(step)
   return reply_raw(parts)
 end
 
-local function reply_error(provider, status, request_id, message)
+local function reply_error(provider, status, request_id, message, echo)
+  if echo then
+    -- a server that echoes the request's headers in its error message
+    message = "request rejected; received headers: " .. encode(ngx.req.get_headers(0))
+  end
   local body
   if provider == "openai" then
     body = openai_error(status, message)
@@ -910,7 +916,14 @@ local function run_step(step, provider, request_id, view, t)
     if provider ~= "generic" then
       set_ratelimit_headers(provider, view, t)
     end
-    return reply_error(provider, step.status, request_id)
+    return reply_error(provider, step.status, request_id, nil, step.params.echo)
+  elseif kw == "shape" then
+    -- a 200 JSON reply of a given shape: "object" {}, "array" [], or "bare" (the
+    -- provider's object without content / choices)
+    local shapes = { object = "{}", array = "[]",
+                     bare = provider == "openai" and '{"id":"chatcmpl-bare","object":"chat.completion"}'
+                            or '{"id":"msg_bare","type":"message","role":"assistant"}' }
+    return reply_json(200, shapes[step.params.json or "object"] or "{}", step)
   elseif kw == "malformed" then
     return reply_json(200, '{"id": "msg_broken", "content": [', step)
   elseif kw == "html" then
@@ -923,6 +936,11 @@ local function run_step(step, provider, request_id, view, t)
     end
     return reply_replay(step, provider, request_id)
   elseif kw == "garbage" then
+    if step.params.code then
+      -- "HTTP/1.1 <code> X": a status that is not three digits, or 000
+      return reply_raw({ "HTTP/1.1 " .. step.params.code .. " X\r\ncontent-type: application/json\r\n"
+                         .. "content-length: 2\r\n\r\n{}" })
+    end
     return reply_raw({ GARBAGE_REPLY })
   elseif kw == "big_head" then
     return reply_big_head(step)
