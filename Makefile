@@ -41,8 +41,9 @@ CURL_SRC := $(wildcard src/curl/*.c)
 CORE_SRC := $(CURL_SRC) src/lua/core.c src/lua/convert.c $(POLICY_SRC)
 POLICY_LIB_SRC := src/lua/policy.c src/lua/convert.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
-C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_decide
+C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers
 HEADERS := $(wildcard src/*/*.h)
+C_TESTS += test_decide
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
 
