@@ -48,6 +48,7 @@ POLICY_LIB_SRC := src/lua/policy.c src/lua/convert.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256
 HEADERS := $(wildcard src/*/*.h)
+C_TESTS += test_decide
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
 NETDIAG_SO := $(BUILD)/sturdy/netdiag.so

@@ -301,6 +301,7 @@ static void learn_limits(st_upstream *u, const st_headers *h, int64_t now_ms, in
 {
     const char *name, *value;
     unsigned i;
+    int d;
 
     if (h->nlimits == 0)
         return;
@@ -315,6 +316,11 @@ static void learn_limits(st_upstream *u, const st_headers *h, int64_t now_ms, in
         }
     }
     st_limiter_response_done(&u->limiter, now_ms);
+    /* a hold (nothing left until the reset) is a pause the server sets: capped
+     * as a 429's is, so a lying reset cannot park the key for years */
+    for (d = 0; d < ST_DIM_COUNT; d++)
+        if (u->limiter.hold_left[d] >= 0 && u->limiter.hold_until_ms[d] - now_ms > u->max_pause_ms)
+            u->limiter.hold_until_ms[d] = now_ms + u->max_pause_ms;
 }
 
 void st_report(st_decider *d, st_upstream *u, st_call *c, const st_attempt_end *a, int64_t now_ms,

@@ -32,7 +32,8 @@
  * its hint (else the throttled backoff base), an overloaded reply whose hint passes
  * honor_retry_after_ms opens the breaker until then; both are capped at
  * max_pause_ms and the breaker's max_open_ms, so a lying server cannot park a key
- * for years.
+ * for years. So is a hold learned from rate-limit headers ("remaining 0" until a
+ * reset, for a dimension without a known rate): it lasts at most max_pause_ms.
  *
  * Retry decision, in this order: success finishes. Otherwise the outcome is
  * retryable when x-should-retry says "true" ("false": not), else a status override,
