@@ -7,6 +7,15 @@
  *   latency p50+p95+p99      one query of three percentiles, window of 100k samples
  *   naive record             store into a ring of the last 1000 samples
  *   naive p50+p95+p99        copy the ring, qsort it, pick three ranks
+ *   adaptive start+done      one call ended and one started, 64 in flight, windows
+ *                            rolling and judged as they fill
+ *   spend reserve+settle     one call's worst case reserved and its actual settled,
+ *                            every cap set, the windows sliding
+ *   spend refusal            a reservation refused: walks the slots for retry_after
+ *   hedge budget             one call deposited, and one in ten asking for a hedge
+ *
+ * The per-call costs of the new policies are also given as a ratio to the
+ * breaker's acquire+record, measured in the same run.
  *
  * Each figure is the median of ROUNDS timed loops (CLOCK_MONOTONIC around millions
  * of operations); results feed a volatile sink so the work cannot be dropped.
@@ -15,9 +24,12 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "adaptive.h"
 #include "breaker.h"
+#include "budget.h"
 #include "latency.h"
 #include "ratelimit.h"
+#include "spend.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +109,113 @@ static double run_limiter(long n)
     t0 = now_ns();
     for (i = 0; i < n; i++)
         acc += (uint64_t)st_limiter_acquire(&l, (int64_t)(i >> 7), cost);
+    sink += acc;
+    return (now_ns() - t0) / (double)n;
+}
+
+/* As the engine drives it: each operation ends the oldest of 64 calls in flight
+ * (LLM-like latencies, one in a thousand overloaded) and starts the next. */
+static double run_adaptive(long n)
+{
+    static st_adaptive_ticket ring[64];
+    st_adaptive a;
+    uint64_t acc = 0;
+    double t0;
+    long i;
+
+    st_adaptive_init(&a, NULL, 0);
+    for (i = 0; i < 64; i++)
+        st_adaptive_start(&a, 0, &ring[i]);
+    t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        int64_t t = (int64_t)i * 1000 / 64;   /* 64 calls a virtual second */
+        st_adaptive_ticket *k = &ring[i & 63];
+        st_adaptive_done(&a, t, k, (int64_t)(values[i & (NVALUES - 1)] / 1000),
+                         (i % 1000) == 0 ? ST_CLASS_OVERLOADED : ST_CLASS_SUCCESS);
+        st_adaptive_start(&a, t, k);
+        acc += st_adaptive_limit(&a);
+    }
+    sink += acc;
+    return (now_ns() - t0) / (double)n;
+}
+
+static void spend_caps(st_spend_config *c, int64_t scale)
+{
+    st_spend_config_defaults(c);
+    c->cap[ST_SPEND_HOUR][ST_SPEND_COST] = 1000 * scale;
+    c->cap[ST_SPEND_DAY][ST_SPEND_COST] = 20000 * scale;
+    c->cap[ST_SPEND_HOUR][ST_SPEND_TOKENS] = 100 * scale;
+    c->cap[ST_SPEND_DAY][ST_SPEND_TOKENS] = 2000 * scale;
+}
+
+/* A call's reservation and settlement, every cap set and roomy: admitted. */
+static double run_spend(long n)
+{
+    static const int64_t worst[ST_SPEND_DIMS] = { 18360, 2024 };
+    static const int64_t actual[ST_SPEND_DIMS] = { 9000, 1200 };
+    st_spend_config c;
+    st_spend s;
+    st_spend_hold h;
+    uint64_t acc = 0;
+    double t0;
+    long i;
+
+    spend_caps(&c, INT64_C(100000000000));
+    st_spend_init(&s, &c, 0);
+    t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        int64_t t = (int64_t)(i >> 4);       /* 16 calls a virtual ms: slots keep sliding */
+        if (st_spend_reserve(&s, t, worst, &h, NULL) == ST_SPEND_OK)
+            acc += st_spend_settle(&s, t, &h, actual) + 1;
+    }
+    sink += acc;
+    return (now_ns() - t0) / (double)n;
+}
+
+/* A refusal: spend spread over every slot of both windows, and a reservation
+ * that only fits once most of it has gone. */
+static double run_spend_refused(long n)
+{
+    static const int64_t one[ST_SPEND_DIMS] = { 10, 1 };
+    static const int64_t big[ST_SPEND_DIMS] = { 900, 90 };
+    st_spend_config c;
+    st_spend s;
+    st_spend_hold h;
+    int64_t ra = 0, t;
+    uint64_t acc = 0;
+    double t0;
+    long i;
+
+    spend_caps(&c, 1);
+    st_spend_init(&s, &c, 0);
+    for (t = 0; t < 86400000; t += 37500)
+        (void)st_spend_charge(&s, t, one);
+    t = 86400000 - 1;
+    t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        acc += (uint64_t)st_spend_reserve(&s, t, big, &h, &ra);
+        acc += (uint64_t)ra;
+    }
+    sink += acc;
+    return (now_ns() - t0) / (double)n;
+}
+
+/* The hedge budget per call: a deposit, and a withdrawal for one call in ten. */
+static double run_hedge_budget(long n)
+{
+    st_budget b;
+    uint64_t acc = 0;
+    double t0;
+    long i;
+
+    st_budget_init(&b, 0.05, 0, 1000, 0);
+    t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        int64_t t = (int64_t)(i >> 10);
+        st_budget_deposit(&b, t);
+        if (i % 10 == 0)
+            acc += (uint64_t)st_budget_try_withdraw(&b, t);
+    }
     sink += acc;
     return (now_ns() - t0) / (double)n;
 }
@@ -226,7 +345,7 @@ static double median_of(double (*fn)(long), long n, int rounds)
 int main(int argc, char **argv)
 {
     int rounds = argc > 1 ? atoi(argv[1]) : 7;
-    double br, lr, lq, nr, nq, lc;
+    double br, lr, lq, nr, nq, lc, ad, sp, sr, hb;
 
     if (rounds < 1 || rounds > 64) {
         fprintf(stderr, "usage: micro [ROUNDS 1..64]\n");
@@ -239,12 +358,20 @@ int main(int argc, char **argv)
     nr = median_of(run_naive_record, 50000000, rounds);
     nq = median_of(run_naive_query, 5000, rounds);
     lc = median_of(run_limiter, 20000000, rounds);
+    ad = median_of(run_adaptive, 20000000, rounds);
+    sp = median_of(run_spend, 20000000, rounds);
+    sr = median_of(run_spend_refused, 2000000, rounds);
+    hb = median_of(run_hedge_budget, 20000000, rounds);
 
     printf("micro-benchmark, median of %d rounds, ns per operation\n", rounds);
     printf("  %-30s %10.1f ns   target <= 50    %s\n", "breaker acquire+record", br, br <= 50 ? "ok" : "MISSED");
     printf("  %-30s %10.1f ns   target <= 10    %s\n", "latency record", lr, lr <= 10 ? "ok" : "MISSED");
     printf("  %-30s %10.1f ns   target <= 1000  %s\n", "latency p50+p95+p99 (100k)", lq, lq <= 1000 ? "ok" : "MISSED");
     printf("  %-30s %10.1f ns\n", "limiter check (4 dimensions)", lc);
+    printf("  %-30s %10.1f ns   %5.2fx breaker\n", "adaptive start+done", ad, ad / br);
+    printf("  %-30s %10.1f ns   %5.2fx breaker\n", "spend reserve+settle", sp, sp / br);
+    printf("  %-30s %10.1f ns   %5.2fx breaker\n", "spend refusal (walks slots)", sr, sr / br);
+    printf("  %-30s %10.1f ns   %5.2fx breaker\n", "hedge budget (budget.c)", hb, hb / br);
     printf("  %-30s %10.1f ns\n", "naive record (ring of 1000)", nr);
     printf("  %-30s %10.1f ns\n", "naive p50+p95+p99 (qsort 1000)", nq);
     printf("  latency window: %zu bytes (12 x 5 s); query %.0fx faster than naive over 100x the samples\n",

@@ -1,5 +1,6 @@
 /* Specs for the pure C policies: backoff + RNG, HTTP-date and retry hints, retry
- * budget. Time is a plain int64 passed in, so hours of traffic run in milliseconds. */
+ * budget (also as the hedge budget). Time is a plain int64 passed in, so hours
+ * of traffic run in milliseconds. */
 #include "test.h"
 
 #include "backoff.h"
@@ -756,6 +757,72 @@ static void test_budget_simulation(void)
     CHECK(total <= (long)SIM_SLOTS / 10 * 230 + 230);
 }
 
+/* The hedge budget is the retry budget with no reserve: each call deposits, each
+ * hedge withdraws, so at most `ratio` of the calls in any window may hedge.
+ * 10,000 calls at 100/s, every one slow enough to want a hedge (the worst case),
+ * max_ratio 0.05: at most 5% (+1% allowed) hedge, in every window too, and the
+ * budget does not starve them either. */
+static void test_budget_as_hedge_ratio(void)
+{
+    static uint32_t calls[100], hedges[100];
+    st_budget b;
+    st_rng rng;
+    int i, s, k, over = 0, hedged = 0, some = 0;
+
+    memset(calls, 0, sizeof calls);
+    memset(hedges, 0, sizeof hedges);
+    st_budget_init(&b, 0.05, 0, 1000, 0);
+    CHECK(!st_budget_try_withdraw(&b, 0));          /* no calls yet, no hedges */
+    for (i = 0; i < 10000; i++) {
+        int64_t t = (int64_t)i * 10;
+        s = (int)(t / 1000);
+        st_budget_deposit(&b, t);
+        calls[s]++;
+        if (st_budget_try_withdraw(&b, t)) {
+            hedges[s]++;
+            hedged++;
+        }
+    }
+    printf("hedge budget: %d of 10000 calls hedged at max_ratio 0.05\n", hedged);
+    CHECK(hedged <= 600);
+    CHECK(hedged <= 500);                           /* the exact bound */
+    CHECK(hedged >= 480);
+    for (s = 0; s < 100; s++) {                     /* every window of 10 slots */
+        uint32_t c = 0, h = 0;
+        for (k = s - 9 < 0 ? 0 : s - 9; k <= s; k++) {
+            c += calls[k];
+            h += hedges[k];
+        }
+        over += h * 20 > c;
+    }
+    CHECK_EQ_INT(over, 0);
+
+    /* the first hedge needs 20 calls */
+    st_budget_init(&b, 0.05, 0, 1000, 0);
+    for (i = 0; i < 19; i++)
+        st_budget_deposit(&b, 0);
+    CHECK(!st_budget_try_withdraw(&b, 0));
+    st_budget_deposit(&b, 0);
+    CHECK(st_budget_try_withdraw(&b, 0));
+    CHECK(!st_budget_try_withdraw(&b, 0));
+
+    /* when only the slow tail wants one (8% here), the ratio still holds */
+    st_budget_init(&b, 0.05, 0, 1000, 0);
+    st_rng_seed(&rng, 5);
+    hedged = 0;
+    for (i = 0; i < 10000; i++) {
+        int64_t t = (int64_t)i * 10;
+        st_budget_deposit(&b, t);
+        if (st_rng_unit(&rng) < 0.08) {
+            some++;
+            hedged += st_budget_try_withdraw(&b, t);
+        }
+    }
+    CHECK(hedged <= 500);
+    CHECK(hedged >= 450);
+    CHECK(some > 700);
+}
+
 int main(void)
 {
     test_rng();
@@ -776,5 +843,6 @@ int main(void)
     test_budget_idle_and_backwards();
     test_budget_zero();
     test_budget_simulation();
+    test_budget_as_hedge_ratio();
     return TEST_REPORT();
 }

@@ -12,6 +12,10 @@
  * retries at one instant and refuses the 31st; 100 successes add exactly 20 more;
  * after a full window without traffic it is back to 30.
  *
+ * With min_per_s 0 it is the hedge budget: deposit every call, withdraw every
+ * hedge, and at most ratio of the calls in any window hedge (10,000 calls all
+ * wanting one at ratio 0.05: exactly 500 do).
+ *
  * The window is the slot holding `now` plus the 9 before it: an event counts from
  * its time until the end of the 10th slot, i.e. for 9 to 10 s with the defaults
  * (one made at t=0 counts at t=9999 and is gone at t=10000). Slots are evicted
