@@ -206,7 +206,8 @@ end
 function sturdy.client(cfg)
   local compiled = options.client(cfg)
   cfg = cfg or {}
-  compiled.notices = { retries = cfg.on_retry ~= nil, events = cfg.on_event ~= nil }
+  compiled.notices = { retries = cfg.on_retry ~= nil or cfg.observe ~= nil,
+                       events = cfg.on_event ~= nil or cfg.observe ~= nil }
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
@@ -216,6 +217,7 @@ function sturdy.client(cfg)
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
     _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
+    _observers = cfg.observe and { cfg.observe } or nil,
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
   return self
@@ -275,6 +277,7 @@ function Client:submit(req, callback)
   local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
   h._request = engine:submit(h, req, json_body(req))
   h.on_data = req.on_data
+  if self._observers then h._t0 = now() end
   self._active = self._active + 1
   return h
 end
@@ -299,10 +302,29 @@ local function call_hook(name, fn, arg)
   if not ok then io.stderr:write(format("sturdy: %s hook failed: %s\n", name, tostring(e))) end
 end
 
+-- Hands a record to every observer (metrics, logs, spans). Observers only
+-- watch: an error one raises is reported on stderr, never to the call.
+local function observe(self, record)
+  local observers = self._observers
+  for i = 1, #observers do
+    local ok, e = pcall(observers[i], record)
+    if not ok then io.stderr:write(format("sturdy: observer failed: %s\n", tostring(e))) end
+  end
+end
+
 local function finish_handle(self, errors, h, raw)
   h._res, h._err = to_response(raw)
   h._request, h._done = nil, true
   self._active = self._active - 1
+  if self._observers then
+    local r = h._res or h._err
+    observe(self, {
+      type = "call", handle = h, key = r.key, ok = h._res ~= nil, status = r.status, kind = r.kind,
+      class = r.class or "success", attempts = r.attempts, retryable = r.retryable, stopped = r.stopped,
+      retry_after = r.retry_after, request_id = r.request_id, latency = h._t0 and now() - h._t0,
+      ttfb = r.timings and r.timings.ttfb, response = h._res, error = h._err,
+    })
+  end
   if h.callback then errors = call_user(self, errors, h, h.callback, h._res, h._err) end
   return errors
 end
@@ -319,8 +341,10 @@ local function deliver(self, errors, what, a, b, c)
     end
   elseif what == "retry" then
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
+    if self._observers then a.type = "retry"; observe(self, a) end
   elseif what == "event" then
     if self._on_event then call_hook("on_event", self._on_event, a) end
+    if self._observers then observe(self, a) end
   end
   return errors
 end
@@ -566,11 +590,42 @@ function Client:batch(requests, opts)
   return results, errors
 end
 
+--- Adds an observer: fn(record) hears every call's end (`type = "call"`:
+-- key, ok, status, kind, class, attempts (each with status, kind, delay,
+-- hinted, ttfb, latency), retryable, stopped, retry_after, request_id,
+-- latency (seconds since submit), ttfb, response, error), every retry
+-- (`"retry"`: key, attempt, class, kind, status, delay, hinted), every event
+-- of a key (`"breaker"`, `"limit_learned"`, `"paused"`), and the usage
+-- providers record (`"usage"`: key, model, usage, cost, stop_reason,
+-- request_id). Metrics, logs and spans are observers. An observer may call
+-- any client method; an error it raises goes to stderr.
+function Client:observe(fn)
+  if type(fn) ~= "function" then fail("observe takes a function, got %s", type(fn)) end
+  local engine = open_engine(self)
+  self._observers = self._observers or {}
+  self._observers[#self._observers + 1] = fn
+  engine:want_notices(true, true)
+  return fn
+end
+
+--- Removes an observer added with observe.
+function Client:unobserve(fn)
+  local observers = self._observers or {}
+  for i = #observers, 1, -1 do
+    if observers[i] == fn then table.remove(observers, i) end
+  end
+  if #observers == 0 then
+    self._observers = nil
+    if self._engine then self._engine:want_notices(self._on_retry ~= nil, self._on_event ~= nil) end
+  end
+end
+
 --- Records the real usage of a call under its key: corrects the rate
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
--- output } or nil; cost in dollars or nil.
-function Client:record_usage(key, usage, estimated, cost)
+-- output } or nil; cost in dollars or nil; reply (optional): { model,
+-- stop_reason, request_id } for observers.
+function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
@@ -586,6 +641,11 @@ function Client:record_usage(key, usage, estimated, cost)
   t.input, t.output = t.input + usage.input, t.output + usage.output
   t.cache_read, t.cache_write = t.cache_read + usage.cache_read, t.cache_write + usage.cache_write
   t.cost = t.cost + (cost or 0)
+  if self._observers then
+    reply = reply or {}
+    observe(self, { type = "usage", key = key, usage = usage, cost = cost, model = reply.model,
+                    stop_reason = reply.stop_reason, request_id = reply.request_id })
+  end
 end
 
 --- Without a key: the client's totals and the keys it has seen. With one:

@@ -212,6 +212,7 @@ local CLIENT = { fields = {
   seed = { "count", range = { 1, 2 ^ 53 - 1 }, to = "seed" },
   on_retry = { "function" }, on_error = { "function" }, on_event = { "function" }, yield = { "function" },
   transport = { "enum", values = "transport" },
+  observe = { "function" },
   shared_dict = { "string" },
   breaker = { or_false = "upstream.breaker", fields = {
     window = { "seconds", to = "upstream.breaker.window_ms" },

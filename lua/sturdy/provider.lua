@@ -193,13 +193,13 @@ end
 
 --- Records the real usage: prices it, and has the client correct the
 -- limiter's estimates and add it to the key's totals. Returns the cost (or nil).
-function provider.account(self, key, model, usage, estimated)
+function provider.account(self, key, model, usage, estimated, reply)
   local table_ = self.prices and setmetatable(self.prices, { __index = prices }) or prices
   local p = (self.prices and self.prices[model]) or table_.lookup(model)
   local cost = p and ((usage.input * (p.input or 0) + usage.output * (p.output or 0)
     + usage.cache_read * (p.cache_read or p.input or 0)
     + usage.cache_write * (p.cache_write or p.input or 0)) / 1e6) or nil
-  self.client:record_usage(key, usage, estimated, cost)
+  self.client:record_usage(key, usage, estimated, cost, reply)
   return cost
 end
 
@@ -246,10 +246,13 @@ function provider.define(class, spec)
     local usage = spec.usage(doc.usage)
     local key = req.key
     local model = doc.model or body.model
+    local stop_reason = spec.stop_reason(doc)
     return {
-      reply = doc, text = spec.text(doc), usage = usage, stop_reason = spec.stop_reason(doc),
+      reply = doc, text = spec.text(doc), usage = usage, stop_reason = stop_reason,
       model = model, request_id = res.request_id, latency = res.timings.total,
-      attempts = res.attempts, cost = provider.account(self, key, model, usage, estimated),
+      attempts = res.attempts,
+      cost = provider.account(self, key, model, usage, estimated,
+                              { model = model, stop_reason = stop_reason, request_id = res.request_id }),
     }
   end
 

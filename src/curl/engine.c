@@ -361,9 +361,9 @@ static int attempt_log(st_request *r, long status, const char *kind)
         r->attempts = a;
         r->cap_attempts = cap;
     }
+    memset(&r->attempts[r->nattempts], 0, sizeof r->attempts[0]);
     r->attempts[r->nattempts].status = status;
     r->attempts[r->nattempts].kind = kind;
-    r->attempts[r->nattempts].delay_ms = 0;
     r->nattempts++;
     return 1;
 }
@@ -527,8 +527,10 @@ static void decide(st_engine *e, st_request *r, st_outcome o, long status, int64
         finish(e, r, o);
         return;
     }
-    if (r->nattempts > 0)
+    if (r->nattempts > 0) {
         r->attempts[r->nattempts - 1].delay_ms = d.delay_ms;
+        r->attempts[r->nattempts - 1].hinted = d.hinted;
+    }
     if (r->stream)
         st_buf_reset(&r->body_buf); /* never handed out: the next attempt starts afresh */
     r->timer.kind = TIMER_REQUEST;
@@ -565,7 +567,10 @@ static void attempt_done(st_engine *e, st_request *r, st_outcome o, long status,
     r->status = status;
     r->from_status = from_status;
     keep_request_id(r);
-    attempt_log(r, status, o.kind);
+    if (attempt_log(r, status, o.kind)) {
+        r->attempts[r->nattempts - 1].ttfb = r->timings.ttfb;
+        r->attempts[r->nattempts - 1].total = r->timings.total;
+    }
     a.outcome = o;
     a.status = status;
     a.headers = status > 0 ? &r->head : NULL;
@@ -1194,6 +1199,7 @@ void st_request_result(st_request *r, st_result *out)
     out->nattempts = r->nattempts;
     out->detail = r->outcome.kind ? r->errbuf : "";
     out->request_id = r->request_id;
+    out->key = r->up->name;
     out->retry_after = r->call.retry_after_ms > 0 ? r->call.retry_after_ms / 1000.0 : -1;
     out->committed = r->call.committed;
     out->retryable = r->retryable;

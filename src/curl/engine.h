@@ -55,6 +55,8 @@ typedef struct st_attempt {
     long status;       /* 0 when there was no response */
     const char *kind;  /* NULL for success */
     double delay_ms;   /* wait before the next attempt; 0 for the last */
+    int hinted;        /* the delay was the server's retry hint */
+    double ttfb, total; /* seconds; 0 for an attempt never sent */
 } st_attempt;
 
 typedef struct st_timings {
@@ -76,6 +78,7 @@ typedef struct st_result {
     size_t nattempts;
     const char *detail;       /* why it failed, "" if nothing more to say */
     const char *request_id;   /* last seen, "" if none */
+    const char *key;          /* the upstream key */
     double retry_after;       /* seconds: the server's hint or the refusal's wait; < 0 none */
     int committed;
     int retryable;            /* the decision core's: the outcome is of a retried kind */

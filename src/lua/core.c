@@ -348,17 +348,27 @@ static void push_result(lua_State *L, st_request *r)
         set_num(L, "http_version", res.http_version / 10.0);
     lua_createtable(L, (int)res.nattempts, 0);
     for (i = 0; i < res.nattempts; i++) {
-        lua_createtable(L, 0, 3);
-        if (res.attempts[i].status > 0)
-            set_int(L, "status", res.attempts[i].status);
-        if (res.attempts[i].kind)
-            set_str(L, "kind", res.attempts[i].kind);
-        set_num(L, "delay", res.attempts[i].delay_ms / 1000.0);
+        const st_attempt *a = &res.attempts[i];
+        lua_createtable(L, 0, 6);
+        if (a->status > 0)
+            set_int(L, "status", a->status);
+        if (a->kind)
+            set_str(L, "kind", a->kind);
+        set_num(L, "delay", a->delay_ms / 1000.0);
+        if (a->hinted) {
+            lua_pushboolean(L, 1);
+            lua_setfield(L, -2, "hinted");
+        }
+        if (a->total > 0) {
+            set_num(L, "ttfb", a->ttfb);
+            set_num(L, "latency", a->total);
+        }
         lua_rawseti(L, -2, (int)i + 1);
     }
     lua_setfield(L, -2, "attempts");
     if (res.request_id[0])
         set_str(L, "request_id", res.request_id);
+    set_str(L, "key", res.key);
     if (res.outcome.kind == NULL)
         return;
     set_str(L, "kind", res.outcome.kind);
@@ -561,6 +571,14 @@ static int l_engine_keys(lua_State *L)
     return 1;
 }
 
+/* engine:want_notices(retries, events): queue those notices for take (off
+ * when nobody listens: they cost a table each). */
+static int l_engine_want_notices(lua_State *L)
+{
+    st_engine_want_notices(open_engine(L, 1)->e, lua_toboolean(L, 2), lua_toboolean(L, 3));
+    return 0;
+}
+
 static int l_engine_active(lua_State *L)
 {
     lua_pushinteger(L, st_engine_active(open_engine(L, 1)->e));
@@ -663,6 +681,7 @@ static const luaL_Reg engine_methods[] = {
     { "keys", l_engine_keys },
     { "correct", l_engine_correct },
     { "active", l_engine_active },
+    { "want_notices", l_engine_want_notices },
     { "close", l_engine_close },
     { NULL, NULL }
 };
