@@ -32,8 +32,19 @@ end
 -- @type Error
 local Error = { __name = "sturdy.Error" }
 
+-- Fields a transport may leave in a compact `_detail` (timings, attempts,
+-- raw_headers, key, request_id, http_version) become values on first access.
+local function detail_of(t, k)
+  local d = rawget(t, "_detail")
+  if d == nil then return nil end
+  local v = d:get(k)
+  if v ~= nil then rawset(t, k, v) end
+  return v
+end
+
 local function header_table(t)
-  local h = setmetatable(policy.header_table(rawget(t, "raw_headers") or ""), {
+  local raw = rawget(t, "raw_headers") or detail_of(t, "raw_headers") or ""
+  local h = setmetatable(policy.header_table(raw), {
     __index = function(h, k) if type(k) == "string" then return rawget(h, k:lower()) end end,
   })
   rawset(t, "headers", h)
@@ -42,7 +53,9 @@ end
 
 Error.__index = function(t, k)
   if k == "headers" then return header_table(t) end
-  return Error[k]
+  local v = Error[k]
+  if v ~= nil then return v end
+  return detail_of(t, k)
 end
 
 -- One friendly line per kind; the technical part goes to err.detail.
@@ -145,6 +158,7 @@ end
 local Response = { __name = "sturdy.Response" }
 Response.__index = function(t, k)
   if k == "headers" then return header_table(t) end
+  return detail_of(t, k)
 end
 sturdy.Response = Response
 

@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
+#define DETAIL_MT "sturdy.result_detail"
 #define MAX_FDS 1024
 #define MAX_HEADERS SL_MAX_HEADERS
 
@@ -324,51 +326,105 @@ static int l_engine_step(lua_State *L)
     return 2;
 }
 
+/* The parts of a result most callers never read (timings, attempts, the
+ * header block, ids, HTTP version) are kept in one userdata and made into Lua
+ * values on first access (see Response.__index in init.lua): one allocation
+ * per call instead of several tables. */
+typedef struct l_detail {
+    st_timings timings;
+    int http_version;
+    size_t nattempts;
+    size_t headers_len, key_len, id_len; /* the bytes follow the attempts */
+    st_attempt attempts[1];              /* nattempts of them (at least room for one) */
+} l_detail;
+
+static char *detail_bytes(l_detail *d)
+{
+    return (char *)&d->attempts[d->nattempts ? d->nattempts : 1];
+}
+
+static void push_detail(lua_State *L, const st_result *res)
+{
+    size_t n = res->nattempts ? res->nattempts : 1, key_len = strlen(res->key), id_len = strlen(res->request_id);
+    size_t size = offsetof(l_detail, attempts) + n * sizeof(st_attempt) + res->headers_len + key_len + id_len;
+    l_detail *d = lua_newuserdata(L, size);
+    char *p;
+
+    luaL_setmetatable(L, DETAIL_MT);
+    d->timings = res->timings;
+    d->http_version = res->http_version;
+    d->nattempts = res->nattempts;
+    d->headers_len = res->headers_len;
+    d->key_len = key_len;
+    d->id_len = id_len;
+    if (res->nattempts)
+        memcpy(d->attempts, res->attempts, res->nattempts * sizeof(st_attempt));
+    p = detail_bytes(d);
+    memcpy(p, res->headers, res->headers_len);
+    memcpy(p + res->headers_len, res->key, key_len);
+    memcpy(p + res->headers_len + key_len, res->request_id, id_len);
+}
+
+/* detail:get(name) -> the value of a lazy result field, or nil */
+static int l_detail_get(lua_State *L)
+{
+    l_detail *d = luaL_checkudata(L, 1, DETAIL_MT);
+    const char *k = luaL_checkstring(L, 2), *p = detail_bytes(d);
+    size_t i;
+
+    if (strcmp(k, "timings") == 0) {
+        lua_createtable(L, 0, 5);
+        set_num(L, "dns", d->timings.dns);
+        set_num(L, "connect", d->timings.connect);
+        set_num(L, "tls", d->timings.tls);
+        set_num(L, "ttfb", d->timings.ttfb);
+        set_num(L, "total", d->timings.total);
+    } else if (strcmp(k, "attempts") == 0) {
+        lua_createtable(L, (int)d->nattempts, 0);
+        for (i = 0; i < d->nattempts; i++) {
+            const st_attempt *a = &d->attempts[i];
+            lua_createtable(L, 0, 6);
+            if (a->status > 0)
+                set_int(L, "status", a->status);
+            if (a->kind)
+                set_str(L, "kind", a->kind);
+            set_num(L, "delay", a->delay_ms / 1000.0);
+            if (a->hinted) {
+                lua_pushboolean(L, 1);
+                lua_setfield(L, -2, "hinted");
+            }
+            if (a->total > 0) {
+                set_num(L, "ttfb", a->ttfb);
+                set_num(L, "latency", a->total);
+            }
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+    } else if (strcmp(k, "raw_headers") == 0) {
+        lua_pushlstring(L, p, d->headers_len);
+    } else if (strcmp(k, "key") == 0) {
+        lua_pushlstring(L, p + d->headers_len, d->key_len);
+    } else if (strcmp(k, "request_id") == 0 && d->id_len) {
+        lua_pushlstring(L, p + d->headers_len + d->key_len, d->id_len);
+    } else if (strcmp(k, "http_version") == 0 && d->http_version) {
+        lua_pushnumber(L, d->http_version / 10.0);
+    } else {
+        lua_pushnil(L);
+    }
+    return 1;
+}
+
 static void push_result(lua_State *L, st_request *r)
 {
     st_result res;
-    size_t i;
 
     st_request_result(r, &res);
-    lua_createtable(L, 0, 10);
+    lua_createtable(L, 0, res.outcome.kind ? 12 : 3);
     if (res.status > 0)
         set_int(L, "status", res.status);
     lua_pushlstring(L, res.body, res.body_len);
     lua_setfield(L, -2, "body");
-    lua_pushlstring(L, res.headers, res.headers_len);
-    lua_setfield(L, -2, "raw_headers");
-    lua_createtable(L, 0, 5);
-    set_num(L, "dns", res.timings.dns);
-    set_num(L, "connect", res.timings.connect);
-    set_num(L, "tls", res.timings.tls);
-    set_num(L, "ttfb", res.timings.ttfb);
-    set_num(L, "total", res.timings.total);
-    lua_setfield(L, -2, "timings");
-    if (res.http_version)
-        set_num(L, "http_version", res.http_version / 10.0);
-    lua_createtable(L, (int)res.nattempts, 0);
-    for (i = 0; i < res.nattempts; i++) {
-        const st_attempt *a = &res.attempts[i];
-        lua_createtable(L, 0, 6);
-        if (a->status > 0)
-            set_int(L, "status", a->status);
-        if (a->kind)
-            set_str(L, "kind", a->kind);
-        set_num(L, "delay", a->delay_ms / 1000.0);
-        if (a->hinted) {
-            lua_pushboolean(L, 1);
-            lua_setfield(L, -2, "hinted");
-        }
-        if (a->total > 0) {
-            set_num(L, "ttfb", a->ttfb);
-            set_num(L, "latency", a->total);
-        }
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-    lua_setfield(L, -2, "attempts");
-    if (res.request_id[0])
-        set_str(L, "request_id", res.request_id);
-    set_str(L, "key", res.key);
+    push_detail(L, &res);
+    lua_setfield(L, -2, "_detail");
     if (res.outcome.kind == NULL)
         return;
     set_str(L, "kind", res.outcome.kind);
@@ -704,6 +760,15 @@ static const luaL_Reg request_meta[] = {
     { NULL, NULL }
 };
 
+static const luaL_Reg detail_methods[] = {
+    { "get", l_detail_get },
+    { NULL, NULL }
+};
+
+static const luaL_Reg no_meta[] = {
+    { NULL, NULL }
+};
+
 static const luaL_Reg core_functions[] = {
     { "engine", l_engine_new },
     { NULL, NULL }
@@ -725,6 +790,7 @@ ST_EXPORT int luaopen_sturdy_core(lua_State *L)
 {
     new_class(L, ENGINE_MT, engine_meta, engine_methods);
     new_class(L, REQUEST_MT, request_meta, request_methods);
+    new_class(L, DETAIL_MT, no_meta, detail_methods);
     luaL_newlib(L, core_functions);
     return 1;
 }
