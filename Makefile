@@ -9,6 +9,7 @@
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
+# Each installs the Debian packages it needs first (scripts/deps.sh).
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -25,13 +26,15 @@ CFLAGS ?= -O2 -g
 WARNINGS := -std=c99 -pedantic -Wall -Wextra -Wmissing-prototypes -Wshadow
 WERROR ?= -Werror
 
+# Expanded where used (=, not :=): on a fresh machine pkg-config and the
+# headers only exist once `deps-build`, a prerequisite of every compile, ran.
 ifdef LUA_INCDIR
-LUA_CFLAGS := -I$(LUA_INCDIR)
+LUA_CFLAGS = -I$(LUA_INCDIR)
 else
-LUA_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null)
+LUA_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null)
 endif
-CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
-CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
+CURL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
+CURL_LIBS = $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
 # The layers, one folder each: pure policies (no I/O, no clock), the curl
@@ -53,20 +56,20 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
 
 all: $(CORE_SO) $(POLICY_SO)
 
 # Only luaopen_* is exported: the two libraries carry the same policy code.
 SO_FLAGS := -fPIC -shared -fvisibility=hidden
 
-$(CORE_SO): $(CORE_SRC) $(HEADERS)
+$(CORE_SO): $(CORE_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
 		-o $@ $(CORE_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
 # sturdy.policy: no libcurl, so it loads where blocking I/O must not (OpenResty)
-$(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
+$(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) \
 		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
@@ -80,18 +83,22 @@ install: $(CORE_SO) $(POLICY_SO)
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy
 
-deps:
-	@sh scripts/deps.sh
+# deps-build first, once, so a parallel make never runs two apt-gets
+deps: deps-build
+	@sh scripts/deps.sh suite
+
+deps-build:
+	@sh scripts/deps.sh build
 
 # The pure C policies, tested directly with a virtual clock.
-$(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
+$(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc/policy -o $@ $< $(POLICY_SRC) -lm $(LDFLAGS)
 
 test-c: $(addprefix $(BUILD)/,$(C_TESTS))
 	@set -e; for t in $(C_TESTS); do $(BUILD)/$$t; done
 
-test-lua: $(CORE_SO) $(POLICY_SO)
+test-lua: $(CORE_SO) $(POLICY_SO) | deps
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
 
 test: deps
@@ -114,7 +121,7 @@ test-asan: deps
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
 		$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='build/asan-$(LUA)/?.so' $(BUSTED_ARGS) spec
 
-lint:
+lint: | deps
 	luacheck --quiet lua spec examples bench
 
 # The rock installs into a scratch tree and loads from outside the checkout.
