@@ -5,7 +5,7 @@ local core = require "sturdy.core"
 local policy = require "sturdy.policy"
 local cjson = require "cjson.safe"
 
-local sturdy = { _VERSION = "0.1.0" }
+local sturdy = { _VERSION = "0.2.0" }
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
 local setmetatable, error, floor = setmetatable, error, math.floor
