@@ -10,6 +10,7 @@
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
 #   make check-rock      the rock built and installed with luarocks, loaded from outside the checkout
+#   make check-fresh     `make demo`, then `make test`, as the first commands on a fresh Debian root
 # Each installs the Debian packages it needs first (scripts/deps.sh).
 
 LUA ?= lua5.4
@@ -57,7 +58,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean
 
 all: $(CORE_SO) $(POLICY_SO)
 
@@ -132,6 +133,11 @@ lint: | deps
 # into scratch trees, loaded from outside the checkout (scripts/check-rock.sh)
 check-rock: deps
 	@sh scripts/check-rock.sh
+
+# The README's two commands on a fresh Debian root (scripts/check-fresh.sh; root)
+check-fresh:
+	@sh scripts/deps.sh fresh
+	@sh scripts/check-fresh.sh
 
 demo: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
