@@ -9,11 +9,12 @@
 # The root is what a newcomer has: debootstrap's minbase plus make, git and
 # ca-certificates, from the mirror the machine's apt sources name for its own
 # release. It is built once and cached as a tarball in STURDY_CACHE (default
-# ${XDG_CACHE_HOME:-~/.cache}/sturdy); each run unpacks a copy under
-# ${TMPDIR:-/var/tmp} and clones the committed HEAD into /root/sturdy there.
-# The chroot runs in its own mount and PID namespaces, so its mounts and
-# processes (nginx from the specs, apt) end with it, even when a step fails;
-# a trap checks that nothing is left before the copy is removed.
+# ${XDG_CACHE_HOME:-~/.cache}/sturdy). Each run unpacks a copy into a tmpfs
+# (about 1.2 GB of memory by the end of `make test`) and clones the committed
+# HEAD into /root/sturdy there. All of it runs in its own mount and PID
+# namespaces, so the copy, the mounts and the processes (apt, nginx from the
+# specs) end with them, also when a step fails or check-fresh is stopped; a
+# trap checks that nothing is left.
 #
 # Environment: STURDY_FRESH_MIRROR (a mirror URL instead of the apt sources'),
 # STURDY_FRESH_SUITE (instead of this machine's release), STURDY_CACHE,
@@ -157,8 +158,8 @@ inside() {
     set -f
     for cmd in $commands; do
         unset IFS
+        cmd=$(echo $cmd)   # trimmed (globbing is still off)
         set +f
-        cmd=$(echo $cmd)   # trimmed
         [ -n "$cmd" ] || continue
         echo "check-fresh: == $cmd (in the fresh root)"
         t0=$(date +%s.%N)
