@@ -12,6 +12,9 @@
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
 #   make docs            the API reference (LDoc) into build/docs; a warning fails it
+#   make check-rock      the rock built and installed with luarocks, loaded from outside the checkout
+#   make check-fresh     `make demo`, then `make test`, as the first commands on a fresh Debian root
+# Each installs the Debian packages it needs first (scripts/deps.sh).
 
 LUA ?= lua5.4
 LUA_VERSION := $(if $(findstring luajit,$(LUA)),5.1,$(patsubst lua%,%,$(LUA)))
@@ -29,13 +32,15 @@ CFLAGS ?= -O2 -g
 WARNINGS := -std=c99 -pedantic -Wall -Wextra -Wmissing-prototypes -Wshadow
 WERROR ?= -Werror
 
+# Expanded where used (=, not :=): on a fresh machine pkg-config and the
+# headers only exist once `deps-build`, a prerequisite of every compile, ran.
 ifdef LUA_INCDIR
-LUA_CFLAGS := -I$(LUA_INCDIR)
+LUA_CFLAGS = -I$(LUA_INCDIR)
 else
-LUA_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null)
+LUA_CFLAGS = $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null)
 endif
-CURL_CFLAGS := $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
-CURL_LIBS := $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
+CURL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
+CURL_LIBS = $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
 
 BUILD ?= build/$(LUA)
 # The layers, one folder each: pure policies (no I/O, no clock), the curl
@@ -60,20 +65,20 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
 # Only luaopen_* is exported: the libraries carry some of the same C code.
 SO_FLAGS := -fPIC -shared -fvisibility=hidden
 
-$(CORE_SO): $(CORE_SRC) $(HEADERS)
+$(CORE_SO): $(CORE_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) $(CURL_CFLAGS) \
 		-o $@ $(CORE_SRC) $(CURL_LIBS) -lm $(LDFLAGS)
 
 # sturdy.policy: no libcurl, so it loads where blocking I/O must not (OpenResty)
-$(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS)
+$(POLICY_SO): $(POLICY_LIB_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) $(SO_FLAGS) $(INCLUDES) $(LUA_CFLAGS) \
 		-o $@ $(POLICY_LIB_SRC) -lm $(LDFLAGS)
@@ -99,11 +104,15 @@ install: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sturdy $(DESTDIR)$(LUADIR)/sturdy $(DESTDIR)$(BINDIR)/sturdy
 
-deps:
-	@sh scripts/deps.sh
+# deps-build first, once, so a parallel make never runs two apt-gets
+deps: deps-build
+	@sh scripts/deps.sh suite
+
+deps-build:
+	@sh scripts/deps.sh build
 
 # The pure C policies, tested directly with a virtual clock.
-$(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS)
+$(BUILD)/test_%: spec/c/test_%.c spec/c/test.h $(POLICY_SRC) $(HEADERS) | deps-build
 	@mkdir -p $(dir $@)
 	$(CC) $(WARNINGS) $(WERROR) $(CFLAGS) -Isrc/policy -o $@ $< $(POLICY_SRC) -lm $(LDFLAGS)
 
@@ -116,7 +125,7 @@ NGX_POLICY_MAKE = $(MAKE) --no-print-directory LUA=luajit BUILD=build/luajit CC=
 ngx-policy:
 	@$(NGX_POLICY_MAKE) -q build/luajit/sturdy/policy.so || $(NGX_POLICY_MAKE) build/luajit/sturdy/policy.so
 
-test-lua: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO) ngx-policy
+test-lua: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO) ngx-policy | deps
 	$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='$(BUILD)/?.so' $(BUSTED_ARGS) spec
 
 test: deps
@@ -144,20 +153,21 @@ test-asan: deps
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
 		$(LUA) $(BUSTED) --lpath='lua/?.lua;lua/?/init.lua;./?.lua' --cpath='build/asan-$(LUA)/?.so' $(BUSTED_ARGS) spec
 
-lint:
-	luacheck --quiet lua spec examples bench bin/sturdy
+# luacheck, and the rockspecs held to the sources and Lua files built here
+lint: | deps
+	luacheck --quiet lua spec examples bench scripts bin/sturdy
+	@$(LUA) scripts/check-rockspecs.lua 'sturdy.core=$(CORE_SRC)' 'sturdy.policy=$(POLICY_LIB_SRC)' \
+		'lua=$(wildcard lua/sturdy/*.lua)' $(wildcard rockspec/*.rockspec)
 
-# The rock installs into a scratch tree and loads from outside the checkout.
-# Debian keeps curl.h under the multiarch include directory; lua-cjson comes
-# from Debian's package, so LuaRocks is not asked to fetch it.
-CURL_INCDIR ?= $(shell $(PKG_CONFIG) --variable=includedir libcurl 2>/dev/null)
+# The rock as users install it: plain `luarocks make` and `luarocks install`
+# into scratch trees, loaded from outside the checkout (scripts/check-rock.sh)
 check-rock: deps
-	@tree=$$(mktemp -d) && \
-	luarocks --lua-version=$(LUA_VERSION) make --deps-mode=none rockspec/sturdy-scm-1.rockspec \
-		--tree "$$tree" CURL_INCDIR=$(CURL_INCDIR) >/dev/null && \
-	cd / && eval "$$(luarocks --lua-version=$(LUA_VERSION) path --tree "$$tree")" && \
-	$(LUA) -e 'local s = require "sturdy"; assert(s.client and s.Error); print("rock ok: sturdy " .. s._VERSION .. " from " .. package.searchpath("sturdy.core", package.cpath))' ; \
-	rc=$$?; rm -rf "$$tree"; exit $$rc
+	@sh scripts/check-rock.sh
+
+# The README's two commands on a fresh Debian root (scripts/check-fresh.sh; root)
+check-fresh:
+	@sh scripts/deps.sh fresh
+	@sh scripts/check-fresh.sh
 
 demo: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \

@@ -18,8 +18,13 @@ dependencies = {
    "lua >= 5.1, < 5.5",
    "lua-cjson",
 }
+-- libcurl is found by its library: LuaRocks looks for libraries in the
+-- multiarch directory (lib/x86_64-linux-gnu and the like) but for headers only
+-- in include/, and Debian and Ubuntu keep curl/curl.h under the multiarch
+-- include directory, which the compiler searches by itself. CURL_DIR, or
+-- CURL_INCDIR and CURL_LIBDIR, point elsewhere.
 external_dependencies = {
-   CURL = { header = "curl/curl.h" },
+   CURL = { library = "curl" },
 }
 build = {
    type = "builtin",
@@ -77,4 +82,10 @@ build = {
    install = {
       bin = { ["sturdy"] = "bin/sturdy" },
    },
+}
+-- `luarocks test`: the suite (`make test`) on the Lua LuaRocks is set up for;
+-- arguments after `--` go to busted (e.g. `luarocks test -- --filter=retries`).
+test = {
+   type = "command",
+   script = "scripts/luarocks-test.lua",
 }
