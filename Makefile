@@ -157,7 +157,8 @@ test-asan: deps
 lint: | deps
 	luacheck --quiet lua spec examples bench scripts bin/sturdy
 	@$(LUA) scripts/check-rockspecs.lua 'sturdy.core=$(CORE_SRC)' 'sturdy.policy=$(POLICY_LIB_SRC)' \
-		'lua=$(wildcard lua/sturdy/*.lua)' $(wildcard rockspec/*.rockspec)
+		'sturdy.netdiag=$(NETDIAG_SRC)' 'lua=$(wildcard lua/sturdy/*.lua lua/sturdy/*/*.lua)' \
+		$(wildcard rockspec/*.rockspec)
 
 # The rock as users install it: plain `luarocks make` and `luarocks install`
 # into scratch trees, loaded from outside the checkout (scripts/check-rock.sh)

@@ -48,7 +48,7 @@ build = {
       ["sturdy.mock.server"] = "lua/sturdy/mock/server.lua",
       ["sturdy.core"] = {
          sources = {
-            "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",
+            "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c", "src/lua/request.c",
             "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
