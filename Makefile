@@ -7,6 +7,7 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make goodput         goodput under a provider rate limit learned from headers
+#   make soak            mixed mock faults at concurrency 64 for 600 s (bench/README.md)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the parsers under libFuzzer, 60 s per target (fuzz/README.md)
 
@@ -53,7 +54,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz fuzz-seeds clean
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput soak fidelity fuzz fuzz-seeds clean
 
 all: $(CORE_SO) $(POLICY_SO)
 
@@ -191,6 +192,12 @@ fuzz: deps
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/goodput.lua
+
+# Mixed mock faults at concurrency 64 through the public API, hooks calling back
+# into the client (SOAK_HOOKS=0: they only count); CI runs SOAK_SECONDS=60
+SOAK_SECONDS ?= 600
+soak: deps $(CORE_SO) $(POLICY_SO)
+	SOAK_SECONDS=$(SOAK_SECONDS) STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/soak.lua
 
 clean:
 	rm -rf build
