@@ -13,6 +13,7 @@
  *   R text / G text / N text  st_rfc3339_parse / st_go_duration_parse /
  *                             st_ratelimit_header alone
  *   S limit burst count seed  pacing of `count` requests on a fresh limiter
+ *                             (the first 4 S lines of an input)
  * Numbers are strtod's (nan, inf, 1e300 included) or saturating decimal
  * integers. Anything else on a line is ignored. The limiter starts with nothing
  * configured at now = 0, wall clock 2025-11-25T12:00:00Z.
@@ -26,8 +27,8 @@
  * pause or ST_RATELIMIT_MAX_MS; a wait is exact (at now + wait the request
  * passes, 1 ms earlier it does not); an acquire that must wait changes nothing;
  * paced requests never exceed the rate plus the burst over any window.
- * Values are copied into buffers of exactly their length, so reading past them
- * is an ASan finding. Any difference aborts. */
+ * Values passed with a length are copied into buffers of exactly that length,
+ * so reading past them is an ASan finding. Any difference aborts. */
 #define _DEFAULT_SOURCE
 
 #include "ratelimit.h"
@@ -52,6 +53,17 @@ static char *dup_bytes(const char *s, size_t n)
     if (n)
         memcpy(d, s, n);
     d[n] = '\0';
+    return d;
+}
+
+/* A copy of exactly n bytes, no terminator: reading past it is an ASan finding. */
+static char *exact_copy(const char *s, size_t n)
+{
+    char *d = malloc(n ? n : 1);
+    if (d == NULL)
+        abort();
+    if (n)
+        memcpy(d, s, n);
     return d;
 }
 
@@ -186,7 +198,7 @@ static int ref_rfc3339(const char *s, size_t n, int64_t *ms)
 
 static void check_rfc3339(const char *s, size_t n)
 {
-    char *copy = dup_bytes(s, n);
+    char *copy = exact_copy(s, n);
     int64_t got = -1, want = -1;
     int ok = st_rfc3339_parse(copy, n, &got), rok = ref_rfc3339(s, n, &want);
     free(copy);
@@ -282,7 +294,7 @@ static int64_t exact_go_ms(const char *s, size_t n)
 
 static void check_go(const char *s, size_t n)
 {
-    char *copy = dup_bytes(s, n);
+    char *copy = exact_copy(s, n);
     int64_t got = -1, want;
     long double ns, want_ms;
     int fraction, ok = st_go_duration_parse(copy, n, &got), rok = ref_go(s, n, &ns, &fraction);
@@ -314,6 +326,7 @@ typedef struct run {
     st_limiter l;
     int64_t now, epoch_off;
     int backwards;   /* the clock went back: the wait bound no longer applies */
+    int pacings;     /* S commands run: at most 4 per input, each is O(count^2) */
 } run;
 
 static int64_t sat_add(int64_t a, int64_t b)
@@ -574,7 +587,8 @@ static void command(run *r, const char *line, size_t n)
     case 'S': {
         double limit = word_double(&w, 0), burst = word_double(&w, 1);
         int64_t count = word_int(&w, 0);
-        check_pacing(limit, burst, count, (uint32_t)word_int(&w, 0));
+        if (r->pacings++ < 4)
+            check_pacing(limit, burst, count, (uint32_t)word_int(&w, 0));
         return;
     }
     case 'T': {
