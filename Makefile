@@ -10,7 +10,8 @@
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
-#   make fuzz            the SSE parser under libFuzzer for 60 s
+#   make fuzz            the parsers under libFuzzer, 60 s per target (fuzz/README.md)
+#   make soak            mixed mock faults at concurrency 64 for 600 s (bench/README.md)
 #   make docs            the API reference (LDoc) into build/docs; a warning fails it
 #   make check-rock      the rock built and installed with luarocks, loaded from outside the checkout
 #   make check-fresh     `make demo`, then `make test`, as the first commands on a fresh Debian root
@@ -65,7 +66,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -192,18 +193,52 @@ bench-cosocket: deps ngx-policy
 fidelity: deps
 	sh spec/fidelity/run.sh
 
-# The SSE parser under libFuzzer (clang and its runtime, libclang-rt-14-dev);
-# seeds: 4 header bytes (see fuzz/README.md), then a stream
+# The parsers under libFuzzer (clang and its runtime, libclang-rt-14-dev), one
+# target after another for FUZZ_SECONDS each; FUZZ_TARGETS picks some. Seeds are
+# written here, corpora grow under build/fuzz/corpus/<target>; see fuzz/README.md.
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= sse headers httpdate ratelimit
 FUZZ_FLAGS := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_SRC_sse := src/policy/sse.c src/policy/buf.c
+FUZZ_SRC_headers := src/policy/headers.c src/policy/buf.c
+FUZZ_SRC_httpdate := src/policy/httpdate.c
+FUZZ_SRC_ratelimit := src/policy/ratelimit.c src/policy/httpdate.c
+FUZZ_CORPUS := build/fuzz/corpus
+
+build/fuzz/fuzz_%: fuzz/fuzz_%.c $(POLICY_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	clang $(WARNINGS) $(WERROR) -g -O1 $(FUZZ_FLAGS) -Isrc/policy -o $@ $< $(FUZZ_SRC_$*)
+
+fuzz-seeds:
+	@for t in sse headers httpdate ratelimit; do mkdir -p $(FUZZ_CORPUS)/$$t; done
+	@# sse: 4 header bytes (limit, stop after, chunk seed), then a stream
+	@printf '\000\000\001\007event: message_start\ndata: {"a":1}\n\nevent: ping\ndata: {}\n\ndata: [DONE]\n\n' > $(FUZZ_CORPUS)/sse/seed-events
+	@printf '\000\000\002\003\357\273\277id: 7\r\nretry: 10\r\ndata: a\r\ndata: b\r\r: note\n\ndata:cut' > $(FUZZ_CORPUS)/sse/seed-line-endings
+	@# headers: limit byte, split byte (0: after LF, 1: on 0xFF), then the head
+	@printf '\000\000HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nretry-after:  7 \r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\n' > $(FUZZ_CORPUS)/headers/seed-head
+	@printf '\040\001HTTP/2 429 \377x-ratelimit-limit-requests: 60\377 folded\377bad name: x\377nul: a\000b\377:empty\r\n\377x: \t\r\n' > $(FUZZ_CORPUS)/headers/seed-limits
+	@printf '\000\000HTTP/1.0 529 Overloaded\nanthropic-ratelimit-requests-remaining:0\nretry-after-ms: 250.5\n' > $(FUZZ_CORPUS)/headers/seed-lf
+	@# httpdate: "NOW_MS\nVALUE", or a value alone
+	@printf '1764072000000\nSun, 06 Nov 1994 08:49:37 GMT' > $(FUZZ_CORPUS)/httpdate/seed-imf
+	@printf '1764072000000\nSunday, 06-Nov-94 08:49:37 GMT  ' > $(FUZZ_CORPUS)/httpdate/seed-rfc850
+	@printf '1764072000000\nSun Nov  6 08:49:37 1994' > $(FUZZ_CORPUS)/httpdate/seed-asctime
+	@printf '1764072000000\nWed, 26 Nov 2025 12:00:30 GMT' > $(FUZZ_CORPUS)/httpdate/seed-future
+	@printf '\t 120 ' > $(FUZZ_CORPUS)/httpdate/seed-seconds
+	@printf '250.5' > $(FUZZ_CORPUS)/httpdate/seed-ms
+	@printf -- '-9223372036854775808\nFri, 31 Dec 9999 23:59:60 GMT' > $(FUZZ_CORPUS)/httpdate/seed-extremes
+	@printf '4102444800000\nTuesday, 29-Feb-00 00:00:00 GMT' > $(FUZZ_CORPUS)/httpdate/seed-century
+	@# ratelimit: a script, one command per line (see fuzz/README.md)
+	@printf 'I 0 0 0 0 1 1000\nH anthropic-ratelimit-requests-limit: 50\nH anthropic-ratelimit-requests-remaining: 0\nH anthropic-ratelimit-requests-reset: 2025-11-25T12:00:02Z\nD\nW\nT 500\nA 1 10 5 15\nT 2000\nW 1 0 0 0\n' > $(FUZZ_CORPUS)/ratelimit/seed-anthropic
+	@printf 'H x-ratelimit-limit-requests: 600\nH x-ratelimit-remaining-requests: 3\nH x-ratelimit-reset-requests: 1m0.5s\nH x-ratelimit-limit-tokens:30000\nH X-RateLimit-Remaining-Tokens: 12.5\nD\nA\nA\nA\nW\nC 3 -500\nP 1500\nW 1 nan inf -1\nL 1 1e300 -1 99999999999999999\n' > $(FUZZ_CORPUS)/ratelimit/seed-openai
+	@printf 'R 2025-11-25t12:00:00.1234+01:00\nG +1h2m3.5s\nG 250\302\265s\nG 0\nN anthropic-ratelimit-tokens-reset\nS 7 1 50 12345\nS 600 2.5 200 99\nI nan -1 1e13 60 inf -9223372036854775808\nT 9223372036854775807\nW\nT -5\nW\n' > $(FUZZ_CORPUS)/ratelimit/seed-extremes
+
 fuzz: deps
-	@mkdir -p build/fuzz/corpus
-	clang $(WARNINGS) $(WERROR) -g -O1 $(FUZZ_FLAGS) -Isrc/policy -o build/fuzz/fuzz_sse fuzz/fuzz_sse.c src/policy/sse.c src/policy/buf.c
-	@printf '\000\000\001\007event: message_start\ndata: {"a":1}\n\nevent: ping\ndata: {}\n\ndata: [DONE]\n\n' \
-		> build/fuzz/corpus/seed-events
-	@printf '\000\000\002\003\357\273\277id: 7\r\nretry: 10\r\ndata: a\r\ndata: b\r\r: note\n\ndata:cut' \
-		> build/fuzz/corpus/seed-line-endings
-	build/fuzz/fuzz_sse -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 build/fuzz/corpus
+	@$(MAKE) --no-print-directory $(addprefix build/fuzz/fuzz_,$(FUZZ_TARGETS)) fuzz-seeds
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+		dict=""; [ -f fuzz/$$t.dict ] && dict="-dict=fuzz/$$t.dict"; \
+		build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=build/fuzz/$$t- $$dict $(FUZZ_CORPUS)/$$t; done
 
 # 1000 calls against the mock's 3000/min limiter that sturdy is not told about
 goodput: deps $(CORE_SO) $(POLICY_SO)
@@ -214,6 +249,12 @@ goodput: deps $(CORE_SO) $(POLICY_SO)
 docs: deps
 	@rm -rf build/docs
 	lua5.1 "$$(command -v ldoc)" --fatalwarnings --testing .
+
+# Mixed mock faults at concurrency 64 through the public API, hooks calling back
+# into the client (SOAK_HOOKS=0: they only count); CI runs SOAK_SECONDS=60
+SOAK_SECONDS ?= 600
+soak: deps $(CORE_SO) $(POLICY_SO)
+	SOAK_SECONDS=$(SOAK_SECONDS) STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua $(LUA) bench/soak.lua
 
 clean:
 	rm -rf build
