@@ -343,16 +343,40 @@ local function finish_handle(self, errors, h, raw)
   return errors
 end
 
+-- Hands a call its streamed bytes. While its on_data runs, that call's later
+-- items (more bytes, its end) wait on the handle, so a callback that drives
+-- the client never sees the call end before its bytes, nor out of order.
+local function deliver_data(self, errors, h, chunk, attempt)
+  h._delivering = true
+  local keep
+  errors, keep = call_user(self, errors, h, h.on_data, chunk, attempt)
+  if keep == false and h._request then h._request:cancel() end
+  local later = h._later
+  while later and later[1] do
+    local item = table.remove(later, 1)
+    if item[1] == "done" then
+      h._delivering = false
+      errors = finish_handle(self, errors, h, item[2])
+    elseif not h._done then
+      errors, keep = call_user(self, errors, h, h.on_data, item[2], item[3])
+      if keep == false and h._request then h._request:cancel() end
+    end
+  end
+  h._delivering, h._later = false, nil
+  return errors
+end
+
 -- Delivers one item of the ready queue (see engine:take).
 local function deliver(self, errors, what, a, b, c)
-  if what == "done" then
-    return finish_handle(self, errors, a, b)
-  elseif what == "data" then
-    if not a._done and a.on_data then
-      local keep
-      errors, keep = call_user(self, errors, a, a.on_data, b, c)
-      if keep == false and a._request then a._request:cancel() end
+  if what == "done" or what == "data" then
+    if a._delivering then
+      local later = a._later or {}
+      a._later = later
+      later[#later + 1] = { what, b, c }
+      return errors
     end
+    if what == "done" then return finish_handle(self, errors, a, b) end
+    if not a._done and a.on_data then return deliver_data(self, errors, a, b, c) end
   elseif what == "retry" then
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
     if self._observers then a.type = "retry"; observe(self, a) end
