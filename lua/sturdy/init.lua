@@ -231,6 +231,7 @@ function sturdy.client(cfg)
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
     _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
+    _delivering = 0,                      -- calls whose on_data is running
     _observers = cfg.observe and { cfg.observe } or nil,
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
@@ -348,6 +349,7 @@ end
 -- the client never sees the call end before its bytes, nor out of order.
 local function deliver_data(self, errors, h, chunk, attempt)
   h._delivering = true
+  self._delivering = self._delivering + 1
   local keep
   errors, keep = call_user(self, errors, h, h.on_data, chunk, attempt)
   if keep == false and h._request then h._request:cancel() end
@@ -355,7 +357,6 @@ local function deliver_data(self, errors, h, chunk, attempt)
   while later and later[1] do
     local item = table.remove(later, 1)
     if item[1] == "done" then
-      h._delivering = false
       errors = finish_handle(self, errors, h, item[2])
     elseif not h._done then
       errors, keep = call_user(self, errors, h, h.on_data, item[2], item[3])
@@ -363,6 +364,7 @@ local function deliver_data(self, errors, h, chunk, attempt)
     end
   end
   h._delivering, h._later = false, nil
+  self._delivering = self._delivering - 1
   return errors
 end
 
@@ -438,10 +440,11 @@ function Client:poll(timeout)
   return self._active, errors
 end
 
---- Drives the engine until no call is in flight or waiting.
+--- Drives the engine until no call is in flight or waiting (but the calls
+-- whose on_data is running, when run is called from there: they end after it).
 function Client:run()
   local all
-  while self._active > 0 and not self._closing and self._engine do
+  while self._active > self._delivering and not self._closing and self._engine do
     all = append_all(all, self:_turn(1000))
   end
   return all
@@ -478,6 +481,9 @@ end
 -- until timeout seconds pass: then nil and an error of kind "wait_timeout".
 function Handle:wait(timeout)
   local limit = wait_ms(timeout, "wait")
+  if self._delivering then
+    fail("wait on a call from inside its own on_data (or stream events) would never return")
+  end
   local deadline = limit and now() + limit / 1000
   local client = self.client
   while not self._done do

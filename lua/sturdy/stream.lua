@@ -509,6 +509,9 @@ end
 --- Waits for the end and returns the result (the same shape as the non-streamed
 -- call's, reply collected from the deltas), or nil and the error.
 function Stream:result()
+  if not self.done and self.handle and self.handle._delivering then
+    error("sturdy: stream:result() inside the stream's own events would never return", 2)
+  end
   while not self.done do self.provider.client:poll(0.05) end
   if self.error then return nil, self.error end
   return self._result
