@@ -16,6 +16,8 @@ end
 
 -- Keys live here, not in the objects: nothing that prints an object can show them.
 local secrets = setmetatable({}, { __mode = "k" })
+-- The auth headers of each provider, made once (they hold the key too).
+local auth_headers = setmetatable({}, { __mode = "k" })
 
 local NEW_SCHEMA = {
   client = "table", api_key = "string", model = "string", base_url = "string", version = "string",
@@ -230,8 +232,17 @@ function provider.define(class, spec)
     if type(body.model) ~= "string" then fail("no model: pass model to new{} or in the request") end
     local estimated = { input = provider.estimate_input(body), output = tonumber(spec.max_tokens(body)) or 0 }
     opts = opts or {}
-    local headers = spec.auth(secrets[self], self)
-    for k, v in pairs(opts.headers or {}) do headers[k] = v end
+    local headers = auth_headers[self]
+    if headers == nil then
+      headers = spec.auth(secrets[self], self)
+      auth_headers[self] = headers
+    end
+    if opts.headers then
+      local merged = {}
+      for k, v in pairs(headers) do merged[k] = v end
+      for k, v in pairs(opts.headers) do merged[k] = v end
+      headers = merged
+    end
     local req = {
       method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
