@@ -134,7 +134,11 @@ function Error:__tostring()
   if self.detail and self.detail ~= "" and self.detail ~= self.message then
     parts[#parts + 1] = " - " .. self.detail
   end
-  if self.retry_after then parts[#parts + 1] = format("; retry after %gs", self.retry_after) end
+  if self.retry_after then
+    -- a long hint in plain seconds, never as 8.64e+07
+    parts[#parts + 1] = format(self.retry_after < 1e6 and "; retry after %gs" or "; retry after %.0fs",
+                               self.retry_after)
+  end
   if self.attempts and #self.attempts > 1 then
     parts[#parts + 1] = format("; %d attempts", #self.attempts)
   end
@@ -664,6 +668,14 @@ function Client:unobserve(fn)
   end
 end
 
+-- A count or amount record_usage takes: a finite number >= 0, else it raises
+-- (a NaN would stay in the key's totals for good).
+local function check_amount(v, what)
+  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
+    fail("record_usage takes %s as a finite number >= 0, got %s", what, tostring(v))
+  end
+end
+
 --- Records the real usage of a call under its key: corrects the rate
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
@@ -671,6 +683,15 @@ end
 -- stop_reason, request_id } for observers.
 function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
+  if type(key) ~= "string" then fail("record_usage takes a key string, got %s", type(key)) end
+  if type(usage) ~= "table" then fail("record_usage takes a usage table, got %s", type(usage)) end
+  for _, k in ipairs { "input", "output", "cache_read", "cache_write" } do check_amount(usage[k], "usage." .. k) end
+  if estimated ~= nil then
+    if type(estimated) ~= "table" then fail("record_usage takes estimated as a table, got %s", type(estimated)) end
+    check_amount(estimated.input, "estimated.input")
+    check_amount(estimated.output, "estimated.output")
+  end
+  if cost ~= nil then check_amount(cost, "cost") end
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
     engine:correct(key, "input_tokens", used_in - estimated.input)

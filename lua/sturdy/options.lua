@@ -347,6 +347,16 @@ function options.client(cfg)
          one_line(cfg.base_url, 80))
   end
   if cfg.base_url and cfg.base_url:find("%z") then fail("option 'base_url' contains a NUL byte") end
+  if cfg.key and cfg.key:find("%c") then
+    -- as a request's own key: it is shown in stats, events and errors
+    fail("option 'key' contains a control character or NUL byte")
+  end
+  local breaker = compiled.upstream.breaker
+  if breaker and breaker.max_open_ms < breaker.open_ms then
+    -- the breaker would quietly raise the cap to open_for
+    fail("option 'max_open_for' in client options.breaker (%gs) must be at least open_for (%gs)",
+         breaker.max_open_ms / 1000, breaker.open_ms / 1000)
+  end
   compiled.transport.headers = cfg.headers and header_lines(cfg.headers, "client headers") or {}
   local timeout = {}
   for name, spec in pairs(TIMEOUT.fields) do

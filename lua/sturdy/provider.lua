@@ -271,6 +271,10 @@ function provider.define(class, spec)
   -- that turns its response into the result (or nil, err). nil, err when the
   -- input guard refuses it (nothing is sent).
   function class:prepare(params, opts)
+    if type(params) == "table" and params.stream then
+      -- a streamed reply is not JSON: it would come back as bad_response
+      fail("%s takes no 'stream' parameter: call stream{...} for a streamed reply", spec.call)
+    end
     local err = provider.guard(self, params, params and spec.max_tokens(params))
     if err then return nil, err end
     local req, body, estimated = self:_request(params, opts)

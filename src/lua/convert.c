@@ -94,6 +94,8 @@ const char *sl_opt_string(lua_State *L, int t, const char *field)
         s = lua_tolstring(L, -1, &len);
         if (strlen(s) != len)
             luaL_error(L, "sturdy: option '%s' contains a NUL byte", field);
+        if (strpbrk(s, "\r\n") != NULL) /* user_agent becomes a header line */
+            luaL_error(L, "sturdy: option '%s' contains CR or LF", field);
     } else if (!lua_isnil(L, -1)) {
         luaL_error(L, "sturdy: option '%s' must be a string", field);
     }

@@ -492,7 +492,12 @@ static int l_engine_take(lua_State *L)
     int list = 2, n;
 
     luaL_checktype(L, 2, LUA_TTABLE);
-    n = (int)luaL_checkinteger(L, 3);
+    {
+        lua_Integer at = luaL_checkinteger(L, 3);
+        /* the count grows by 4 per item: far below INT_MAX, so it cannot overflow */
+        luaL_argcheck(L, at >= 0 && at <= (1 << 30), 3, "queue length out of range");
+        n = (int)at;
+    }
     while (st_engine_take_notice(e, &notice)) {
         push_notice(L, &notice);
         append(L, list, &n, 2);

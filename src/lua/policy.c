@@ -138,7 +138,8 @@ static int l_sse_new(lua_State *L)
     l_sse *ls = lua_newuserdata(L, sizeof *ls);
     ls->p = NULL;
     luaL_setmetatable(L, SSE_MT);
-    ls->p = st_sse_new(max > 0 ? (size_t)max : 0);
+    /* clamped before the cast: NaN, negatives and huge values are not sizes */
+    ls->p = st_sse_new(max > 0 ? (max < (lua_Number)SIZE_MAX / 2 ? (size_t)max : SIZE_MAX / 2) : 0);
     if (ls->p == NULL)
         return luaL_error(L, "sturdy: out of memory");
     return 1;

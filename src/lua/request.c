@@ -171,10 +171,12 @@ void sl_client_read(lua_State *L, int t, sl_client *c)
     c->explicit_key = lua_toboolean(L, -1);
     lua_pop(L, 1);
     lua_getfield(L, t, "timeout_ms");
+    if (!lua_istable(L, -1))
+        luaL_error(L, "sturdy: configuration field 'client.timeout_ms' must be a table");
     for (i = 0; i < 4; i++) {
         lua_Number v;
         lua_getfield(L, -1, timeout_names[i]);
-        v = lua_tonumber(L, -1);
+        v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1; /* strict: no "5" */
         if (!(v >= 0 && v <= MAX_SECONDS * 1000))
             luaL_error(L, "sturdy: configuration field 'client.timeout_ms.%s' is out of range", timeout_names[i]);
         c->timeout_ms[i] = (int64_t)v;
@@ -350,8 +352,11 @@ static size_t append_key(lua_State *L, const fields *f, const sl_client *c, st_b
         }
         if (f->json) {
             lua_getfield(L, f->json, "model");
-            if (lua_type(L, -1) == LUA_TSTRING)
+            if (lua_type(L, -1) == LUA_TSTRING) {
                 model = lua_tolstring(L, -1, &mlen);
+                if (has_control(model, mlen, 1)) /* a NUL would cut the key short */
+                    luaL_error(L, "sturdy: request json 'model' contains a control character or NUL byte");
+            }
             lua_pop(L, 1); /* the json table holds the string */
         }
     }
