@@ -83,7 +83,7 @@ static int l_head_add(lua_State *L)
         lua_pushliteral(L, "too_large");
         return 2;
     default:
-        return luaL_error(L, "sturdy: out of memory");
+        return sl_error(L, "sturdy: out of memory");
     }
 }
 
@@ -141,7 +141,7 @@ static int l_sse_new(lua_State *L)
     /* clamped before the cast: NaN, negatives and huge values are not sizes */
     ls->p = st_sse_new(max > 0 ? (max < (lua_Number)SIZE_MAX / 2 ? (size_t)max : SIZE_MAX / 2) : 0);
     if (ls->p == NULL)
-        return luaL_error(L, "sturdy: out of memory");
+        return sl_error(L, "sturdy: out of memory");
     return 1;
 }
 
