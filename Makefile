@@ -49,6 +49,7 @@ INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256 test_adaptive test_spend
 HEADERS := $(wildcard src/*/*.h)
 C_TESTS += test_decide
+C_TESTS += test_counts
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
 NETDIAG_SO := $(BUILD)/sturdy/netdiag.so
