@@ -7,6 +7,7 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
+#   make bench-metrics   the cost of rendering the metrics of 50 upstream keys
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
@@ -61,7 +62,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache bench-metrics docs
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -173,6 +174,11 @@ bench: deps $(CORE_SO) $(POLICY_SO)
 bench-cache: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
+
+# sturdy.metrics: rendering the metrics of 50 upstream keys, beside reading their stats
+bench-metrics: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/metrics.lua
 
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
 bench-cosocket: deps ngx-policy
