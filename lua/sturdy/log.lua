@@ -2,7 +2,8 @@
 -- function of yours, JSON lines on stderr, or lines for nginx's error log.
 --
 --   local client = sturdy.client { base_url = url, logger = "json", log_level = "info", log_sample = 0.1 }
---   -- {"ts":"2026-01-05T10:00:00.123Z","level":"info","event":"call","id":"5f0c...","key":"api.anthropic.com/claude-sonnet-4-5",...}
+--   -- {"ts":"2026-01-05T10:00:00.123Z","level":"info","event":"call","id":"5f0c...",
+--   --  "key":"api.anthropic.com/claude-sonnet-4-5",...}
 --
 -- Events (fields absent when unknown):
 --
@@ -113,7 +114,7 @@ function log.writer(logger)
 end
 
 local function new_id()
-  return format("%08x%08x", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+  return telemetry.random_hex(8)
 end
 
 -- The body of a request as text (its JSON encoded), or nil.

@@ -44,6 +44,32 @@ function telemetry.split_key(key)
   return host, nil, model
 end
 
+-- Random bytes for ids: /dev/urandom read 4 KiB at a time, so ids differ
+-- between processes whatever the Lua's own seed; math.random without it.
+local pool, pool_at = "", 1
+
+local function random_bytes(n)
+  if pool_at + n - 1 > #pool then
+    local f = io.open("/dev/urandom", "rb")
+    pool = f and f:read(4096) or ""
+    if f then f:close() end
+    pool_at = 1
+    if #pool < n then
+      local t = {}
+      for i = 1, n do t[i] = string.char(math.random(0, 255)) end
+      return table.concat(t)
+    end
+  end
+  local s = pool:sub(pool_at, pool_at + n - 1)
+  pool_at = pool_at + n
+  return s
+end
+
+--- n random bytes as 2n lowercase hex digits (trace, span and log ids).
+function telemetry.random_hex(n)
+  return (random_bytes(n):gsub(".", function(c) return format("%02x", c:byte()) end))
+end
+
 -- Header names whose values are secrets: scrubbed from anything written.
 local function secret_header(name)
   name = name:lower()
