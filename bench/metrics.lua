@@ -51,7 +51,9 @@ assert(#keys == KEYS, "expected " .. KEYS .. " keys, got " .. #keys)
 
 -- A render right after a call on every key: every family's text is made again.
 local providers = {}
-for i = 1, KEYS do providers[i] = anthropic.new { client = client, api_key = "sk-bench", model = "bench-model-" .. i } end
+for i = 1, KEYS do
+  providers[i] = anthropic.new { client = client, api_key = "sk-bench", model = "bench-model-" .. i }
+end
 local function after_calls(fmt)
   local per = {}
   for r = 1, ROUNDS do

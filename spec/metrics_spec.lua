@@ -120,7 +120,8 @@ describe("metrics", function()
     local key = claude.client:key_for { path = "/v1/messages", json = { model = "claude-sonnet-4-5" } }
     assert.equal(4, sample(text, "sturdy_calls_total", { key = key, class = "success" }))
     assert.equal(4, sample(text, "gen_ai_client_operation_duration_seconds_count",
-                           { key = key, gen_ai_provider_name = "anthropic", gen_ai_request_model = "claude-sonnet-4-5" }))
+                           { key = key, gen_ai_provider_name = "anthropic",
+                             gen_ai_request_model = "claude-sonnet-4-5" }))
     assert.equal(1, sample(text, "gen_ai_client_operation_time_to_first_chunk_seconds_count", { key = key }))
     local usage = c:stats(key).usage
     assert.equal(usage.input, sample(text, "gen_ai_client_token_usage_total", { gen_ai_token_type = "input" }))
@@ -210,7 +211,8 @@ describe("metrics", function()
     assert.equal(1, sample(text, "sturdy_calls_total"))
     assert.has_error(function() metrics.registry { max_keys = 0 } end,
                      "sturdy: option 'max_keys' in metrics.registry must be a whole number from 1 to 1000000, got 0")
-    assert.has_error(function() metrics.registry { colour = 1 } end, "sturdy: unknown option 'colour' in metrics.registry")
+    assert.has_error(function() metrics.registry { colour = 1 } end,
+                     "sturdy: unknown option 'colour' in metrics.registry")
     assert.has_error(function() metrics.registry { shared = "nope" } end,
                      'sturdy: option \'shared\' in metrics.registry: no lua_shared_dict named "nope"')
     assert.has_error(function() registry:render("json") end,

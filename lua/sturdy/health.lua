@@ -23,12 +23,9 @@ local RANK = { idle = 0, up = 1, degraded = 2, down = 3 }
 local function key_health(s)
   local b = s.breaker
   local l = s.limits or {}
-  local paused, remaining = 0, {}
+  local paused, remaining = tonumber(l.paused_for) or 0, {}
   for dim, d in pairs(l) do
-    if type(d) == "table" then
-      if d.paused_for and d.paused_for > paused then paused = d.paused_for end
-      remaining[dim] = d.remaining
-    end
+    if type(d) == "table" then remaining[dim] = d.remaining end
   end
   local latency = s.latency or {}
   local h = {

@@ -24,8 +24,8 @@
 -- `debug` (an attempt that succeeded), `info` (a call that succeeded),
 -- `warn` (an attempt that failed), `error` (a call that failed); events
 -- below `level` (default `info`) are not written. `sample` (0 to 1, default
--- 1) keeps that share of successful calls, spread evenly (0.25: exactly one
--- in four) with their attempts; failures are always written.
+-- 1) keeps that share of successful calls, spread evenly (0.25: the first,
+-- then exactly one in four) with their attempts; failures are always written.
 --
 -- Never written: the prompt, the reply, headers, error messages (a careless
 -- server may echo a request's headers in them). Strings from the server
@@ -150,7 +150,8 @@ function log.observer(opts)
   local write = log.writer(opts.logger)
   local bodies = opts.bodies
   local extra = opts.secrets or {}
-  local credit = 0 -- successes are kept when the credit reaches a whole one
+  -- successes are kept when the credit reaches a whole one: the first, then one in 1/sample
+  local credit = sample > 0 and 1 - sample or 0
 
   local function emit(ev)
     if LEVELS[ev.level] >= threshold then write(ev) end

@@ -624,18 +624,18 @@ function Registry:_gauges()
           put_gauge(gauges, F.sturdy_paced_total, kl, s.paced)
           if s.breaker then put_gauge(gauges, F.sturdy_breaker_state, kl, BREAKER_STATES[s.breaker.state]) end
           local limits = s.limits
-          if limits and key ~= "other" then
-            local paused = 0
-            for _, dim in ipairs(DIMENSIONS) do
-              local l = limits[dim]
-              if l then
-                local dl = labels.dims[dim]
-                put_gauge(gauges, F.sturdy_ratelimit_limit, dl, l.limit)
-                put_gauge(gauges, F.sturdy_ratelimit_remaining, dl, l.remaining)
-                if l.paused_for and l.paused_for > paused then paused = l.paused_for end
+          if limits then
+            put_gauge(gauges, F.sturdy_ratelimit_paused_seconds, kl, tonumber(limits.paused_for) or 0)
+            if key ~= "other" then
+              for _, dim in ipairs(DIMENSIONS) do
+                local l = limits[dim]
+                if l then
+                  local dl = labels.dims[dim]
+                  put_gauge(gauges, F.sturdy_ratelimit_limit, dl, l.limit)
+                  put_gauge(gauges, F.sturdy_ratelimit_remaining, dl, l.remaining)
+                end
               end
             end
-            put_gauge(gauges, F.sturdy_ratelimit_paused_seconds, kl, paused)
           end
         end
       end
