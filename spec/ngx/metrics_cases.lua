@@ -2,6 +2,7 @@
 -- lua_shared_dict, each worker adding to the same counts. A worker's
 -- registry observes a client stand-in (sturdy's ngx transport is built
 -- elsewhere): records in the client's shape reach the registry's observer,
+-- luacheck: globals ngx
 -- and its stats() gives each key's gauges.
 local metrics = require "sturdy.metrics"
 
