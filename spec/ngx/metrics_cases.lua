@@ -2,8 +2,8 @@
 -- lua_shared_dict, each worker adding to the same counts. A worker's
 -- registry observes a client stand-in (sturdy's ngx transport is built
 -- elsewhere): records in the client's shape reach the registry's observer,
--- luacheck: globals ngx
 -- and its stats() gives each key's gauges.
+-- luacheck: globals ngx
 local metrics = require "sturdy.metrics"
 
 local C = {}
