@@ -27,7 +27,9 @@
 -- sturdy's own, all per `key`:
 --
 -- - `sturdy_calls_total` by `class` (success, throttled, overloaded,
---   transient, timeout, fatal, canceled), `status` and `error_type`;
+--   transient, timeout, fatal, canceled), `status` and `error_type`, as
+--   the transport ended them (a 200 whose body a provider could not read
+--   is a success here; logs and spans say it failed);
 -- - `sturdy_retries_total` by `class`; `sturdy_throttled_total`: 429s
 --   received (every attempt's); `sturdy_paced_total`: attempts the rate
 --   limiter held back;
