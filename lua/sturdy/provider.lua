@@ -19,6 +19,17 @@ local secrets = setmetatable({}, { __mode = "k" })
 -- The auth headers of each provider, made once (they hold the key too).
 local auth_headers = setmetatable({}, { __mode = "k" })
 
+-- What each provider request is, for observers (see provider.about).
+local abouts = setmetatable({}, { __mode = "k" })
+
+--- What a request made by a provider is, for observers (metrics, logs,
+-- spans): `{ provider, operation, model, max_tokens, usage = true }` (a
+-- usage or reply_failed record follows its successful call), or nil for a
+-- request no provider made. Never the prompt.
+function provider.about(req)
+  return abouts[req]
+end
+
 local NEW_SCHEMA = {
   client = "table", api_key = "string", model = "string", base_url = "string", version = "string",
   max_tokens_cap = "number", max_input_chars = "number", prices = "table", client_options = "table",
@@ -249,6 +260,8 @@ function provider.define(class, spec)
     }
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)
+    abouts[req] = { provider = spec.name, operation = spec.operation or "chat", model = body.model,
+                    max_tokens = tonumber(spec.max_tokens(body)), usage = true }
     return req, body, estimated
   end
 
@@ -263,7 +276,8 @@ function provider.define(class, spec)
       model = model, request_id = res.request_id, latency = res.timings.total,
       attempts = res.attempts,
       cost = provider.account(self, key, model, usage, estimated,
-                              { model = model, stop_reason = stop_reason, request_id = res.request_id }),
+                              { model = model, stop_reason = stop_reason, request_id = res.request_id,
+                                response = res }),
     }
   end
 
@@ -280,7 +294,10 @@ function provider.define(class, spec)
     local req, body, estimated = self:_request(params, opts)
     return req, function(res)
       local doc, derr = provider.decode(res, spec.check)
-      if not doc then return nil, derr end
+      if not doc then
+        self.client:notify { type = "reply_failed", key = req.key, response = res, error = derr }
+        return nil, derr
+      end
       return self:_result(doc, res, body, estimated, req)
     end
   end

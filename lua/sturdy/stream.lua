@@ -78,9 +78,9 @@ local function append(list, s)
   list[#list + 1] = s
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Anthropic: event: message_start ... message_stop; event: error
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- The message collected so far is acc.message (nil until message_start).
 -- What deltas add to a block is kept apart until its content_block_stop, in
@@ -220,9 +220,9 @@ stream.anthropic = {
   end,
 }
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- OpenAI: data: {chunk} ... data: [DONE]; data: {"error": ...}
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- Deltas merge as the SDKs merge them: strings are appended (kept as a list
 -- of pieces until the end), objects merge field by field, lists of objects
@@ -463,6 +463,10 @@ function Stream:_finish(res, err)
         request_id = res.request_id, attempts = res.attempts, message = bad.message, detail = bad.detail,
       }
     end
+  end
+  if res and self.error then
+    -- the call succeeded but its stream cannot be used: observers hear why
+    self.provider.client:notify { type = "reply_failed", key = res.key, response = res, error = self.error }
   end
   if self.on_event and self.error then self:_emit { type = "error", error = self.error } end
   -- s.on_done(s), when set, hears the end (success or error) after everything else
