@@ -299,12 +299,38 @@ local function observe(self, record)
   end
 end
 
+-- What observers see of a request: its fields, but header values that are
+-- secrets masked; the values themselves only through the record's
+-- secrets() (for scrubbing), never as data an observer could keep or print.
+local telemetry_secrets = require("sturdy.telemetry").secrets_of
+
+local function request_view(req)
+  local view = {}
+  for k, v in pairs(req) do view[k] = v end
+  local headers = req.headers
+  if type(headers) ~= "table" then return view, nil end
+  local secrets = telemetry_secrets(headers)
+  if #secrets == 0 then return view, nil end
+  local masked = {}
+  for name, v in pairs(headers) do
+    local value = tostring(v)
+    for i = 1, #secrets do
+      if value:find(secrets[i], 1, true) then value = "[redacted]"; break end
+    end
+    masked[name] = value
+  end
+  view.headers = masked
+  return view, function() return telemetry_secrets(headers) end
+end
+
 -- The record of a call's start: observers may put headers to send in
 -- record.headers (trace context); the request is then a copy with them.
 local function announce(self, engine, h, req)
   if type(req) ~= "table" then return req end -- the core names the problem
   local ok, key = pcall(engine.key_for, engine, req)
-  local record = { type = "start", handle = h, key = ok and key or nil, request = req }
+  local view, secrets = request_view(req)
+  local record = { type = "start", handle = h, key = ok and key or nil, request = view, secrets = secrets,
+                   about = require("sturdy.provider").about(req) }
   observe(self, record)
   local extra = record.headers
   if type(extra) ~= "table" or next(extra) == nil then return req end
