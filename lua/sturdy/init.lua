@@ -215,6 +215,7 @@ function sturdy.client(cfg)
     max_response = cfg.max_response,
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
+    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
   return self
@@ -226,6 +227,14 @@ end
 -- another. (A client `key` option also keys absolute URLs.)
 function Client:key_for(req)
   return open_engine(self):key_for(req)
+end
+
+--- What one call of this client may use unless it says otherwise:
+-- `attempts` (retry.attempts) and `total` (timeout.total in seconds, nil when
+-- false). Fallback chains bound each target's call by these.
+function Client:call_limits()
+  local l = self._limits
+  return { attempts = l.attempts, total = l.total_ms > 0 and l.total_ms / 1000 or nil }
 end
 
 -- The JSON body of a request, encoded; nil when it has none.
@@ -642,5 +651,6 @@ function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, o
 return setmetatable(sturdy, { __index = function(_, k)
   -- helpers loaded on first use, so `require "sturdy"` does not pay for them
   if k == "options" then return options end
+  if k == "fallback" or k == "cache" then return require("sturdy." .. k) end
   return nil
 end })
