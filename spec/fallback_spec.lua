@@ -72,8 +72,10 @@ describe("sturdy.fallback", function()
       assert.equal(4, count("primary"))
       assert.equal(1, count("second"))
       local s = chain:stats()
-      assert.same({ calls = 1, successes = 0, failures = 1, fallbacks = 1, skipped = 0, probes = 0 }, s.targets.sonnet)
-      assert.same({ calls = 1, successes = 1, failures = 0, fallbacks = 0, skipped = 0, probes = 0 }, s.targets.haiku)
+      assert.same({ calls = 1, successes = 0, failures = 1, fallbacks = 1, skipped = 0, probes = 0, attempts = 4 },
+                  s.targets.sonnet)
+      assert.same({ calls = 1, successes = 1, failures = 0, fallbacks = 0, skipped = 0, probes = 0, attempts = 1 },
+                  s.targets.haiku)
       assert.equal(1, s.answered)
     end)
 
@@ -97,7 +99,7 @@ describe("sturdy.fallback", function()
         assert.is_true(f.retry_after > 25 and f.retry_after <= 30, tostring(f.retry_after))
       end
       assert.equal(2, count("primary")) -- nothing more reached it
-      assert.same({ calls = 2, successes = 0, failures = 2, fallbacks = 2, skipped = 3, probes = 0 },
+      assert.same({ calls = 2, successes = 0, failures = 2, fallbacks = 2, skipped = 3, probes = 0, attempts = 2 },
                   chain:stats("sonnet"))
     end)
 
@@ -194,7 +196,7 @@ describe("sturdy.fallback", function()
       assert.same({ 4, 4, 1 }, { count("a"), count("b"), count("c") })
       -- a call may lower the cap for itself
       m:reset()
-      r, err = three(c):messages(ask(), { attempts = 2 })
+      r = three(c):messages(ask(), { attempts = 2 })
       assert.is_nil(r)
       assert.same({ 2, 0, 0 }, { count("a"), count("b"), count("c") })
     end)
@@ -315,7 +317,8 @@ describe("sturdy.fallback", function()
     it("serves an Anthropic-shaped call from OpenAI, and answers in the Anthropic shape", function()
       local c = client()
       local chain = fallback {
-        targets = { { provider = claude(c), name = "sonnet", headers = steps("a", "529") }, { provider = gpt(c), name = "gpt" } },
+        targets = { { provider = claude(c), name = "sonnet", headers = steps("a", "529") },
+                    { provider = gpt(c), name = "gpt" } },
       }
       local r = assert(chain:messages(ask("Translate me", { system = "Be brief.", temperature = 0.2,
                                                           stop_sequences = { "END" } })))
@@ -333,7 +336,8 @@ describe("sturdy.fallback", function()
     it("serves an OpenAI-shaped call from Anthropic, and answers in the OpenAI shape", function()
       local c = client()
       local chain = fallback {
-        targets = { { provider = gpt(c), name = "gpt", headers = steps("g", "503") }, { provider = claude(c), name = "sonnet" } },
+        targets = { { provider = gpt(c), name = "gpt", headers = steps("g", "503") },
+                    { provider = claude(c), name = "sonnet" } },
       }
       local r = assert(chain:chat { messages = { { role = "system", content = "Be brief." },
                                                  { role = "user", content = "Bonjour" } } })
@@ -379,7 +383,8 @@ describe("sturdy.fallback", function()
       local r = assert(chain:messages(ask("a long prompt")))
       assert.equal("sonnet-1m", r.served_by)
       assert.equal("bad_request", r.fallbacks[1].kind)
-      assert.same({ "gpt", "context_window", true }, { r.fallbacks[2].target, r.fallbacks[2].kind, r.fallbacks[2].skipped })
+      local f = r.fallbacks[2]
+      assert.same({ "gpt", "context_window", true }, { f.target, f.kind, f.skipped })
       assert.equal(0, m:counters().paths["/v1/chat/completions"] or 0)
 
       -- OpenAI's context_length_exceeded too
@@ -397,13 +402,15 @@ describe("sturdy.fallback", function()
 
     it("moves a declined answer on only when content_policy is listed", function()
       local c = client()
-      local targets = { { provider = gpt(c), name = "gpt", headers = steps("g", "refusal") }, { provider = claude(c), name = "sonnet" } }
+      local targets = { { provider = gpt(c), name = "gpt", headers = steps("g", "refusal") },
+                        { provider = claude(c), name = "sonnet" } }
       local plain = assert(fallback({ targets = targets }):chat { messages = { { role = "user", content = "x" } } })
       assert.equal("gpt", plain.served_by)
       assert.equal("content_filter", plain.stop_reason)
 
       local on = { "overloaded", "content_policy" }
-      local r = assert(fallback({ targets = targets, on = on }):chat { messages = { { role = "user", content = "x" } } })
+      local r = assert(fallback({ targets = targets, on = on })
+        :chat { messages = { { role = "user", content = "x" } } })
       assert.equal("sonnet", r.served_by)
       assert.equal("content_policy", r.fallbacks[1].kind)
       assert.equal("Echo: x", r.reply.choices[1].message.content)
@@ -460,7 +467,8 @@ describe("sturdy.fallback", function()
           seen = s
           return s.name == "haiku" and 1 or 0
         end,
-        targets = { { provider = claude(c), name = "sonnet" }, { provider = claude(c, "claude-haiku-4-5"), name = "haiku" } },
+        targets = { { provider = claude(c), name = "sonnet" },
+                    { provider = claude(c, "claude-haiku-4-5"), name = "haiku" } },
       }
       assert.equal("haiku", assert(chain:messages(ask())).served_by)
       local t0 = sturdy.monotime()
@@ -658,7 +666,7 @@ describe("sturdy.fallback", function()
   end)
 
   describe("behind the cache", function()
-    it("answers hits without a request, serves stale when every target fails, never stores a degraded answer", function()
+    it("answers hits without a request, serves stale when every target fails, stores no degraded answer", function()
       local c = client()
       local now = 1000
       local cache = sturdy_cache { ttl = 60, stale_if_error = 3600, clock = function() return now end }
@@ -719,6 +727,72 @@ describe("sturdy.fallback", function()
     end)
   end)
 
+  describe("in coroutines", function()
+    local function run_all(c, fns)
+      local cos, order = {}, {}
+      for i, fn in ipairs(fns) do
+        cos[i] = coroutine.create(function()
+          fn()
+          order[#order + 1] = i
+        end)
+      end
+      repeat
+        local alive = 0
+        for _, co in ipairs(cos) do
+          if coroutine.status(co) ~= "dead" then
+            assert(coroutine.resume(co))
+            alive = alive + 1
+          end
+        end
+        if alive > 0 then c:poll(0.002) end
+      until alive == 0
+      return order
+    end
+
+    it("20 identical calls through the cache make one trip down the chain", function()
+      local c = client { yield = coroutine.yield }
+      local chain = fallback {
+        targets = { { provider = claude(c), name = "sonnet", attempts = 1, headers = steps("a", "529;delay=50") },
+                    { provider = claude(c, "claude-haiku-4-5"), name = "haiku", headers = steps("b", "200;delay=50") } },
+      }
+      local cached = sturdy_cache({ yield = coroutine.yield }):wrap(chain)
+      local results, fns = {}, {}
+      for i = 1, 20 do
+        fns[i] = function() results[i] = assert(cached:messages(ask("same question", { temperature = 0 }))) end
+      end
+      run_all(c, fns)
+      for i = 1, 20 do
+        assert.equal("Echo: same question", results[i].text)
+        assert.equal("haiku", results[i].served_by)
+      end
+      assert.same({ 1, 1 }, { count("a"), count("b") })
+      assert.equal(1, chain:stats().calls)
+    end)
+
+    it("a call waiting for a cooldown yields: the other coroutines go on", function()
+      local c = client { yield = coroutine.yield, breaker = { min_calls = 1, window = 10, open_for = 0.4, probes = 1 } }
+      local waiting = fallback { wait_for_cooldown = true, timeout = 5, yield = coroutine.yield,
+                                 targets = { { provider = claude(c), attempts = 1, headers = steps("a", "529|200") } } }
+      local other = fallback { targets = { claude(c, "claude-haiku-4-5") } }
+      assert.is_nil((waiting:messages(ask()))) -- opens the breaker
+      local t0, waited_for, other_done = sturdy.monotime(), nil, nil
+      local order = run_all(c, {
+        function()
+          assert(waiting:messages(ask("patient")))
+          waited_for = sturdy.monotime() - t0
+        end,
+        function()
+          for _ = 1, 3 do assert(other:messages(ask("meanwhile"))) end
+          other_done = sturdy.monotime() - t0
+        end,
+      })
+      assert.same({ 2, 1 }, order)
+      assert.is_true(waited_for >= 0.35, tostring(waited_for))
+      assert.is_true(other_done < 0.25, tostring(other_done)) -- it did not sit behind the wait
+      assert.equal(1, waiting:stats().waits)
+    end)
+  end)
+
   describe("mistakes", function()
     it("raise naming the option", function()
       local c = client()
@@ -730,16 +804,20 @@ describe("sturdy.fallback", function()
       end
       raises("unknown option 'tagrets'", function() fallback { tagrets = { p } } end)
       raises("non%-empty list", function() fallback { targets = {} } end)
-      raises("'on'.-%(overload%) is not an outcome class", function() fallback { targets = { p }, on = { "overload" } } end)
+      raises("'on'.-%(overload%) is not an outcome class", function()
+        fallback { targets = { p }, on = { "overload" } } end)
       raises("canceled call never falls through", function() fallback { targets = { p }, on = { "canceled" } } end)
       raises("'order' .-\"static\" or \"adaptive\"", function() fallback { targets = { p }, order = "fast" } end)
       raises("'max_targets' .-whole number", function() fallback { targets = { p }, max_targets = 0 } end)
       raises("'attempts' .-whole number", function() fallback { targets = { p }, attempts = 1 / 0 } end)
       raises("'timeout' .-positive", function() fallback { targets = { p }, timeout = -1 } end)
+      raises("'timeout' .-up to 315360000", function() fallback { targets = { p }, timeout = 1e300 } end)
       raises("'probe' .-share", function() fallback { targets = { p }, probe = 2 } end)
       raises("unknown weight 'speed'", function() fallback { targets = { p }, score = { speed = 1 } } end)
-      raises("targets%[1%].-provider on a sturdy client", function() fallback { targets = { { messages = print } } } end)
-      raises("unknown option 'modle' in targets%[1%]", function() fallback { targets = { { provider = p, modle = "x" } } } end)
+      raises("targets%[1%].-provider on a sturdy client", function()
+        fallback { targets = { { messages = print } } } end)
+      raises("unknown option 'modle' in targets%[1%]", function()
+        fallback { targets = { { provider = p, modle = "x" } } } end)
       raises("context' in sturdy.fallback names no target 'nope'", function()
         fallback { targets = { p }, context = { nope = 1000 } } end)
       raises("name 'x' is taken", function()
@@ -748,6 +826,7 @@ describe("sturdy.fallback", function()
       raises("take no 'model'", function() chain:messages { model = "claude-x", max_tokens = 1, messages = {} } end)
       raises("unknown call option 'key'", function() chain:messages(ask(), { key = "k" }) end)
       raises("unknown call option 'on_event'", function() chain:messages(ask(), { on_event = print }) end)
+      raises("'timeout.total' .-up to", function() chain:messages(ask(), { timeout = { total = 0 / 0 } }) end)
       raises("'api_keys' in fallback.keys", function() fallback.keys { provider = "anthropic", api_keys = {} } end)
       raises("'provider' in fallback.keys", function() fallback.keys { provider = "gemini", api_keys = { "k" } } end)
     end)

@@ -79,7 +79,8 @@ describe("sturdy.translate", function()
 
     it("maps every simple tool_choice", function()
       local function choice(tc)
-        local body = assert(translate.request({ max_tokens = 1, messages = {}, tool_choice = tc }, "anthropic", "openai"))
+        local p = { max_tokens = 1, messages = {}, tool_choice = tc }
+        local body = assert(translate.request(p, "anthropic", "openai"))
         return body.tool_choice
       end
       assert.equal("auto", choice { type = "auto" })
@@ -103,7 +104,8 @@ describe("sturdy.translate", function()
       assert.matches("5 stop sequences", why { max_tokens = 1, messages = msgs,
                                                stop_sequences = { "a", "b", "c", "d", "e" } })
       assert.matches("is_error", why { max_tokens = 1, messages = {
-        { role = "user", content = { { type = "tool_result", tool_use_id = "t", content = "boom", is_error = true } } } } })
+        { role = "user", content = { { type = "tool_result", tool_use_id = "t", content = "boom",
+                                       is_error = true } } } } })
       assert.matches("role system", why { max_tokens = 1, messages = { { role = "system", content = "x" } } })
     end)
   end)
@@ -206,7 +208,8 @@ describe("sturdy.translate", function()
     local openai_doc = {
       id = "chatcmpl-1", object = "chat.completion", model = "gpt-4o-mini",
       choices = { { index = 0, finish_reason = "tool_calls", message = { role = "assistant", content = "Sure.",
-        tool_calls = { { id = "call_9", type = "function", ["function"] = { name = "f", arguments = '{"k":"v"}' } } } } } },
+        tool_calls = { { id = "call_9", type = "function",
+                         ["function"] = { name = "f", arguments = '{"k":"v"}' } } } } } },
       usage = { prompt_tokens = 30, completion_tokens = 5, prompt_tokens_details = { cached_tokens = 10 } },
     }
 
@@ -255,7 +258,8 @@ describe("sturdy.translate", function()
       local out = feed_all(t, {
         chunk { role = "assistant", content = "" },
         chunk { content = "Hel" }, chunk { content = "lo" },
-        chunk { tool_calls = { { index = 0, id = "call_1", type = "function", ["function"] = { name = "f", arguments = "" } } } },
+        chunk { tool_calls = { { index = 0, id = "call_1", type = "function",
+                                 ["function"] = { name = "f", arguments = "" } } } },
         chunk { tool_calls = { { index = 0, ["function"] = { arguments = '{"a":' } } } },
         chunk { tool_calls = { { index = 0, ["function"] = { arguments = "1}" } } } },
         chunk({}, "tool_calls"),

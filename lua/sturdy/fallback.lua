@@ -31,6 +31,7 @@ local floor, min, max, huge = math.floor, math.min, math.max, math.huge
 
 local monotime = policy.monotime
 local Error = sturdy.Error
+local MAX_SECONDS = require("sturdy.options").MAX_SECONDS
 
 local function fail(msg, ...)
   error("sturdy: " .. format(msg, ...), 0)
@@ -46,9 +47,9 @@ local function copy(t)
   return c
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- What falls through
----------------------------------------------------------------------------
+-- =========================================================================
 
 --- What moves a call to the next target unless the chain says otherwise.
 M.DEFAULT_ON = { "overloaded", "transient", "timeout", "throttled", "circuit_open", "budget_exhausted" }
@@ -107,9 +108,9 @@ local function sent(attempts)
   return n
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Targets
----------------------------------------------------------------------------
+-- =========================================================================
 
 local KeyGroup = { __name = "sturdy.fallback.keys" }
 KeyGroup.__index = KeyGroup
@@ -172,7 +173,7 @@ local function new_member(spec, where)
     name = name, provider = p, client = p.client, shape = shape, method = translate.SHAPES[shape],
     call_key = spec.key, key = spec.key or derived_key(p), context = spec.context,
     headers = spec.headers, attempts = spec.attempts,
-    counts = { calls = 0, successes = 0, failures = 0, fallbacks = 0, skipped = 0, probes = 0 },
+    counts = { calls = 0, successes = 0, failures = 0, fallbacks = 0, skipped = 0, probes = 0, attempts = 0 },
     used_at = 0,
   }
 end
@@ -234,9 +235,9 @@ function M.keys(spec)
   return setmetatable({ name = name, specs = specs }, KeyGroup)
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Options
----------------------------------------------------------------------------
+-- =========================================================================
 
 local OPTIONS = {
   targets = "table", on = "table", max_targets = "number", attempts = "number", timeout = "number",
@@ -268,8 +269,9 @@ local function check_options(opts)
   end
   for _, k in ipairs { "timeout", "rerank_every" } do
     local v = opts[k]
-    if v ~= nil and (not finite(v) or v <= 0) then
-      fail("option '%s' in sturdy.fallback must be a positive number of seconds, got %s", k, tostring(v))
+    if v ~= nil and (not finite(v) or v <= 0 or v > MAX_SECONDS) then
+      fail("option '%s' in sturdy.fallback must be a positive number of seconds up to %d, got %s", k, MAX_SECONDS,
+           tostring(v))
     end
   end
   if opts.probe ~= nil and (not finite(opts.probe) or opts.probe < 0 or opts.probe > 1) then
@@ -310,9 +312,9 @@ local function score_function(score)
   return function(s) return w.success * s.success + w.latency / (s.latency + 1) end
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- The chain
----------------------------------------------------------------------------
+-- =========================================================================
 
 local Chain = { __name = "sturdy.fallback" }
 Chain.__index = Chain
@@ -511,10 +513,10 @@ local function cooldown(m)
   return nil
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- One call through the chain: its state, the next member to try, and what
 -- each outcome does. Shared by the blocking calls and the streams.
----------------------------------------------------------------------------
+-- =========================================================================
 
 local CALL_OPTIONS = { timeout = "table", headers = "table", priority = "string", attempts = "number",
                        on_event = "function" }
@@ -535,8 +537,9 @@ local function new_call(chain, shape, params, opts, method)
   local total = opts.timeout and opts.timeout.total
   if total == nil then total = chain.timeout end
   if total == nil then total = chain.members[1].client:call_limits().total or false end
-  if total ~= false and (not finite(total) or total <= 0) then
-    fail("call option 'timeout.total' must be a positive number of seconds or false, got %s", tostring(total))
+  if total ~= false and (not finite(total) or total <= 0 or total > MAX_SECONDS) then
+    fail("call option 'timeout.total' must be a positive number of seconds up to %d or false, got %s", MAX_SECONDS,
+         tostring(total))
   end
   local order, probe = chain:_order()
   return {
@@ -646,12 +649,17 @@ local function member_options(call, m)
   return topts
 end
 
-local function record(call, m, err, extra)
-  local entry = { target = m.name, kind = err.kind, class = err.class, status = err.status,
-                  attempts = sent(err.attempts), retry_after = err.retry_after }
-  for k, v in pairs(extra or {}) do entry[k] = v end
-  call.fallbacks[#call.fallbacks + 1] = entry
-  call.attempts_left = call.attempts_left - entry.attempts
+-- Counts the attempts a member's call sent against the call's cap.
+local function spend(call, m, attempts)
+  local n = sent(attempts)
+  call.attempts_left = call.attempts_left - n
+  m.counts.attempts = m.counts.attempts + n
+  return n
+end
+
+local function record(call, m, err)
+  call.fallbacks[#call.fallbacks + 1] = { target = m.name, kind = err.kind, class = err.class, status = err.status,
+                                          attempts = spend(call, m, err.attempts), retry_after = err.retry_after }
 end
 
 -- After a member failed: true when the call moves on.
@@ -686,8 +694,7 @@ local function refused(call, m, r)
   m.counts.failures = m.counts.failures + 1
   m.counts.fallbacks = m.counts.fallbacks + 1
   call.fallbacks[#call.fallbacks + 1] = { target = m.name, kind = "content_policy", stop_reason = reason,
-                                          attempts = sent(r.attempts) }
-  call.attempts_left = call.attempts_left - sent(r.attempts)
+                                          attempts = spend(call, m, r.attempts) }
   call.members = nil
   call.refusal = call.refusal or { m = m, r = r }
   return true
@@ -705,6 +712,7 @@ local function served(call, m, r)
 end
 
 local function answered(call, m, r)
+  spend(call, m, r.attempts)
   m.counts.successes = m.counts.successes + 1
   call.chain.counts.answered = call.chain.counts.answered + 1
   return served(call, m, r)
@@ -852,11 +860,11 @@ function Chain:chat(params, opts)
   return self:_call("openai", "chat", params, opts)
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Streams: the call moves on before the first delta reaches the caller;
 -- after it, a failure is the answer (an error carrying the partial text),
 -- never another model's continuation.
----------------------------------------------------------------------------
+-- =========================================================================
 
 --- A streamed call in the chain's shape (option `shape`, by default the
 -- first target's). `for ev in chain:stream(params) do`, or with
@@ -916,9 +924,7 @@ function ChainStream:_settle(m, up)
   local call = self.call
   local err = up.error
   if not err then
-    local r = up:result()
-    call.attempts_left = call.attempts_left - sent(r.attempts)
-    self:_end(answered(call, m, r))
+    self:_end(answered(call, m, up:result()))
     return false
   end
   if self.committed then
@@ -1033,16 +1039,17 @@ function ChainStream:__tostring()
                 self.done and ", done" or "")
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Counts
----------------------------------------------------------------------------
+-- =========================================================================
 
 --- The chain's counts: `calls`, `answered`, `failed`, `degraded`, `waits`
 -- (cooldowns waited for), `probes` (calls that led with a lower-ranked
 -- target), `order` (target names, the current ranking) and `targets`
--- (`{ [name] = { calls, successes, failures, fallbacks, skipped, probes } }`:
+-- (`{ [name] = { calls, successes, failures, fallbacks, skipped, probes, attempts } }`:
 -- calls sent to the target, answered, failed, failed and moved on, passed
--- over without a request, and probe calls). With a name: that target's counts.
+-- over without a request, probe calls, and the attempts its calls sent, retries
+-- included). With a name: that target's counts.
 function Chain:stats(name)
   if name ~= nil then
     if type(name) ~= "string" then fail("chain:stats takes a target name, got %s", type(name)) end

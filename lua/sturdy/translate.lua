@@ -52,9 +52,9 @@ local function cannot(msg, ...)
   return nil, format(msg, ...)
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Stop reasons
----------------------------------------------------------------------------
+-- =========================================================================
 
 local A2O_STOP = {
   end_turn = "stop", stop_sequence = "stop", max_tokens = "length", tool_use = "tool_calls",
@@ -72,9 +72,9 @@ function M.stop_reason(reason, from, to)
   return O2A_STOP[reason] or "end_turn"
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Requests: Anthropic -> OpenAI
----------------------------------------------------------------------------
+-- =========================================================================
 
 -- The text of a list of Anthropic text blocks as OpenAI content parts, or
 -- nil and the reason naming the first block that is not text.
@@ -265,9 +265,9 @@ local function anthropic_to_openai(p)
   return body
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Requests: OpenAI -> Anthropic
----------------------------------------------------------------------------
+-- =========================================================================
 
 -- OpenAI content (a string or text parts) as Anthropic text blocks.
 local function openai_text_blocks(content, where)
@@ -472,9 +472,9 @@ function M.request(params, from, to, opts)
   error(format("sturdy: translate.request: unknown shapes %s -> %s", tostring(from), tostring(to)), 2)
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Replies
----------------------------------------------------------------------------
+-- =========================================================================
 
 local function first_choice(doc)
   local c = type(doc.choices) == "table" and doc.choices[1]
@@ -550,12 +550,12 @@ function M.reply_stop_reason(doc, shape)
   return doc.stop_reason
 end
 
----------------------------------------------------------------------------
+-- =========================================================================
 -- Stream events. Events have the shape sturdy.stream gives: Anthropic
 -- { type = <event>, data = doc, content = <a delta>, terminal = <message_stop> };
 -- OpenAI { type = "chunk", data = doc, content = <a delta> } and
 -- { type = "done", terminal = true }.
----------------------------------------------------------------------------
+-- =========================================================================
 
 local function anthropic_event(t, data)
   data.type = t
