@@ -753,7 +753,8 @@ describe("sturdy.fallback", function()
       local c = client { yield = coroutine.yield }
       local chain = fallback {
         targets = { { provider = claude(c), name = "sonnet", attempts = 1, headers = steps("a", "529;delay=50") },
-                    { provider = claude(c, "claude-haiku-4-5"), name = "haiku", headers = steps("b", "200;delay=50") } },
+                    { provider = claude(c, "claude-haiku-4-5"), name = "haiku",
+                      headers = steps("b", "200;delay=50") } },
       }
       local cached = sturdy_cache({ yield = coroutine.yield }):wrap(chain)
       local results, fns = {}, {}
@@ -770,7 +771,8 @@ describe("sturdy.fallback", function()
     end)
 
     it("a call waiting for a cooldown yields: the other coroutines go on", function()
-      local c = client { yield = coroutine.yield, breaker = { min_calls = 1, window = 10, open_for = 0.4, probes = 1 } }
+      local c = client { yield = coroutine.yield,
+                         breaker = { min_calls = 1, window = 10, open_for = 0.4, probes = 1 } }
       local waiting = fallback { wait_for_cooldown = true, timeout = 5, yield = coroutine.yield,
                                  targets = { { provider = claude(c), attempts = 1, headers = steps("a", "529|200") } } }
       local other = fallback { targets = { claude(c, "claude-haiku-4-5") } }
