@@ -171,6 +171,7 @@ local function new_member(spec, where)
   local name = spec.name or (provider_kind(p) .. "/" .. tostring(p.model))
   return {
     name = name, provider = p, client = p.client, shape = shape, method = translate.SHAPES[shape],
+    limits = p.client:call_limits(), -- fixed when the client was made
     call_key = spec.key, key = spec.key or derived_key(p), context = spec.context,
     headers = spec.headers, attempts = spec.attempts,
     counts = { calls = 0, successes = 0, failures = 0, fallbacks = 0, skipped = 0, probes = 0, attempts = 0 },
@@ -536,7 +537,7 @@ local function new_call(chain, shape, params, opts, method)
   local attempts = opts.attempts and check_count(opts.attempts, "call option 'attempts'", 1, 1000) or chain.attempts
   local total = opts.timeout and opts.timeout.total
   if total == nil then total = chain.timeout end
-  if total == nil then total = chain.members[1].client:call_limits().total or false end
+  if total == nil then total = chain.members[1].limits.total or false end
   if total ~= false and (not finite(total) or total <= 0 or total > MAX_SECONDS) then
     fail("call option 'timeout.total' must be a positive number of seconds up to %d or false, got %s", MAX_SECONDS,
          tostring(total))
@@ -624,7 +625,7 @@ end
 -- headers, the time left of the chain's deadline and the attempts left.
 local function member_options(call, m)
   local o = call.opts
-  local limits = m.client:call_limits()
+  local limits = m.limits
   local topts = { key = m.call_key, priority = o.priority }
   if o.headers or m.headers then
     local h = {}
