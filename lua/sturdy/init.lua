@@ -215,9 +215,9 @@ function sturdy.client(cfg)
     max_response = cfg.max_response,
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
-    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
+  self._limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total }
   return self
 end
 

@@ -343,9 +343,8 @@ end
 -- Step language: "WHAT;param=value;..." separated by "," (or x-mock-steps-sep).
 
 local KEYWORDS = {
-  drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true,
+  drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true, context = true, refusal = true,
   huge = true, truncated = true, stream_error = true, replay = true, garbage = true, big_head = true,
-  context = true, refusal = true,
 }
 
 local NUMERIC_PARAMS = {
@@ -750,6 +749,18 @@ local function reply_huge(step)
   return ngx.exit(ngx.OK)
 end
 
+-- A 400 in the provider's words for a prompt above the context window.
+local function reply_context_error(provider, request_id)
+  local e = CONTEXT_ERRORS[provider] or CONTEXT_ERRORS.anthropic
+  local body = provider == "openai" and openai_error(400, e.message, e.code)
+    or anthropic_error(400, request_id, e.message)
+  ngx.status = 400
+  ngx.header["content-type"] = "application/json"
+  ngx.header["content-length"] = #body
+  ngx.print(body)
+  return ngx.exit(ngx.OK)
+end
+
 -- Raw bytes on the connection itself (HTTP/1.x only), past nginx's own
 -- response writer, so the reply can break HTTP.
 local function reply_raw(parts)
@@ -785,10 +796,10 @@ local function reply_big_head(step)
   return reply_raw(parts)
 end
 
-local function reply_error(provider, status, request_id, message, code)
+local function reply_error(provider, status, request_id, message)
   local body
   if provider == "openai" then
-    body = openai_error(status, message, code)
+    body = openai_error(status, message)
   else
     body = anthropic_error(status, request_id, message)
   end
@@ -945,14 +956,13 @@ local function run_step(step, provider, request_id, view, t)
     return reply_replay(step, provider, request_id)
   elseif kw == "garbage" then
     return reply_raw({ GARBAGE_REPLY })
+  elseif kw == "big_head" then
+    return reply_big_head(step)
   elseif kw == "context" then
-    local e = CONTEXT_ERRORS[provider] or CONTEXT_ERRORS.anthropic
     if provider ~= "generic" then
       set_ratelimit_headers(provider, view, t)
     end
-    return reply_error(provider, 400, request_id, e.message, e.code)
-  elseif kw == "big_head" then
-    return reply_big_head(step)
+    return reply_context_error(provider, request_id)
   end
 
   local body = read_body()
