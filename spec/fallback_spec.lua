@@ -400,6 +400,18 @@ describe("sturdy.fallback", function()
       assert.is_true(fallback.is_context_error(err))
     end)
 
+    it("read context-window and content-filter errors from the provider's code or words", function()
+      local function err(fields) return sturdy.Error.new(fields) end
+      assert.is_true(fallback.is_context_error(err { kind = "bad_request", status = 400,
+        body = '{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}' }))
+      assert.is_true(fallback.is_context_error(err { kind = "bad_request", detail = "prompt is too long: 5 > 4" }))
+      assert.is_false(fallback.is_context_error(err { kind = "bad_request", detail = "max_tokens: too large" }))
+      assert.is_false(fallback.is_context_error(err { kind = "overloaded", detail = "prompt is too long" }))
+      assert.is_true(fallback.is_content_policy_error(err { kind = "bad_request",
+        body = '{"error":{"message":"filtered","type":"invalid_request_error","code":"content_filter"}}' }))
+      assert.is_false(fallback.is_content_policy_error(err { kind = "bad_request", body = "<html>" }))
+    end)
+
     it("moves a declined answer on only when content_policy is listed", function()
       local c = client()
       local targets = { { provider = gpt(c), name = "gpt", headers = steps("g", "refusal") },

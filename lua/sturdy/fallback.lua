@@ -65,7 +65,7 @@ ON_NAMES.canceled = nil -- a canceled call is over, wherever it was
 
 -- The provider's own error code and message, read from the error body.
 local function error_code(err)
-  local body = rawget(err, "body")
+  local body = err.body
   if type(body) ~= "string" or not body:find("^%s*{") then return nil end
   local doc = cjson.decode(body)
   local e = type(doc) == "table" and doc.error
