@@ -145,13 +145,27 @@ repeat
 until alive == 0
 local batch_time = sturdy.monotime() - started
 
+-- 429s that ended a target's call were not retried, so on_retry never heard
+-- of them: the chain's story of each call that went upstream tells them
+local final_429, told = 0, {}
+local function count_429(fallbacks)
+  if not fallbacks or told[fallbacks] then return end -- calls that shared one upstream call share its story
+  told[fallbacks] = true
+  for _, f in ipairs(fallbacks) do
+    if f.status == 429 then final_429 = final_429 + 1 end
+  end
+end
+
 local answered, degraded, failed_kinds, how = 0, 0, {}, { hit = 0, miss = 0, bypass = 0, stale = 0 }
 for _, r in ipairs(results) do
   if sturdy.is_error(r) then
     failed_kinds[r.kind] = (failed_kinds[r.kind] or 0) + 1
+    count_429(r.fallbacks)
   else
     if r.degraded then degraded = degraded + 1 else answered = answered + 1 end
     how[r.cache] = (how[r.cache] or 0) + 1
+    if r.cache == "stale" then count_429(r.stale_error.fallbacks) end
+    if r.cache ~= "hit" and r.cache ~= "stale" then count_429(r.fallbacks) end
   end
 end
 
@@ -166,6 +180,7 @@ if not live then
     for _, a in ipairs(used) do
       if a.status then direct_attempts = direct_attempts + 1 end
     end
+    if err and err.status == 429 then final_429 = final_429 + 1 end
     if r then outage_over = sturdy.monotime() - t0 else client:poll(0.25) end
   until outage_over or sturdy.monotime() - t0 > 10
 end
@@ -228,7 +243,7 @@ print(("retries:      %d (%s)"):format(total_retries, table.concat(by_class, ", 
 local paced = 0
 for _, key in ipairs(stats.keys) do paced = paced + (client:stats(key).paced or 0) end
 print(("429s:         %d received (each paused its key until its reset); %d calls held back by learned limits"
-  .. " instead of sent into a 429"):format(throttled_seen, paced))
+  .. " instead of sent into a 429"):format(throttled_seen + final_429, paced))
 print(("breaker:      %s"):format(#transitions > 0 and table.concat(transitions, "; ") or "no transitions"))
 if outage_over and outage_over > 0.05 then
   print(("              claude-sonnet-4-5 answered again %.1f s after the batch"):format(outage_over))
@@ -250,11 +265,12 @@ if not live then
   local sent = stats.attempts + stream_client:stats().attempts
   local outage = counters.scenarios["sonnet-outage"] or { count = 0 }
   local sonnet_sent = cs.targets.sonnet.attempts + direct_attempts
-  local agree = counters.requests == sent and counters.rate_limited == throttled_seen and outage.count == sonnet_sent
+  local seen_429 = throttled_seen + final_429
+  local agree = counters.requests == sent and counters.rate_limited == seen_429 and outage.count == sonnet_sent
     and answered + degraded == #calls
   print(("mock:         received %d requests (sturdy sent %d attempts), answered %d with 429 (sturdy saw %d),"
     .. " %d for sonnet (the chain sent %d, the probes after the batch %d): %s")
-    :format(counters.requests, sent, counters.rate_limited, throttled_seen, outage.count, cs.targets.sonnet.attempts,
+    :format(counters.requests, sent, counters.rate_limited, seen_429, outage.count, cs.targets.sonnet.attempts,
             direct_attempts, agree and "agree" or "DISAGREE"))
   mock("POST", "/_mock/config", { rate_limit = false })
   control:close()
