@@ -292,11 +292,12 @@ describe("sturdy.fallback", function()
       local c = client { breaker = { min_calls = 1, window = 10, open_for = 0.3, probes = 1 } }
       local chain = cooling_chain(c, { wait_for_cooldown = true, timeout = 5 })
       assert.is_nil((chain:messages(ask())))
-      local t0 = sturdy.monotime()
+      local t0, cpu0 = sturdy.monotime(), os.clock()
       local r = assert(chain:messages(ask()))
-      local took = sturdy.monotime() - t0
+      local took, cpu = sturdy.monotime() - t0, os.clock() - cpu0
       assert.equal("sonnet", r.served_by) -- half-open: its probe answered
       assert.is_true(took >= 0.25 and took < 1, ("took %.3f s"):format(took))
+      assert.is_true(cpu < 0.1, ("%.3f s of CPU while waiting"):format(cpu)) -- it slept, never spun
       assert.equal(1, chain:stats().waits)
       assert.same({ 2, 1 }, { count("a"), count("b") })
     end)
@@ -623,7 +624,9 @@ describe("sturdy.fallback", function()
                                targets = { { provider = claude(c), attempts = 1, headers = steps("a", "529|200") } } }
       assert.is_nil((chain:messages(ask())))
       local _, s = chain:stream(ask("later"))
+      local cpu0 = os.clock()
       local r = assert(s:result())
+      assert.is_true(os.clock() - cpu0 < 0.1, "it slept, never spun")
       assert.equal("Echo: later", r.text)
       assert.equal(1, chain:stats().waits)
     end)
@@ -804,6 +807,24 @@ describe("sturdy.fallback", function()
       assert.is_true(waited_for >= 0.35, tostring(waited_for))
       assert.is_true(other_done < 0.25, tostring(other_done)) -- it did not sit behind the wait
       assert.equal(1, waiting:stats().waits)
+    end)
+  end)
+
+  describe("sturdy.policy.sleep", function()
+    it("blocks for the time asked without spending CPU, and refuses NaN and negatives", function()
+      local policy = require "sturdy.policy"
+      local t0, c0 = sturdy.monotime(), os.clock()
+      policy.sleep(0.1)
+      local took = sturdy.monotime() - t0
+      assert.is_true(took >= 0.099 and took < 0.3, tostring(took))
+      assert.is_true(os.clock() - c0 < 0.05)
+      policy.sleep(0)
+      for _, bad in ipairs { 0 / 0, -1, -math.huge } do
+        local ok, e = pcall(policy.sleep, bad)
+        assert.is_false(ok)
+        assert.matches("sturdy: sleep takes seconds >= 0", e)
+      end
+      assert.is_false(pcall(policy.sleep, "soon"))
     end)
   end)
 

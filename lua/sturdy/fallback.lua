@@ -805,6 +805,17 @@ local function give_up(call, err, why)
   return nil, err
 end
 
+-- Waits for left seconds at most while nothing else can: the client's calls
+-- go on meanwhile; an idle client would return at once, so the thread sleeps.
+local function idle_wait(client, left)
+  if left <= 0 then return end
+  if client:pending() > 0 then
+    client:poll(min(left, 1))
+  else
+    policy.sleep(min(left, 1))
+  end
+end
+
 -- Waits until t: ngx.sleep inside nginx, the chain's yield inside a
 -- coroutine, else by driving the client (its other calls go on meanwhile).
 function Chain:_sleep(t, client)
@@ -820,7 +831,7 @@ function Chain:_sleep(t, client)
       self.yield()
       client:poll(0)
     else
-      client:poll(min(left, 1))
+      idle_wait(client, left)
     end
   end
 end
@@ -980,8 +991,7 @@ function ChainStream:poll(timeout)
   if self.done then return true end
   local w = self.waiting
   if w then
-    local left = w.at - monotime()
-    if left > 0 then w.m.client:poll(min(left, timeout or 0)) end
+    idle_wait(w.m.client, min(w.at - monotime(), timeout or 0))
     if monotime() >= w.at then
       self.waiting = nil
       self:_advance()

@@ -1,9 +1,10 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, and the monotonic clock.
+ * options' enums and defaults, the monotonic clock and a sleep.
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -243,6 +244,28 @@ static int l_monotime(lua_State *L)
     return 1;
 }
 
+/* policy.sleep(seconds): blocks the thread that long (at most a day), for
+ * waits where nothing else can wait (a chain waiting for a cooldown while its
+ * client is idle: client:poll returns at once then). Never inside nginx:
+ * ngx.sleep yields instead. */
+static int l_sleep(lua_State *L)
+{
+    lua_Number s = luaL_checknumber(L, 1);
+    struct timespec ts;
+
+    if (!(s >= 0))
+        return luaL_error(L, "sturdy: sleep takes seconds >= 0, got %f", (double)s);
+    if (s > 86400)
+        s = 86400;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec > 999999999L)
+        ts.tv_nsec = 999999999L;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+    return 0;
+}
+
 /* policy.enums() -> the name lists the options schema checks against */
 static int l_enums(lua_State *L)
 {
@@ -274,6 +297,7 @@ static const luaL_Reg policy_functions[] = {
     { "status_line", l_status_line },
     { "sha256", l_sha256 },
     { "monotime", l_monotime },
+    { "sleep", l_sleep },
     { NULL, NULL }
 };
 
