@@ -540,6 +540,42 @@ describe("sturdy.fallback", function()
       assert(m:config { rate_limit = false })
     end)
 
+    it("moves a throttled call to the next key, and no further unless `on` says so", function()
+      local function drain(key) -- empties the key's bucket behind the chain's back
+        local p = anthropic.new { client = client(), api_key = key, model = "claude-sonnet-4-5" }
+        assert(p:messages(ask()))
+      end
+      local function chain_with(on)
+        local c = client { retry = { base = FAST, attempts = 1 } }
+        return fallback {
+          on = on,
+          targets = { fallback.keys { provider = "anthropic", api_keys = { "sk-a-0001", "sk-b-0002" },
+                                      model = "claude-sonnet-4-5", client = c, name = "sonnet" },
+                      { provider = claude(c, "claude-haiku-4-5"), name = "haiku", headers = steps("h", "200") } },
+        }
+      end
+      assert(m:config { rate_limit = { rpm = 60, burst = 1 } })
+      drain("sk-a-0001")
+      local r = assert(chain_with({ "overloaded" }):messages(ask()))
+      assert.equal("sonnet#2", r.served_by)
+      assert.same({ "sonnet#1", 429 }, { r.fallbacks[1].target, r.fallbacks[1].status })
+
+      assert(m:reset())
+      assert(m:config { rate_limit = { rpm = 60, burst = 1 } })
+      drain("sk-a-0001")
+      drain("sk-b-0002")
+      -- both keys throttled and `on` does not list throttled: haiku is never asked
+      local r2, err = chain_with({ "overloaded" }):messages(ask())
+      assert.is_nil(r2)
+      assert.equal("rate_limited", err.kind)
+      assert.equal("stopped", err.chain_stopped)
+      assert.same({ "sonnet#1", "sonnet#2" }, { err.fallbacks[1].target, err.fallbacks[2].target })
+      assert.equal(0, count("h"))
+      -- by default it is listed: haiku answers
+      assert.equal("haiku", assert(chain_with(nil):messages(ask())).served_by)
+      assert(m:config { rate_limit = false })
+    end)
+
     it("gives targets of one model with different keys distinct upstream keys", function()
       local c = client()
       local chain = fallback { targets = { claude(c, nil, "sk-one-1111"), claude(c, nil, "sk-two-2222") } }

@@ -200,7 +200,8 @@ local KEYS_OWN = { provider = true, api_keys = true, name = true, context = true
 -- learned limits) and is named `<name>#<n>`. A call goes to the key with the
 -- most remaining quota (the smallest share left over the limits learned from
 -- rate-limit headers; a key without data counts as full), the least recently
--- used first among equals; a key that is throttled moves the call to the next key.
+-- used first among equals; a key that is throttled moves the call to the next
+-- key (and past the last one only when `on` lists throttled).
 function M.keys(spec)
   if type(spec) ~= "table" then fail("fallback.keys takes a table, got %s", type(spec)) end
   local mod = spec.provider
@@ -573,8 +574,9 @@ local function skip(call, m, entry)
 end
 
 -- The next member to send the call to, or nil and why there is none:
--- "attempts", "deadline", "max_targets" or "exhausted" (call.cooling then
--- holds the members that were only cooling down).
+-- "attempts", "deadline", "max_targets", "stopped" (a throttled call tried
+-- the other keys of its target and `on` does not move it further) or
+-- "exhausted" (call.cooling then holds the members that were only cooling down).
 local function next_member(call)
   local chain = call.chain
   while true do
@@ -590,6 +592,9 @@ local function next_member(call)
     local m = call.members[call.mi]
     if not m then
       call.members = nil
+      -- a throttled key moved the call to the other keys; none answered, and
+      -- the chain does not move a throttled call on
+      if call.keys_only then return nil, "stopped" end
     elseif not call.tried[m] then
       local body, why = body_for(call, m)
       if not body then
@@ -597,8 +602,8 @@ local function next_member(call)
         skip(call, m, { kind = "untranslatable", reason = why })
       elseif call.floor and not (m.context and m.context > call.floor) then
         call.tried[m] = true
-        skip(call, m, { kind = "context_window", reason = format("its context (%s) is not larger than %d tokens",
-                                                               m.context and tostring(m.context) or "undeclared",
+        skip(call, m, { kind = "context_window", reason = format("its context (%s) is not larger than %.0f tokens",
+                                                               m.context and format("%.0f", m.context) or "undeclared",
                                                                call.floor) })
       else
         local cool, kind = cooldown(m)
@@ -669,6 +674,8 @@ local function after_failure(call, m, err)
   m.counts.failures = m.counts.failures + 1
   record(call, m, err)
   call.last_err = err
+  call.keys_only = nil
+  local falls = falls_through(chain.on, err) or (chain.on.content_policy and M.is_content_policy_error(err))
   local moves
   if err.kind == "canceled" then
     moves = false
@@ -677,9 +684,10 @@ local function after_failure(call, m, err)
     call.floor = max(call.floor or 0, m.context)
     call.members = nil
     moves = true
-  elseif call.pos.group and err.class == "throttled" then
+  elseif call.pos.group and err.class == "throttled" and call.mi < #call.members then
     moves = true -- the next key of the same model
-  elseif falls_through(chain.on, err) or (chain.on.content_policy and M.is_content_policy_error(err)) then
+    call.keys_only = not falls
+  elseif falls then
     call.members = nil
     moves = true
   end
