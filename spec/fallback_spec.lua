@@ -493,6 +493,27 @@ describe("sturdy.fallback", function()
       assert.is_number(seen.latency)
       assert.is_table(seen.stats)
 
+      -- a score function may call the chain itself; a score that is not a number raises
+      local inner
+      local reentrant
+      reentrant = fallback {
+        order = "adaptive", rerank_every = 0.001, probe = 0,
+        score = function(v)
+          if not inner then
+            inner = true
+            assert(reentrant:messages(ask("from the score")))
+          end
+          return v.success
+        end,
+        targets = { claude(c), claude(c, "claude-haiku-4-5") },
+      }
+      assert(reentrant:messages(ask()))
+      assert.equal(2, reentrant:stats().calls)
+      local bad = fallback { order = "adaptive", score = function() return 0 / 0 end, targets = { claude(c) } }
+      local ok, e = pcall(bad.messages, bad, ask())
+      assert.is_false(ok)
+      assert.matches("score function returned", e)
+
       -- latency weighted 0: a slow primary keeps its place
       local slow = fallback {
         order = "adaptive", rerank_every = 0.001, probe = 0, score = { latency = 0 },

@@ -448,8 +448,14 @@ end
 -- The order of positions for the next call, and the position it probes.
 function Chain:_order()
   if self.order ~= "adaptive" then return self.positions end
-  if not self._ranked or monotime() - self._ranked_at >= self.rerank_every then self:_rank() end
-  local order = self._ranked
+  if not self._ranking and (not self._ranked or monotime() - self._ranked_at >= self.rerank_every) then
+    -- a score function that calls the chain gets the order as it stands
+    self._ranking = true
+    local ok, err = pcall(self._rank, self)
+    self._ranking = false
+    if not ok then error(err, 0) end
+  end
+  local order = self._ranked or self.positions
   local n = self.calls_seen + 1
   self.calls_seen = n
   local probe
