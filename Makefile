@@ -60,7 +60,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache bench-fallback docs
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -174,6 +174,7 @@ bench-cache: deps $(CORE_SO) $(POLICY_SO)
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
 
 # A fallback chain's own cost per call, beside the same call made on the provider
+.PHONY: bench-fallback
 bench-fallback: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/fallback.lua
