@@ -7,9 +7,9 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
-#   make bench-fallback  a fallback chain's CPU per call next to a direct provider call
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
+#   make bench-fallback  a fallback chain's CPU per call next to a direct provider call
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
 #   make docs            the API reference (LDoc) into build/docs; a warning fails it

@@ -210,6 +210,7 @@ function sturdy.client(cfg)
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
+    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
     base_url = base_url and strip_userinfo(base_url),
     key = cfg.key or host_of(base_url),
     max_response = cfg.max_response,
@@ -217,7 +218,6 @@ function sturdy.client(cfg)
     _active = 0,
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
-  self._limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total }
   return self
 end
 

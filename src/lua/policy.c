@@ -1,14 +1,14 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, the monotonic clock and a sleep.
+ * options' enums and defaults, and the monotonic clock.
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
-#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -244,6 +244,20 @@ static int l_monotime(lua_State *L)
     return 1;
 }
 
+/* policy.enums() -> the name lists the options schema checks against */
+static int l_enums(lua_State *L)
+{
+    sl_push_enums(L);
+    return 1;
+}
+
+/* policy.defaults() -> the decision core's defaults, in the compiled configuration's shape */
+static int l_defaults(lua_State *L)
+{
+    sl_push_defaults(L);
+    return 1;
+}
+
 /* policy.sleep(seconds): blocks the thread that long (at most a day), for
  * waits where nothing else can wait (a chain waiting for a cooldown while its
  * client is idle: client:poll returns at once then). Never inside nginx:
@@ -266,20 +280,6 @@ static int l_sleep(lua_State *L)
     return 0;
 }
 
-/* policy.enums() -> the name lists the options schema checks against */
-static int l_enums(lua_State *L)
-{
-    sl_push_enums(L);
-    return 1;
-}
-
-/* policy.defaults() -> the decision core's defaults, in the compiled configuration's shape */
-static int l_defaults(lua_State *L)
-{
-    sl_push_defaults(L);
-    return 1;
-}
-
 /* policy.isatty(fd) -> whether fd is a terminal (progress lines) */
 static int l_isatty(lua_State *L)
 {
@@ -289,6 +289,7 @@ static int l_isatty(lua_State *L)
 
 static const luaL_Reg policy_functions[] = {
     { "isatty", l_isatty },
+    { "sleep", l_sleep },
     { "enums", l_enums },
     { "defaults", l_defaults },
     { "sse", l_sse_new },
@@ -297,7 +298,6 @@ static const luaL_Reg policy_functions[] = {
     { "status_line", l_status_line },
     { "sha256", l_sha256 },
     { "monotime", l_monotime },
-    { "sleep", l_sleep },
     { NULL, NULL }
 };
 
