@@ -168,16 +168,16 @@ bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/run.sh $(LUA) $(BUILD)
 	@$(MAKE) --no-print-directory bench-cache
 
-# The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
-bench-cache: deps $(CORE_SO) $(POLICY_SO)
-	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
-		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
-
 # A fallback chain's own cost per call, beside the same call made on the provider
 .PHONY: bench-fallback
 bench-fallback: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/fallback.lua
+
+# The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
+bench-cache: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
 
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
 bench-cosocket: deps ngx-policy
