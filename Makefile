@@ -10,6 +10,7 @@
 #   make bench-metrics   the cost of rendering the metrics of 50 upstream keys
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
+#   make bench-fallback  a fallback chain's CPU per call next to a direct provider call
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the parsers under libFuzzer, 60 s per target (fuzz/README.md)
 #   make soak            mixed mock faults at concurrency 64 for 600 s (bench/README.md)
@@ -181,6 +182,12 @@ bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/micro.sh $(BUILD)
 	@sh bench/run.sh $(LUA) $(BUILD)
 	@$(MAKE) --no-print-directory bench-cache
+
+# A fallback chain's own cost per call, beside the same call made on the provider
+.PHONY: bench-fallback
+bench-fallback: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/fallback.lua
 
 # The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
 bench-cache: deps $(CORE_SO) $(POLICY_SO)

@@ -70,14 +70,41 @@ describe("examples", function()
     assert.equal("2", first, out)
   end)
 
-  it("demo.lua runs the main job, and its report agrees with the mock's counters", function()
+  it("demo.lua runs the main job through a chain behind a cache; its report agrees with the mock", function()
     local code, out = run("examples/demo.lua")
     assert.equal(0, code, out)
-    assert.matches("calls: +%d+ of 200 succeeded", out)
-    assert.matches("retries: +%d+ %(", out)
-    assert.matches("breaker: +[^\n]*claude%-opus%-4%-1 closed %-> open", out)
+    -- every call answered or marked degraded
+    local answered, degraded, cached =
+      out:match("calls: +(%d+) of 200 answered, (%d+) marked degraded; (%d+) from the cache")
+    assert.truthy(answered, out)
+    assert.equal(200, tonumber(answered) + tonumber(degraded), out)
+    assert.is_nil(out:find("failed:", 1, true), out)
+    -- the chain's counts by target: the primary's outage moved calls on, and its open breaker was skipped
+    local rows = {}
+    for name, calls, ok, fell, skipped, attempts in out:gmatch("\n +(%a+) +(%d+) +(%d+) +(%d+) +(%d+) +(%d+)") do
+      rows[name] = { calls = tonumber(calls), ok = tonumber(ok), fell = tonumber(fell), skipped = tonumber(skipped),
+                     attempts = tonumber(attempts) }
+    end
+    assert.truthy(rows.sonnet and rows.haiku and rows.gpt, out)
+    assert.is_true(rows.sonnet.fell > 0 and rows.sonnet.skipped > 0, out)
+    local chain_calls = tonumber(out:match("(%d+) calls reached the chain"))
+    assert.equal(chain_calls, rows.sonnet.ok + rows.haiku.ok + rows.gpt.ok + tonumber(degraded), out)
+    -- what the chain did not answer came from the cache
+    local hits = tonumber(out:match("cache: +(%d+) hits"))
+    assert.is_true(hits > 0, out)
+    assert.equal(200, chain_calls + hits, out)
+    assert.equal(hits, tonumber(cached), out)
+    assert.matches("breaker: +[^\n]*claude%-sonnet%-4%-5 closed %-> open", out)
     assert.matches("%(2 attempt%(s%)", out) -- the dropped stream, retried
-    assert.matches("answered %d+ with 429 %(sturdy saw %d+%): agree", out)
+    -- the mock counted what the report says was sent, the primary's requests included
+    local req, sent, got429, saw429, for_sonnet, by_chain, probes = out:match(
+      "received (%d+) requests %(sturdy sent (%d+) attempts%), answered (%d+) with 429 %(sturdy saw (%d+)%), "
+      .. "(%d+) for sonnet %(the chain sent (%d+), the probes after the batch (%d+)%): agree")
+    assert.truthy(req, out)
+    assert.equal(req, sent)
+    assert.equal(got429, saw429)
+    assert.equal(tonumber(for_sonnet), tonumber(by_chain) + tonumber(probes))
+    assert.equal(rows.sonnet.attempts, tonumber(by_chain))
   end)
 
   it("streaming.lua prints an answer as it arrives", function()

@@ -229,6 +229,7 @@ function sturdy.client(cfg)
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
+    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
     base_url = base_url and strip_userinfo(base_url),
     key = cfg.key or host_of(base_url),
     max_response = cfg.max_response,
@@ -251,6 +252,14 @@ end
 -- another. (A client `key` option also keys absolute URLs.)
 function Client:key_for(req)
   return open_engine(self):key_for(req)
+end
+
+--- What one call of this client may use unless it says otherwise:
+-- `attempts` (retry.attempts) and `total` (timeout.total in seconds, nil when
+-- false). Fallback chains bound each target's call by these.
+function Client:call_limits()
+  local l = self._limits
+  return { attempts = l.attempts, total = l.total_ms > 0 and l.total_ms / 1000 or nil }
 end
 
 -- The JSON body of a request, encoded; nil when it has none.
@@ -855,5 +864,6 @@ function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, o
 return setmetatable(sturdy, { __index = function(_, k)
   -- helpers loaded on first use, so `require "sturdy"` does not pay for them
   if k == "options" then return options end
+  if k == "fallback" or k == "cache" then return require("sturdy." .. k) end
   return nil
 end })

@@ -232,7 +232,7 @@ function provider.define(class, spec)
     return self.client:key_for(req)
   end
 
-  -- The request for params; the options a call may add: key, priority, timeout, headers.
+  -- The request for params; the options a call may add: key, priority, timeout, headers, attempts.
   function class:_request(params, opts)
     if type(params) ~= "table" then
       fail("%s takes a table of request parameters, got %s", spec.call, type(params))
@@ -257,6 +257,7 @@ function provider.define(class, spec)
     local req = {
       method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
+      attempts = opts.attempts,
     }
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)

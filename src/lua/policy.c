@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -462,6 +463,28 @@ static int l_defaults(lua_State *L)
     return 1;
 }
 
+/* policy.sleep(seconds): blocks the thread that long (at most a day), for
+ * waits where nothing else can wait (a chain waiting for a cooldown while its
+ * client is idle: client:poll returns at once then). Never inside nginx:
+ * ngx.sleep yields instead. */
+static int l_sleep(lua_State *L)
+{
+    lua_Number s = luaL_checknumber(L, 1);
+    struct timespec ts;
+
+    if (!(s >= 0))
+        return luaL_error(L, "sturdy: sleep takes seconds >= 0, got %f", (double)s);
+    if (s > 86400)
+        s = 86400;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec > 999999999L)
+        ts.tv_nsec = 999999999L;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+    return 0;
+}
+
 /* policy.isatty(fd) -> whether fd is a terminal (progress lines) */
 static int l_isatty(lua_State *L)
 {
@@ -471,6 +494,7 @@ static int l_isatty(lua_State *L)
 
 static const luaL_Reg policy_functions[] = {
     { "isatty", l_isatty },
+    { "sleep", l_sleep },
     { "enums", l_enums },
     { "defaults", l_defaults },
     { "sse", l_sse_new },
