@@ -103,7 +103,7 @@ const char *sl_opt_string(lua_State *L, int t, const char *field)
 
 static int class_of(lua_State *L, int idx, const char *where)
 {
-    st_class cls;
+    st_class cls = ST_CLASS_SUCCESS; /* luaL_error does not return; clang cannot tell */
     const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : NULL;
     if (s == NULL || !st_class_parse(s, &cls))
         luaL_error(L, "sturdy: configuration field '%s' holds an unknown class", where);

@@ -1,6 +1,7 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, and the monotonic clock.
+ * options' enums and defaults, the monotonic clock, and the decision core with
+ * the request reader for transports written in Lua (decider.c).
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -14,12 +15,14 @@
 
 #include "compat.h"
 #include "convert.h"
+#include "decider.h"
+#include "head.h"
 #include "headers.h"
 #include "sha256.h"
 #include "sse.h"
 
 #define SSE_MT "sturdy.sse"
-#define HEAD_MT "sturdy.head"
+#define HEAD_MT SL_HEAD_MT
 
 /* ---- header blocks -------------------------------------------------------- */
 
@@ -46,9 +49,7 @@ static int l_status_line(lua_State *L)
     return 2;
 }
 
-typedef struct l_head {
-    st_headers h;
-} l_head;
+typedef sl_head l_head;
 
 /* policy.head([max_bytes]) -> a response head being read line by line */
 static int l_head_new(lua_State *L)
@@ -295,5 +296,6 @@ ST_EXPORT int luaopen_sturdy_policy(lua_State *L)
     new_class(L, SSE_MT, l_sse_gc, sse_methods);
     new_class(L, HEAD_MT, l_head_gc, head_methods);
     luaL_newlib(L, policy_functions);
+    sl_open_decider(L);
     return 1;
 }
