@@ -212,7 +212,7 @@ local CLIENT = { fields = {
   seed = { "count", range = { 1, 2 ^ 53 - 1 }, to = "seed" },
   on_retry = { "function" }, on_error = { "function" }, on_event = { "function" }, yield = { "function" },
   transport = { "enum", values = "transport" },
-  shared_dict = { "string" },
+  shared_dict = { "string", to = "transport.shared_dict" },
   breaker = { or_false = "upstream.breaker", fields = {
     window = { "seconds", to = "upstream.breaker.window_ms" },
     buckets = { "count", range = { 1, 64 }, to = "upstream.breaker.buckets" },
