@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+static uint32_t saves;
+
 typedef struct shared {
     unsigned char data[8192];
     size_t len;                 /* 0 = nothing stored yet */
@@ -29,7 +31,7 @@ static void load(st_upstream *u, const shared *s)
 
 static void save(const st_upstream *u, shared *s)
 {
-    s->len = st_upstream_save(u, s->data, sizeof s->data);
+    s->len = st_upstream_save(u, ++saves, s->data, sizeof s->data);
     CHECK_EQ_INT(s->len, st_upstream_blob_size());
 }
 
@@ -70,9 +72,22 @@ static void test_round_trip(void)
     CHECK(st_budget_try_withdraw(&a->budget, now));
     a->replied = 1;
 
-    n = st_upstream_save(a, blob, sizeof blob);
+    n = st_upstream_save(a, 7, blob, sizeof blob);
     CHECK_EQ_INT(n, st_upstream_blob_size());
-    CHECK_EQ_INT(st_upstream_save(a, blob, n - 1), 0);
+    CHECK_EQ_INT(st_upstream_save(a, 7, blob, n - 1), 0);
+    {
+        /* the stamp opens and closes the blob, and means nothing to load */
+        uint32_t first, last;
+        unsigned char other[8192];
+        memcpy(&first, blob, sizeof first);
+        memcpy(&last, blob + n - sizeof last, sizeof last);
+        CHECK_EQ_INT(first, 7);
+        CHECK_EQ_INT(last, 7);
+        CHECK_EQ_INT(st_upstream_save(a, 8, other, sizeof other), n);
+        CHECK(memcmp(other + 4, blob + 4, n - 8) == 0);
+        CHECK(memcmp(other, blob, 4) != 0 && memcmp(other + n - 4, blob + n - 4, 4) != 0);
+        CHECK_EQ_INT(st_upstream_load(b, other, n), ST_BLOB_OK);
+    }
     CHECK_EQ_INT(st_upstream_load(b, blob, n), ST_BLOB_OK);
     CHECK_EQ_INT(st_breaker_state_now(&b->breaker), ST_BREAKER_OPEN);
     CHECK_EQ_INT(b->breaker.open_until_ms, a->breaker.open_until_ms);
@@ -101,22 +116,22 @@ static void test_refusals(void)
     b = worker(&c);
     for (i = 0; i < 20; i++)
         failing_call(a, NULL, 0);
-    n = st_upstream_save(a, blob, sizeof blob);
-    payload = n - sizeof(st_breaker) - sizeof(st_limiter) - sizeof(st_budget) - 1;
+    n = st_upstream_save(a, 7, blob, sizeof blob);
+    payload = n - sizeof(st_breaker) - sizeof(st_limiter) - sizeof(st_budget) - 1 - sizeof(uint32_t);
 
     CHECK_EQ_INT(st_upstream_load(b, NULL, n), ST_BLOB_SIZE);
     CHECK_EQ_INT(st_upstream_load(b, blob, n - 1), ST_BLOB_SIZE);
     CHECK_EQ_INT(st_upstream_load(b, blob, 0), ST_BLOB_SIZE);
     memcpy(bad, blob, n);
-    bad[0] = 'X';
+    bad[4] = 'X';
     CHECK_EQ_INT(st_upstream_load(b, bad, n), ST_BLOB_MAGIC);
     memcpy(bad, blob, n);
     v = ST_UPSTREAM_BLOB_VERSION + 1;
-    memcpy(bad + 4, &v, sizeof v);
+    memcpy(bad + 8, &v, sizeof v);
     CHECK_EQ_INT(st_upstream_load(b, bad, n), ST_BLOB_VERSION);
     memcpy(bad, blob, n);
     v = (uint32_t)sizeof(st_breaker) + 8;
-    memcpy(bad + 8, &v, sizeof v);
+    memcpy(bad + 12, &v, sizeof v);
     CHECK_EQ_INT(st_upstream_load(b, bad, n), ST_BLOB_LAYOUT);
     /* a breaker state outside its enum */
     memcpy(bad, blob, n);
@@ -137,7 +152,7 @@ static void test_refusals(void)
     }
     CHECK_EQ_INT(st_upstream_load(b, bad, n), ST_BLOB_INVALID);
     memcpy(bad, blob, n);
-    bad[n - 1] = 7;
+    bad[n - 5] = 7; /* replied is 0 or 1 */
     CHECK_EQ_INT(st_upstream_load(b, bad, n), ST_BLOB_INVALID);
     /* nothing of a refused blob was taken */
     CHECK_EQ_INT(st_breaker_state_now(&b->breaker), ST_BREAKER_CLOSED);

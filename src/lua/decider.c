@@ -46,6 +46,7 @@ typedef struct l_decider {
     char *user_agent;        /* "User-Agent: ..." or NULL */
     st_buf scratch;          /* strings of the request being read */
     uint64_t fingerprint;    /* of the settings the shared state depends on */
+    uint32_t saves;          /* stamps the blobs it saves */
     int want_events;
     st_event *events;        /* pending for d:events() */
     size_t nevents, cap_events, dropped;
@@ -390,10 +391,10 @@ static int load_blob(lua_State *L, st_upstream *u, int idx)
     return 2;
 }
 
-static int save_blob(lua_State *L, const st_upstream *u)
+static int save_blob(lua_State *L, l_decider *ld, const st_upstream *u)
 {
     char blob[8192];
-    size_t n = st_upstream_save(u, blob, sizeof blob);
+    size_t n = st_upstream_save(u, ++ld->saves, blob, sizeof blob);
     if (n == 0)
         return luaL_error(L, "sturdy: the upstream state does not fit its buffer");
     lua_pushlstring(L, blob, n);
@@ -418,7 +419,7 @@ static int l_decider_save(lua_State *L)
     st_upstream *u = st_decider_find(&ld->d, luaL_checkstring(L, 2));
     if (u == NULL)
         return 0;
-    return save_blob(L, u);
+    return save_blob(L, ld, u);
 }
 
 /* d:upstream_stats(key) -> table, or nil when nothing named the key. */
@@ -527,7 +528,8 @@ static int l_call_load(lua_State *L)
 /* call:save() -> the shared state of the call's key as a blob */
 static int l_call_save(lua_State *L)
 {
-    return save_blob(L, open_call(L, 1)->up);
+    l_call *lc = open_call(L, 1);
+    return save_blob(L, lc->ld, lc->up);
 }
 
 /* call:admit(owner) -> "start" | "queued", wake_in_ms (nil: on a free slot) |
@@ -620,10 +622,11 @@ static void read_end(lua_State *L, int idx, st_attempt_end *a)
     }
 }
 
-/* call:report(status, head, kind, class, ttfb_s, total_s) -> kind, class: the
- * attempt ended. status 0/nil = no response; head: the policy.head it was read
- * into; kind and class nil: the outcome is the status's. Returns the outcome
- * (kind nil for success). Frees its slot; feeds breaker, windows, limiter, budget. */
+/* call:report(status, head, kind, class, ttfb_s, total_s) -> kind, class,
+ * request_id: the attempt ended. status 0/nil = no response; head: the
+ * policy.head it was read into; kind and class nil: the outcome is the status's.
+ * Returns the outcome (kind nil for success) and the response's request-id or
+ * x-request-id (nil: none). Frees its slot; feeds breaker, windows, limiter, budget. */
 static int l_call_report(lua_State *L)
 {
     l_call *lc = open_call(L, 1);
@@ -642,6 +645,15 @@ static int l_call_report(lua_State *L)
     else
         lua_pushnil(L);
     lua_pushstring(L, st_class_name(a.outcome.cls));
+    if (a.headers) {
+        const char *id = st_headers_known(a.headers, ST_H_REQUEST_ID);
+        if (id == NULL)
+            id = st_headers_known(a.headers, ST_H_X_REQUEST_ID);
+        if (id != NULL) {
+            lua_pushstring(L, id);
+            return 3;
+        }
+    }
     return 2;
 }
 
@@ -695,7 +707,7 @@ static int l_call_commit(lua_State *L)
 }
 
 /* call:info() -> attempts started, committed, retry_after (seconds or nil),
- * deadline (policy.monotime() seconds or nil), key, holding */
+ * deadline (policy.monotime() seconds or nil), holding */
 static int l_call_info(lua_State *L)
 {
     l_call *lc = open_call(L, 1);
@@ -711,9 +723,8 @@ static int l_call_info(lua_State *L)
         lua_pushnumber(L, c->deadline_ms / 1000.0);
     else
         lua_pushnil(L);
-    lua_pushstring(L, lc->up->name);
     lua_pushboolean(L, c->holding);
-    return 6;
+    return 5;
 }
 
 /* call:scrub(s) -> s with every secret the request carries masked (same length):

@@ -120,12 +120,13 @@ void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us
 static const char BLOB_MAGIC[4] = { 's', 't', 'U', '1' };
 
 typedef struct blob_head {
+    uint32_t stamp;
     char magic[4];
     uint32_t version, breaker_size, limiter_size, budget_size;
     uint64_t fingerprint;
 } blob_head;
 
-#define BLOB_PAYLOAD (sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1)
+#define BLOB_PAYLOAD (sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1 + sizeof(uint32_t))
 
 static uint64_t fnv(uint64_t h, const void *p, size_t n)
 {
@@ -173,7 +174,7 @@ size_t st_upstream_blob_size(void)
     return sizeof(blob_head) + BLOB_PAYLOAD;
 }
 
-size_t st_upstream_save(const st_upstream *u, void *out, size_t cap)
+size_t st_upstream_save(const st_upstream *u, uint32_t stamp, void *out, size_t cap)
 {
     unsigned char *p = out;
     blob_head h;
@@ -181,6 +182,7 @@ size_t st_upstream_save(const st_upstream *u, void *out, size_t cap)
     if (cap < st_upstream_blob_size())
         return 0;
     memset(&h, 0, sizeof h);
+    h.stamp = stamp;
     memcpy(h.magic, BLOB_MAGIC, sizeof h.magic);
     h.version = ST_UPSTREAM_BLOB_VERSION;
     h.breaker_size = (uint32_t)sizeof(st_breaker);
@@ -195,7 +197,8 @@ size_t st_upstream_save(const st_upstream *u, void *out, size_t cap)
     p += sizeof u->limiter;
     memcpy(p, &u->budget, sizeof u->budget);
     p += sizeof u->budget;
-    *p = (unsigned char)(u->replied != 0);
+    *p++ = (unsigned char)(u->replied != 0);
+    memcpy(p, &stamp, sizeof stamp);
     return st_upstream_blob_size();
 }
 
