@@ -113,12 +113,22 @@ function M.engine(compiled)
   end
   local decider = policy.decider(compiled)
   local concurrency = compiled.upstream and compiled.upstream.limits and compiled.upstream.limits.concurrency or 16
+  -- the client's timeouts are the cosocket client's own: requests that keep
+  -- them pass none (the call's deadline bounds every attempt: no total)
+  local ms = compiled.client and compiled.client.timeout_ms or {}
+  local timeouts = {}
+  for _, name in ipairs { "connect", "first_byte", "idle" } do
+    timeouts[name] = (ms[name] or 0) > 0 and ms[name] / 1000 or false
+  end
   local client = http.new { proxy = transport.proxy, no_proxy = transport.no_proxy,
-                            pool_size = min(max(64, concurrency), 4096) }
+                            pool_size = min(max(64, concurrency), 4096),
+                            timeout = { connect = timeouts.connect, first_byte = timeouts.first_byte,
+                                        idle = timeouts.idle, total = false } }
   local notices = compiled.notices or {}
   local prefix = "sturdy|" .. decider:fingerprint() .. "|"
   return setmetatable({
-    decider = decider, http = client, dict = dict, prefix = prefix, key_index = prefix .. "keys",
+    decider = decider, http = client, timeouts = timeouts, dict = dict, prefix = prefix,
+    key_index = prefix .. "keys",
     upstreams = {}, boxes = setmetatable({}, { __mode = "k" }), live = {}, nlive = 0, pending = 0,
     heads = {}, want_retries = notices.retries, want_events = notices.events,
     n_requests = 0, n_attempts = 0, n_retries = 0, n_connections = 0,
@@ -164,15 +174,34 @@ local function loaded(self, ok, why)
   end
 end
 
-local function store(self, ks, blob)
+-- Brings the key's shared state into obj (a call; or the decider, with key),
+-- unless the dict still holds what this engine saved last: every save bumps
+-- the key's version, so a worker that made the last decision skips the load.
+local function sync_in(self, ks, obj, key)
+  local dict = self.dict
+  local version = dict:get(ks.version_key)
+  if version ~= nil and version == ks.version then return end
+  local blob = dict:get(ks.state)
+  if key then
+    loaded(self, obj:load(key, blob))
+  else
+    loaded(self, obj:load(blob))
+  end
+  ks.version = version
+end
+
+local function sync_out(self, ks, blob)
   if not blob then return end
-  local ok, err = self.dict:set(ks.state, blob)
+  local dict = self.dict
+  local ok, err = dict:set(ks.state, blob)
   if not ok then
     self.state_unsaved = self.state_unsaved + 1
     if self.state_unsaved == 1 then
       ngx.log(ngx.ERR, "sturdy: cannot save shared state in lua_shared_dict: ", err)
     end
+    return
   end
+  ks.version = dict:incr(ks.version_key, 1, 0)
 end
 
 -- Adds key to the list of keys every worker has seen (once per worker and key).
@@ -194,8 +223,8 @@ local function key_state(self, key)
   local ks = self.upstreams[key]
   if ks then return ks end
   local prefix = self.prefix
-  ks = { key = key, state = prefix .. "s|" .. key, lock = prefix .. "l|" .. key,
-         workers = prefix .. "w|" .. key .. "|", published = 0 }
+  ks = { key = key, state = prefix .. "s|" .. key, version_key = prefix .. "v|" .. key,
+         lock = prefix .. "l|" .. key, workers = prefix .. "w|" .. key .. "|", published = 0 }
   self.upstreams[key] = ks
   index_key(self, key)
   return ks
@@ -351,9 +380,9 @@ function pump_key(self, ks)
   if self.closing then return end
   local d, key = self.decider, ks.key
   local held = lock(self, ks, true)
-  loaded(self, d:load(key, self.dict:get(ks.state)))
+  sync_in(self, ks, d, key)
   local owners, wake_ms = d:pump(key)
-  store(self, ks, d:save(key))
+  sync_out(self, ks, d:save(key))
   unlock(self, ks, held)
   emit_events(self, owners and owners[1].box)
   after_pump(self, ks, owners, wake_ms)
@@ -368,9 +397,9 @@ local function admit(self, r)
     unlock(self, ks, held)
     return false
   end
-  loaded(self, call:load(self.dict:get(ks.state)))
+  sync_in(self, ks, call)
   local verdict, a, b, c = call:admit(r)
-  store(self, ks, call:save())
+  sync_out(self, ks, call:save())
   unlock(self, ks, held)
   emit_events(self, r.box)
   while true do
@@ -425,21 +454,17 @@ local function end_attempt(self, r, status, kind, class, detail, cannot_yield)
   local head = status and status > 0 and r.head or nil
   local tm = r.timings
   local held = lock(self, ks, not cannot_yield)
-  loaded(self, call:load(self.dict:get(ks.state)))
-  local okind, oclass = call:report(status, head, kind, class, tm.ttfb, tm.total)
+  sync_in(self, ks, call)
+  local okind, oclass, request_id = call:report(status, head, kind, class, tm.ttfb, tm.total)
   local owners, wake_ms
   if not self.closing then owners, wake_ms = d:pump(ks.key) end
   local retry, delay, hinted, retryable, stop = call:decide(status, head, kind, class)
-  store(self, ks, call:save())
+  sync_out(self, ks, call:save())
   unlock(self, ks, held)
   emit_events(self, r.box)
   after_pump(self, ks, owners, wake_ms)
-  if head then
-    r.block = head:block()
-    r.request_id = head:get("request-id") or head:get("x-request-id") or r.request_id
-  else
-    r.block = ""
-  end
+  r.block = head and head:block() or ""
+  r.request_id = request_id or r.request_id
   r.status = status
   log_attempt(r, status, okind)
   if monotime() - ks.published >= PUBLISH_EVERY then M.publish(self, ks) end
@@ -480,8 +505,12 @@ local function attempt(self, r)
   r.attempt_started = monotime()
   local req = r.http_req
   if not req then
-    local timeout = spec.timeout
-    timeout.total = false -- the call's deadline bounds every attempt
+    local timeout, own = spec.timeout, self.timeouts
+    if timeout.connect == own.connect and timeout.first_byte == own.first_byte and timeout.idle == own.idle then
+      timeout = nil
+    else
+      timeout.total = false -- the call's deadline bounds every attempt
+    end
     req = { url = spec.url, method = spec.method, headers = spec.headers, body = spec.body, timeout = timeout,
             max_response = spec.max_response, head = r.head }
     r.http_req = req
@@ -564,7 +593,9 @@ local function run(self, r, wait_ms)
     ngx.log(ngx.ERR, "sturdy: a call failed inside the ngx transport: ", err)
     pcall(function()
       local held = lock(self, r.ks, false)
+      sync_in(self, r.ks, r.call)
       r.call:release()
+      sync_out(self, r.ks, r.call:save())
       unlock(self, r.ks, held)
     end)
     log_attempt(r, 0, "transport")
@@ -580,7 +611,9 @@ local function spawn(self, r, wait_ms)
   end
   -- no thread: the call ends at once, its slot and place given back
   local held = lock(self, r.ks, false)
+  sync_in(self, r.ks, r.call)
   r.call:release()
+  sync_out(self, r.ks, r.call:save())
   unlock(self, r.ks, held)
   log_attempt(r, 0, "transport")
   finish(self, r, { kind = "transport", class = "fatal",
@@ -707,11 +740,11 @@ local function cancel(self, r, detail)
   drop_data(self, r)
   local ks = r.ks
   local held = lock(self, ks, false)
-  loaded(self, r.call:load(self.dict:get(ks.state)))
+  sync_in(self, ks, r.call)
   r.call:release()
   local owners, wake_ms
   if state == "running" and not self.closing then owners, wake_ms = self.decider:pump(ks.key) end
-  store(self, ks, r.call:save())
+  sync_out(self, ks, r.call:save())
   unlock(self, ks, held)
   emit_events(self, r.box)
   after_pump(self, ks, owners, wake_ms)
@@ -837,10 +870,9 @@ function Engine:upstream_stats(key)
   if type(key) ~= "string" then fail("stats takes a key string, got %s", type(key)) end
   local d = self.decider
   local ks = self.upstreams[key]
-  local blob = self.dict:get((ks and ks.state) or (self.prefix .. "s|" .. key))
-  if not ks and not blob then return nil end
+  if not ks and not self.dict:get(self.prefix .. "s|" .. key) then return nil end
   ks = ks or key_state(self, key)
-  loaded(self, d:load(key, blob))
+  sync_in(self, ks, d, key)
   local s = d:upstream_stats(key)
   if not s then return nil end
   local me = ngx.worker.id()
@@ -888,9 +920,9 @@ function Engine:correct(key, dim, delta)
   local ks = self.upstreams[key]
   if not ks then return d:correct(key, dim, delta) end -- raises on bad arguments; no such key
   local held = lock(self, ks, false)
-  loaded(self, d:load(key, self.dict:get(ks.state)))
+  sync_in(self, ks, d, key)
   local ok, err = pcall(d.correct, d, key, dim, delta)
-  store(self, ks, d:save(key))
+  sync_out(self, ks, d:save(key))
   unlock(self, ks, held)
   if not ok then error(err, 0) end
 end
@@ -938,9 +970,9 @@ function Request:fail_attempt(class, kind, detail)
     self.log[#self.log] = nil
     local ks, call = self.ks, self.call
     local held = lock(self_engine, ks, false)
-    loaded(self_engine, call:load(self_engine.dict:get(ks.state)))
+    sync_in(self_engine, ks, call)
     local retry, delay, hinted, retryable, stop = call:decide(self.status, self.head, kind, class)
-    store(self_engine, ks, call:save())
+    sync_out(self_engine, ks, call:save())
     unlock(self_engine, ks, held)
     log_attempt(self, self.status, kind)
     self.outcome = { kind = kind, class = class, detail = detail, from_status = false }
