@@ -5,10 +5,12 @@
 #   make test-all        the suite on Lua 5.1, 5.2, 5.3, 5.4 and LuaJIT
 #   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo            the main job against the bundled mock API
+#   make demo-openresty  examples/openresty/nginx.conf (two workers) against the mock, driven with wrk
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
+#   make bench-openresty the ngx transport: a slow API, overhead against proxy_pass, two workers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the SSE parser under libFuzzer for 60 s
 #   make docs            the API reference (LDoc) into build/docs; a warning fails it
@@ -59,7 +61,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs demo-openresty bench-openresty
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -175,6 +177,15 @@ bench-cache: deps $(CORE_SO) $(POLICY_SO)
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
 bench-cosocket: deps ngx-policy
 	$(LUA) bench/cosocket.lua
+
+# The OpenResty example (two workers) against the mock: well, rate limited, down
+demo-openresty: deps ngx-policy
+	LUA_PATH='lua/?.lua;lua/?/init.lua;;' $(LUA) examples/openresty/demo.lua
+
+# The ngx transport's figures: a slow API on one worker, overhead against
+# proxy_pass, two workers against a down API and against a rate limit
+bench-openresty: deps ngx-policy
+	LUA_PATH='lua/?.lua;lua/?/init.lua;./?.lua;;' $(LUA) bench/openresty.lua
 
 # The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
 fidelity: deps
