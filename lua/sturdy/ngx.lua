@@ -244,10 +244,11 @@ local function current_box(self)
   return box
 end
 
--- Wakes every coroutine of the context waiting in step().
+-- Wakes every coroutine of the context waiting in step() (posting may be
+-- refused in a phase such as log, where close may run: they then wake on their timeout).
 local function wake_box(box)
   local waiting = -box.sema:count()
-  if waiting > 0 then box.sema:post(waiting) end
+  if waiting > 0 then pcall(box.sema.post, box.sema, waiting) end
 end
 
 -- Queues an item { what, a, b, c, request, box } for the box's take().
@@ -751,7 +752,7 @@ local function cancel(self, r, detail)
   log_attempt(r, 0, "canceled")
   local sema = r.sema
   finish(self, r, { kind = "canceled", class = "canceled", detail = detail })
-  if sema then sema:post(1) end
+  if sema then pcall(sema.post, sema, 1) end
 end
 
 --- engine:cancel_all(): every unfinished call ends as canceled; take() then
