@@ -420,13 +420,19 @@ C["on_data"] = function(ctx)
   local res = assert(c:request { path = "/v1/messages", body = body,
                                  on_data = function(chunk) chunks[#chunks + 1] = chunk end })
   local all = table.concat(chunks)
+  -- each on a client of its own: libcurl quietly sends again a request whose
+  -- reused connection dies before a reply, and the attempt would not show
   local got = 0
-  local _, err = c:request { path = "/v1/messages", body = body, timeout = { idle = 0.5 },
-                             headers = steps(ctx.args.id, "stall_mid;stall=2000|200"),
-                             on_data = function(chunk) got = got + #chunk end }
+  local fresh = client(ctx)
+  local _, err = fresh:request { path = "/v1/messages", body = body, timeout = { idle = 0.5 },
+                                 headers = steps(ctx.args.id, "stall_mid;stall=2000|200"),
+                                 on_data = function(chunk) got = got + #chunk end }
+  fresh:close()
   local retried = {}
-  local r2 = assert(c:request { path = "/v1/messages", body = body, headers = steps(ctx.args.id .. "d", "drop|200"),
-                                on_data = function(chunk) retried[#retried + 1] = chunk end })
+  fresh = client(ctx)
+  local r2 = assert(fresh:request { path = "/v1/messages", body = body, headers = steps(ctx.args.id .. "d", "drop|200"),
+                                    on_data = function(chunk) retried[#retried + 1] = chunk end })
+  fresh:close()
   local raised = not pcall(c.request, c, { path = "/v1/messages", body = body,
                                            on_data = function() error("boom", 0) end })
   local after = c:request { path = "/echo" }
