@@ -1,6 +1,6 @@
 -- make bench-openresty: the ngx transport inside nginx, against the mock API.
 --
---  1. A worker is never blocked: one worker, wrk -c100 -d10s against /slow
+--  1. A worker is never blocked: one worker, wrk -c100 -d10s against /chat
 --     (a sturdy call to the mock's 200 ms endpoint per request) while a second
 --     wrk at one connection measures /ping on the same worker.
 --  2. Overhead against proxy_pass: /relay (a sturdy call to the mock's /echo,
@@ -103,31 +103,31 @@ end
 local function part_slow(m)
   local seconds = SECONDS or 10
   local r = start(m, { workers = 1, server = ([[
-    location = /slow { content_by_lua_block { require("openresty_bench").slow("%s") } }
+    location = /chat { content_by_lua_block { require("openresty_bench").slow("%s") } }
     location = /ping { content_by_lua_block { ngx.say("pong") } }
 ]]):format(m.http_url) })
-  print(("1. one worker: wrk -c100 -d%ds /slow (a sturdy call to the mock's 200 ms endpoint each), "
+  print(("1. one worker: wrk -c100 -d%ds /chat (a sturdy call to the mock's 200 ms endpoint each), "
          .. "and wrk -c1 /ping on the same worker meanwhile; %d rounds"):format(seconds, ROUNDS))
   local idle = wrk(r.url .. "/ping", 2, 1)
   print(("   /ping alone: p50 %.3f ms, p99 %.3f ms"):format(idle.pct[50], idle.pct[99]))
-  wrk(r.url .. "/slow", 2, 100) -- warm up: connections, JIT
+  wrk(r.url .. "/chat", 2, 100) -- warm up: connections, JIT
   local rps, p99s = {}, {}
   local worker = worker_pid(r.pid)
   for round = 1, ROUNDS do
     local cpu0 = cpu_seconds(worker)
     local slow_out, ping_out = tmp .. "/slow.txt", tmp .. "/ping.txt"
-    os.execute(("env -u LD_PRELOAD wrk -t1 -c100 -d%ds --latency %s/slow > %s 2>&1 & sleep 0.5; "
+    os.execute(("env -u LD_PRELOAD wrk -t1 -c100 -d%ds --latency %s/chat > %s 2>&1 & sleep 0.5; "
                 .. "env -u LD_PRELOAD wrk -t1 -c1 -d%ds --latency %s/ping > %s 2>&1; wait")
       :format(seconds, r.url, slow_out, seconds - 1, r.url, ping_out))
     local slow = read_wrk(assert(io.open(slow_out)):read("*a"))
     local ping = read_wrk(assert(io.open(ping_out)):read("*a"))
     local busy = (cpu_seconds(worker) - cpu0) / seconds
     rps[round], p99s[round] = slow.rps, ping.pct[99]
-    print(("   round %d: /slow %.0f req/s (p50 %.1f ms, %d not 2xx%s); /ping p50 %.3f ms, p99 %.3f ms; "
+    print(("   round %d: /chat %.0f req/s (p50 %.1f ms, %d not 2xx%s); /ping p50 %.3f ms, p99 %.3f ms; "
            .. "the worker was busy %.0f%% of the time"):format(round, slow.rps, slow.pct[50], slow.non2xx,
            slow.errors and (", " .. slow.errors) or "", ping.pct[50], ping.pct[99], busy * 100))
   end
-  print(("   medians: /slow %.0f req/s (target >= 400: 80%% of 100 / 0.2 s); /ping p99 %.3f ms (target < 5)")
+  print(("   medians: /chat %.0f req/s (target >= 400: 80%% of 100 / 0.2 s); /ping p99 %.3f ms (target < 5)")
     :format(median(rps), median(p99s)))
   r:stop()
 end

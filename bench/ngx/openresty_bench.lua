@@ -1,4 +1,4 @@
--- The locations of bench/openresty.lua inside nginx: /slow (one sturdy call
+-- The locations of bench/openresty.lua inside nginx: /chat (one sturdy call
 -- to the mock's 200 ms endpoint per request), /relay (one sturdy call to the
 -- mock's fast endpoint, its reply passed on, as proxy_pass does), /ping, and
 -- an open-loop driver that makes calls at a fixed rate in every worker.
@@ -34,7 +34,7 @@ local function pass_on(res, err)
   return ngx.print(res.body)
 end
 
---- /slow: a sturdy call to the mock's 200 ms endpoint (its /echo advertises
+--- /chat: a sturdy call to the mock's 200 ms endpoint (its /echo advertises
 -- no rate limit; the Messages path advertises 4000/min, which sturdy would pace to).
 function M.slow(base_url)
   local c = client("slow", { base_url = base_url, limits = { concurrency = 1000, queue = 10000 } })
