@@ -272,14 +272,17 @@ local function part_rate(m)
     client = { base_url = m.http_url, timeout = { total = 5 } },
   }, seconds + 60)
   local c = m:counters()
+  local elapsed = 0
+  for _, w in ipairs(results) do elapsed = math.max(elapsed, w.took) end
   for _, w in ipairs(results) do
     local lim = w.stats.limits.requests or {}
     print(("   worker %d: %d calls made, outcomes %s; learned %s/min, %d paced, %d 429s received")
       :format(w.worker, w.submitted, cjson.encode(w.results), tostring(lim.learned), w.stats.paced,
               w.stats.throttled))
   end
-  print(("   the API received %d calls at %.1f/s (its limit %.1f/s) and answered %d with 429: %.2f%% (target <= 1%%)")
-    :format(c.requests, c.requests / seconds, rpm / 60, c.rate_limited, 100 * c.rate_limited / math.max(1, c.requests)))
+  print(("   the API received %d calls in %.1f s, %.1f/s (its limit %.1f/s), and answered %d with 429: %.2f%% "
+         .. "(target <= 1%%)"):format(c.requests, elapsed, c.requests / elapsed, rpm / 60, c.rate_limited,
+         100 * c.rate_limited / math.max(1, c.requests)))
   r:stop()
 end
 
