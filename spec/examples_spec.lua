@@ -12,9 +12,9 @@ describe("examples", function()
   setup(function() m = assert(mock.start()) end)
   teardown(function() m:stop() end)
 
-  local function run(script)
-    local cmd = ("STURDY_MOCK_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s 2>&1; echo \"exit=$?\""):format(
-      shell_quote(m.http_url), shell_quote(package.path), shell_quote(package.cpath), lua, script)
+  local function run(script, env)
+    local cmd = ("%s STURDY_MOCK_URL=%s LUA_PATH=%s LUA_CPATH=%s %s %s 2>&1; echo \"exit=$?\""):format(
+      env or "", shell_quote(m.http_url), shell_quote(package.path), shell_quote(package.cpath), lua, script)
     local p = io.popen(cmd)
     local out = p:read("*a")
     p:close()
@@ -112,6 +112,30 @@ describe("examples", function()
     assert.equal(0, code, out)
     assert.matches("Echo: Tell me something sturdy", out, 1, true)
     assert.matches("stop_reason: end_turn", out, 1, true)
+  end)
+
+  it("openresty/demo.lua runs the nginx example: two workers share one breaker and one limiter", function()
+    local code, out = run("examples/openresty/demo.lua", "DEMO_SECONDS=1 DEMO_CONNECTIONS=8")
+    assert.equal(0, code, out)
+    assert.matches("GET /chat?q=Hello -> 200 {", out, 1, true)
+    assert.matches('"text":"Echo: Hello"', out, 1, true)
+    -- each part shows both workers, and the state they share is the same in both (the
+    -- window's counts as near as two reads a moment apart allow: calls may still end between)
+    for _, part in ipairs { "the API limited to 1200/min", "the API well", "the API down" } do
+      local block = out:match(part .. "[^\n]*\n(.-)\n[^ ]")
+      assert.truthy(block, part .. " is missing:\n" .. out)
+      local seen = {}
+      for id, state, opens, calls, limit in block:gmatch("worker (%d), %S+: breaker (%a+) %(opens (%d+), (%d+) calls "
+                                                         .. "[^)]*%), requests limit ([^,]+),") do
+        seen[id] = { state = state, opens = opens, limit = limit, calls = tonumber(calls) }
+      end
+      assert.truthy(seen["0"] and seen["1"], block)
+      local a, b = seen["0"], seen["1"]
+      assert.same({ a.state, a.opens, a.limit }, { b.state, b.opens, b.limit })
+      assert.is_true(math.abs(a.calls - b.calls) <= 3 + a.calls / 10, block)
+    end
+    assert.matches("requests limit 1200/min", out, 1, true)
+    assert.matches("requests limit 4000/min", out, 1, true)
   end)
 
   it("custom_provider.lua wraps another JSON API", function()

@@ -1,7 +1,8 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, the monotonic and wall clocks, and windows
- * (sliding sums, latency percentiles) on a clock the caller passes in.
+ * options' enums and defaults, the monotonic and wall clocks, windows
+ * (sliding sums, latency percentiles) on a clock the caller passes in, and the
+ * decision core with the request reader for transports written in Lua (decider.c).
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -18,13 +19,15 @@
 #include "compat.h"
 #include "convert.h"
 #include "counts.h"
+#include "decider.h"
+#include "head.h"
 #include "headers.h"
 #include "latency.h"
 #include "sha256.h"
 #include "sse.h"
 
 #define SSE_MT "sturdy.sse"
-#define HEAD_MT "sturdy.head"
+#define HEAD_MT SL_HEAD_MT
 #define COUNTS_MT "sturdy.counts"
 #define LATENCY_MT "sturdy.latency"
 
@@ -53,9 +56,7 @@ static int l_status_line(lua_State *L)
     return 2;
 }
 
-typedef struct l_head {
-    st_headers h;
-} l_head;
+typedef sl_head l_head;
 
 /* policy.head([max_bytes]) -> a response head being read line by line */
 static int l_head_new(lua_State *L)
@@ -529,5 +530,6 @@ ST_EXPORT int luaopen_sturdy_policy(lua_State *L)
     new_class(L, COUNTS_MT, l_counts_gc, counts_methods);
     new_class(L, LATENCY_MT, l_latency_gc, latency_methods);
     luaL_newlib(L, policy_functions);
+    sl_open_decider(L);
     return 1;
 }
