@@ -713,22 +713,22 @@ local function take_box(self, box, list, n)
   return n, box.pending > 0
 end
 
---- engine:take() -> list, n, more: what is ready for this request context, in
--- order, four slots each ("retry", info | "event", event | "data", handle,
+--- engine:take(list, n) -> n, more: appends what is ready for this request
+-- context to list[n+1 ...], in order, four slots each ("retry", info | "event", event | "data", handle,
 -- chunk, attempt | "done", handle, result). After cancel_all, every context's.
-function Engine:take()
-  local list, n, more = {}, 0, false
-  if self.pending == 0 then return list, 0, false end
+function Engine:take(list, n)
+  local more = false
+  if self.pending == 0 then return n, false end
   if self.closing then
     for _, box in pairs(self.boxes) do
       local box_more = true
       while box_more do n, box_more = take_box(self, box, list, n) end
     end
-    return list, n, false
+    return n, false
   end
   local box = self.boxes[ngx.ctx]
   if box then n, more = take_box(self, box, list, n) end
-  return list, n, more
+  return n, more
 end
 
 local function cancel(self, r, detail)
