@@ -217,7 +217,7 @@ describe("both transports", function()
       assert.is_true(out.exhausted > 80, "exhausted " .. out.exhausted)
     end)
 
-    both("type transport failures as the curl engine does", "transport failures", function(out, _, transport)
+    both("type transport failures as the curl engine does", "transport failures", function(out)
       assert.same({ "connection", "transient" }, { out.drop.kind, out.drop.class })
       assert.same({ "first_byte_timeout", "timeout" }, { out.first_byte.kind, out.first_byte.class })
       assert.same({ "idle_timeout", "timeout", 200 }, { out.idle.kind, out.idle.class, out.idle.status })
