@@ -358,7 +358,7 @@ local KEYWORDS = {
 
 local NUMERIC_PARAMS = {
   delay = true, ["retry-after-ms"] = true, drip = true, stall = true, size = true,
-  pieces = true, chunked = true, after_delta = true, status = true, line = true,
+  pieces = true, chunked = true, after_delta = true, status = true, line = true, linger = true,
 }
 
 local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true, code = true, json = true,
@@ -705,6 +705,7 @@ local function reply_stream(bodies, step)
   else
     send_parts(concat_lists(s.head, s.deltas, s.tail, s.terminal), p.drip)
   end
+  sleep_ms(p.linger)
   return ngx.exit(ngx.OK)
 end
 
