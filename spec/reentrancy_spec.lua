@@ -152,6 +152,150 @@ describe("re-entrancy", function()
     c:close()
   end)
 
+  -- A call ends once. A cancel ends a call that is still running and nothing
+  -- else: once it took effect, no byte the client had already taken for the
+  -- call reaches it, and a cancel that comes when the end is in hand changes
+  -- nothing (the soak saw a stream end ok at message_stop, then as canceled).
+  -- Nor do bytes of an attempt the engine retried meanwhile reach the caller.
+  describe("bytes taken, then a cancel or a retry:", function()
+    local ASK = { max_tokens = 16, messages = { { role = "user", content = "one two three four five six" } } }
+    local function stream_body()
+      return { model = "claude-sonnet-4-5", max_tokens = 16, stream = true,
+               messages = { { role = "user", content = "one two three four five six" } } }
+    end
+
+    it("a cancel at a stream's terminal event changes nothing: it ends once, with its reply", function()
+      local c = new_client()
+      local claude = anthropic.new { api_key = KEY, client = c, model = "claude-sonnet-4-5" }
+      local seen, canceled = {}, nil
+      local s
+      -- linger: the connection stays open after message_stop, the call still runs
+      s = claude:stream(ASK, { headers = steps("at-stop", "200;linger=1000"), on_event = function(ev)
+        seen[#seen + 1] = ev.type
+        if ev.type == "message_stop" then canceled = s:cancel() end
+      end })
+      assert.is_nil(c:run())
+      assert.equal("message_stop", seen[#seen])
+      local r = assert(s:result())
+      assert.equal("end_turn", r.stop_reason)
+      assert.is_false(canceled)
+      c:close()
+    end)
+
+    it("a cancel from a stream's event stops its events: the next and last is the canceled error", function()
+      local c = new_client()
+      local claude = anthropic.new { api_key = KEY, client = c, model = "claude-sonnet-4-5" }
+      local after, canceled, called = {}, nil, false
+      local s
+      -- the prelude (message_start ... the first delta) reaches on_event in one go; then the server stalls
+      s = claude:stream(ASK, { headers = steps("mid", "stall_mid;stall=5000"), on_event = function(ev)
+        if called then
+          after[#after + 1] = ev.type == "error" and ev.error.kind or ev.type
+        elseif ev.type == "message_start" then
+          called = true
+          canceled = s:cancel()
+        end
+      end })
+      assert.is_nil(c:run())
+      assert.same({ "canceled" }, after)
+      local _, err = s:result()
+      assert.equal("canceled", err.kind)
+      assert.is_true(canceled)
+      c:close()
+    end)
+
+    it("a cancel hands the call none of the bytes the client had already taken for it", function()
+      local c = new_client()
+      local h, canceled, called, late, ends = nil, nil, false, 0, {}
+      h = c:submit({ method = "POST", path = "/v1/messages", json = stream_body(), headers = steps("taken",
+                     "stall_mid;stall=300;linger=5000"), on_data = function()
+        if called then
+          late = late + 1
+          return
+        end
+        -- Drives the client from this call's on_data until more of its reply
+        -- is in: those bytes wait on the handle until on_data returns.
+        local t0 = sturdy.monotime()
+        while not h._later and sturdy.monotime() - t0 < 10 do c:poll(0.05) end
+        assert(h._later, "no more of the reply came")
+        called = true
+        canceled = h:cancel()
+      end }, function(_, err) ends[#ends + 1] = err and err.kind or "ok" end)
+      assert.is_nil(c:run())
+      assert.equal(0, late)
+      assert.same({ "canceled" }, ends)
+      assert.is_true(canceled)
+      assert.is_false(h:cancel())   -- over: a second cancel does nothing
+      c:close()
+    end)
+
+    it("a cancel after the call's end was taken does nothing: that end stands", function()
+      local c = new_client()
+      local h, canceled, ends = nil, nil, {}
+      h = c:submit({ method = "POST", path = "/v1/messages", json = stream_body(), on_data = function()
+        if canceled ~= nil then return end
+        -- drives the client until the call's end is taken: it waits on the handle until on_data returns
+        local function ended()
+          for _, item in ipairs(h._later or {}) do if item[1] == "done" then return true end end
+        end
+        local t0 = sturdy.monotime()
+        while not ended() and sturdy.monotime() - t0 < 10 do c:poll(0.05) end
+        assert(ended(), "the call never ended")
+        canceled = h:cancel()
+      end }, function(res, err) ends[#ends + 1] = res and res.status or err.kind end)
+      assert.is_nil(c:run())
+      assert.same({ 200 }, ends)
+      assert.is_false(canceled)
+      assert.is_false(h:cancel())
+      c:close()
+    end)
+
+    it("a retry drops the bytes the client had taken of the retried attempt", function()
+      local retried = false
+      local c = new_client { timeout = { idle = 0.3 }, on_retry = function() retried = true end }
+      local stale, attempts = 0, {}
+      local h = c:submit({ method = "POST", path = "/v1/messages", json = stream_body(), commit = "manual",
+                     headers = steps("stale", "stall_mid;drip=150;stall=5000|200"),
+                     on_data = function(_, attempt)
+        if retried and attempt == 1 then stale = stale + 1 end
+        attempts[attempt] = true
+        if attempt == 1 and not retried then
+          -- the prelude drips in while this runs, then the idle timeout retries the attempt
+          local t0 = sturdy.monotime()
+          while not retried and sturdy.monotime() - t0 < 10 do c:poll(0.05) end
+          assert.is_true(retried)
+        end
+      end })
+      local res = assert(h:wait(10))
+      assert.equal(200, res.status)
+      assert.equal(0, stale)
+      assert.is_true(attempts[2])
+      assert.equal(2, m:scenario("stale").count)
+      c:close()
+    end)
+
+    it("a retry drops a stream's unread events of the retried attempt", function()
+      local retried = false
+      local c = new_client { timeout = { idle = 0.3 }, on_retry = function() retried = true end }
+      local claude = anthropic.new { api_key = KEY, client = c, model = "claude-sonnet-4-5" }
+      local iter, s = claude:stream(ASK, { headers = steps("unread", "stall_mid;stall=5000|200") })
+      -- driven by others, not by this reader: the prelude queues up, then the attempt stalls and is retried
+      local t0 = sturdy.monotime()
+      while not retried and sturdy.monotime() - t0 < 10 do c:poll(0.05) end
+      assert.is_true(retried)
+      local types = {}
+      for ev in iter do types[#types + 1] = ev.type end
+      assert.equal("message_start", types[1])
+      assert.equal("message_stop", types[#types])
+      local starts = 0
+      for _, t in ipairs(types) do if t == "message_start" then starts = starts + 1 end end
+      assert.equal(1, starts)
+      assert.equal("Echo: one two three four five six", assert(s:result()).text)
+      assert.equal(2, m:scenario("unread").count)
+      c:close()
+    end)
+  end)
+
   -- The matrix: each hook calls each public method once.
   local HOOKS = { "on_retry", "on_event", "callback", "on_error", "on_progress", "stream_event" }
   local METHODS = { "request", "submit", "poll", "run", "wait", "cancel", "close", "stats" }

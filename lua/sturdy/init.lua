@@ -412,20 +412,22 @@ end
 -- Hands a call its streamed bytes. While its on_data runs, that call's later
 -- items (more bytes, its end) wait on the handle, so a callback that drives
 -- the client never sees the call end before its bytes, nor out of order.
+-- Bytes taken from the engine reach on_data only while h:current(attempt):
+-- a hook may have canceled the call or the engine retried the attempt since.
 local function deliver_data(self, errors, h, chunk, attempt)
   h._delivering = true
   self._delivering = self._delivering + 1
   local keep
   errors, keep = call_user(self, errors, h, h.on_data, chunk, attempt)
-  if keep == false and h._request then h._request:cancel() end
+  if keep == false then h:cancel() end
   local later = h._later
   while later and later[1] do
     local item = table.remove(later, 1)
     if item[1] == "done" then
       errors = finish_handle(self, errors, h, item[2])
-    elseif not h._done then
+    elseif h:current(item[3]) then
       errors, keep = call_user(self, errors, h, h.on_data, item[2], item[3])
-      if keep == false and h._request then h._request:cancel() end
+      if keep == false then h:cancel() end
     end
   end
   h._delivering, h._later = false, nil
@@ -443,7 +445,7 @@ local function deliver(self, errors, what, a, b, c)
       return errors
     end
     if what == "done" then return finish_handle(self, errors, a, b) end
-    if not a._done and a.on_data then return deliver_data(self, errors, a, b, c) end
+    if a.on_data and a:current(c) then return deliver_data(self, errors, a, b, c) end
   elseif what == "retry" then
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
     if self._observers then a.type = "retry"; observe(self, a) end
@@ -566,15 +568,26 @@ function Handle:wait(timeout)
 end
 
 --- Ends the call with kind "canceled"; its callback fires once, from the next
--- poll, run or wait.
+-- poll, run or wait, and no more of its bytes reach on_data. Returns true, or
+-- false when the call's end was in already (then it stands, and comes once).
 function Handle:cancel()
-  if not self._done and self._request then self._request:cancel() end
+  if self._done or self._canceled or not self._request then return false end
+  if not self._request:cancel() then return false end
+  self._canceled = true
+  return true
 end
 
 --- For stream readers: the caller has seen part of the reply, so the call is
 -- never retried now (with `commit = "manual"`).
 function Handle:commit()
   if not self._done and self._request then self._request:commit() end
+end
+
+--- For stream readers: whether bytes of this attempt (on_data's second
+-- argument) are still of use: false once the call was canceled or retried
+-- that attempt, so events held back from it must go.
+function Handle:current(attempt)
+  return not self._done and not self._canceled and self._request ~= nil and self._request:current(attempt)
 end
 
 --- For stream readers: the body says this attempt failed (an error event in a

@@ -481,7 +481,7 @@ local function end_attempt(self, r, status, kind, class, detail, cannot_yield)
   end
   drop_data(self, r)
   r.log[#r.log].delay = delay / 1000
-  r.state = "waiting"
+  r.state, r.retried = "waiting", r.attempt
   self.n_retries = self.n_retries + 1
   if self.want_retries then
     local attempts = call:info()
@@ -732,7 +732,7 @@ function Engine:take(list, n)
 end
 
 local function cancel(self, r, detail)
-  if r.done then return end
+  if r.done then return false end
   local state = r.state
   -- stop the thread where it waits (only its parent may kill it; else it sees r.done when it wakes)
   if r.thread and r.thread ~= coroutine.running() then pcall(ngx.thread.kill, r.thread) end
@@ -753,6 +753,7 @@ local function cancel(self, r, detail)
   local sema = r.sema
   finish(self, r, { kind = "canceled", class = "canceled", detail = detail })
   if sema then pcall(sema.post, sema, 1) end
+  return true
 end
 
 --- engine:cancel_all(): every unfinished call ends as canceled; take() then
@@ -936,8 +937,16 @@ end
 -- Requests: cancel, commit, fail_attempt
 ---------------------------------------------------------------------------
 
+--- request:cancel() -> true when it ended the call, false when its end stands.
 function Request:cancel()
-  cancel(self.engine, self, "canceled by the caller")
+  return cancel(self.engine, self, "canceled by the caller")
+end
+
+--- request:current(attempt) -> whether bytes of that attempt, taken earlier,
+-- may still reach the caller: it is the last one, it runs or the call ended
+-- with it, and no retry of it was decided since.
+function Request:current(n)
+  return n == self.attempt and n ~= self.retried and (self.state == "running" or self.done)
 end
 
 -- The caller has seen part of the reply: the call is never retried now (also
@@ -983,7 +992,7 @@ function Request:fail_attempt(class, kind, detail)
       return
     end
     self.log[#self.log].delay = delay / 1000
-    self.state = "waiting"
+    self.state, self.retried = "waiting", self.attempt
     self_engine.n_retries = self_engine.n_retries + 1
     if self_engine.want_retries then
       local attempts = call:info()

@@ -398,14 +398,21 @@ function Stream:_chunk(chunk, attempt)
   self:_raise_hook_error()
 end
 
+-- Over, canceled, or its attempt retried after all: no more events go out,
+-- even of a piece being read (an event's hook may drive the client).
+function Stream:_stopped()
+  return self.done or not self.handle:current(self.attempt)
+end
+
 function Stream:_read(chunk, attempt)
   if attempt ~= self.attempt then
     -- a new attempt: a fresh body, and nothing of the last reached the caller
     self.attempt = attempt
     self.parser:reset()
     self.acc, self.held, self.released, self.terminal, self.stream_error = self.flavor.new_acc(), {}, false, false, nil
+    if not self.committed then self.queue, self.head, self.tail = {}, 1, 0 end
   end
-  if self.stream_error then return end
+  if self.stream_error or self:_stopped() then return end
   local events, perr = self.parser:feed(chunk)
   if not events then
     self.stream_error = { class = "fatal", kind = "stream_error", type = "stream_error", message = perr }
@@ -429,11 +436,15 @@ function Stream:_read(chunk, attempt)
         -- the prelude waits for the first delta: until then a failure is retried
         self.held[#self.held + 1] = ev
         if ev.content or ev.terminal then
-          self.released = true
-          for _, h in ipairs(self.held) do self:_emit(h) end
-          self.held = {}
+          local held = self.held
+          self.released, self.held = true, {}
+          for _, h in ipairs(held) do
+            self:_emit(h)
+            if self:_stopped() then return end
+          end
         end
       end
+      if self:_stopped() then return end
     end
   end
 end
@@ -488,6 +499,11 @@ function Stream:next()
   while true do
     local q, i = self.queue, self.head
     local ev = q[i]
+    if ev and not self.committed and not self.done and not self.handle:current(self.attempt) then
+      -- the attempt these came from was retried (or canceled) while they waited: never seen, they go
+      self.queue, self.head, self.tail = {}, 1, 0
+      ev = nil
+    end
     if ev then
       -- taken by index, so draining is linear however long the queue grows
       q[i], self.head = nil, i + 1
@@ -521,8 +537,12 @@ function Stream:result()
   return self._result
 end
 
+--- Ends the stream as canceled: no more events but the error one. Returns
+-- true, or false when it is over, or its terminal event is in (the reply is
+-- whole: the call ends by itself, once).
 function Stream:cancel()
-  if self.handle then self.handle:cancel() end
+  if self.done or self.terminal or not self.handle then return false end
+  return self.handle:cancel()
 end
 
 return stream

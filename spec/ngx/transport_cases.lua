@@ -381,8 +381,7 @@ C["cancel"] = function(ctx)
                           function(_, err) fired[#fired + 1] = "queued:" .. (err and err.kind or "ok") end)
   c:poll(0.05)
   local queued_before = c:stats(key).queued
-  queued:cancel()
-  running:cancel()
+  local canceled = { queued:cancel(), running:cancel() }
   local t0 = sturdy.monotime()
   c:run()
   local took = sturdy.monotime() - t0
@@ -395,7 +394,36 @@ C["cancel"] = function(ctx)
                                   headers = steps(key .. "s", "200;drip=100"), on_data = function() return false end }
   c:close()
   return { fired = fired, queued_before = queued_before, took = took, in_flight = after.in_flight,
+           canceled = canceled, canceled_again = running:cancel(),
            queued_after = after.queued, next = res and res.status, stop = E(stop_err) }
+end
+
+-- A stream canceled from its own events: mid-prelude (the server then stalls)
+-- it ends at once, and only the canceled error follows; at its terminal event
+-- (the server keeps the connection open a while) nothing changes.
+C["cancel a stream"] = function(ctx)
+  local claude = provider(ctx, anthropic, "claude-test")
+  local out = { mid = {}, stop = {} }
+  local s
+  s = claude:stream(ASK, { headers = steps(ctx.args.id .. "m", "stall_mid;stall=5000"), on_event = function(ev)
+    if out.mid_called then
+      out.mid[#out.mid + 1] = ev.type == "error" and ev.error.kind or ev.type
+    elseif ev.type == "message_start" then
+      out.mid_called, out.mid_canceled = true, s:cancel()
+    end
+  end })
+  local _, err = s:result()
+  out.mid_error = err and err.kind
+  out.mid_again = s:cancel()
+  s = claude:stream(ASK, { headers = steps(ctx.args.id .. "s", "200;linger=1000"), on_event = function(ev)
+    out.stop[#out.stop + 1] = ev.type
+    if ev.type == "message_stop" then out.stop_canceled = s:cancel() end
+  end })
+  local r
+  r, err = s:result()
+  out.stop_reason, out.stop_error = r and r.stop_reason, err and err.kind
+  claude.client:close()
+  return out
 end
 
 C["close with calls in flight"] = function(ctx)

@@ -51,6 +51,7 @@ struct st_request {
     size_t max_response;
     int stream;
     size_t streamed;           /* body bytes of this attempt already handed out */
+    unsigned retried;          /* the last attempt a retry was planned after (0: none) */
 
     /* the attempt under way */
     int64_t attempt_start_ms, last_byte_ms;
@@ -557,6 +558,7 @@ static void decide(st_engine *e, st_request *r, st_outcome o, long status, int64
         return;
     }
     r->state = ST_REQ_WAITING;
+    r->retried = r->call.attempts;
     list_push(&e->waiting, r);
     e->n_retries++;
     if (e->want_retries) {
@@ -1144,14 +1146,14 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     return r;
 }
 
-void st_engine_cancel(st_engine *e, st_request *r)
+int st_engine_cancel(st_engine *e, st_request *r)
 {
     int64_t now;
     st_events ev;
     st_req_state was = r->state;
 
     if (was == ST_REQ_DONE)
-        return;
+        return 0;
     now = mono_ms();
     list_unlink(r);
     st_timerheap_remove(&e->timers, &r->timer);
@@ -1165,6 +1167,7 @@ void st_engine_cancel(st_engine *e, st_request *r)
     finish(e, r, CANCELED);
     if (was == ST_REQ_RUNNING)
         pump(e, r->up, now); /* its place in flight is free */
+    return 1;
 }
 
 st_request *st_engine_take_done(st_engine *e)
@@ -1208,6 +1211,12 @@ void st_request_commit(st_request *r)
 unsigned st_request_attempt(const st_request *r)
 {
     return r->call.attempts;
+}
+
+int st_request_current(const st_request *r, unsigned attempt)
+{
+    return attempt == r->call.attempts && attempt != r->retried
+        && (r->state == ST_REQ_RUNNING || r->state == ST_REQ_DONE);
 }
 
 void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail)

@@ -115,8 +115,9 @@ st_decider *st_engine_decider(st_engine *e);
 
 /* Starts a request without waiting for anything. NULL with err set on failure. */
 st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *err, size_t errlen);
-/* Ends a request that is not done yet with kind "canceled". */
-void st_engine_cancel(st_engine *e, st_request *r);
+/* Ends a request that is not done yet with kind "canceled": 1, or 0 when it
+ * was done already (its end stands). */
+int st_engine_cancel(st_engine *e, st_request *r);
 /* Drives transfers and timers, waiting at most max_wait_ms for activity.
  * Returns how many requests are still running, waiting or queued. */
 int st_engine_step(st_engine *e, int64_t max_wait_ms);
@@ -154,6 +155,10 @@ void st_request_body_delivered(st_request *r);
 void st_request_commit(st_request *r);
 /* Attempts started so far (a new one means a fresh body). */
 unsigned st_request_attempt(const st_request *r);
+/* 1 while bytes of this attempt may still reach the caller: it is the last one
+ * started, it runs or the request ended with it, and no retry of it was
+ * planned. Bytes handed out earlier (st_engine_streams) can outlive that. */
+int st_request_current(const st_request *r, unsigned attempt);
 /* The body of a transfer turned out to be a failure (an error event inside a 200
  * stream): the attempt is judged again with this outcome and retried by the
  * usual rules, unless committed. For running or finished (not yet taken) requests;

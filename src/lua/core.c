@@ -44,6 +44,7 @@ typedef struct l_request {
     st_request *r;   /* NULL once finished and taken, or detached by close */
     l_engine *le;
     int ref;         /* registry reference to the handle while in flight */
+    unsigned last;   /* once taken: the attempt it ended with */
 } l_request;
 
 #define check_engine(L, i) ((l_engine *)luaL_checkudata((L), (i), ENGINE_MT))
@@ -285,6 +286,7 @@ static int l_engine_submit(lua_State *L)
     lr->r = NULL;
     lr->le = le;
     lr->ref = LUA_NOREF;
+    lr->last = 0;
     luaL_setmetatable(L, REQUEST_MT);
     lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
     if (lr->r == NULL)
@@ -523,6 +525,7 @@ static int l_engine_take(lua_State *L)
         push_result(L, r);
         append(L, list, &n, 3);
         lr->r = NULL;
+        lr->last = st_request_current(r, st_request_attempt(r)) ? st_request_attempt(r) : 0;
         st_request_free(r);
         luaL_unref(L, LUA_REGISTRYINDEX, lr->ref);
         lr->ref = LUA_NOREF;
@@ -681,12 +684,29 @@ static int l_engine_tostring(lua_State *L)
 
 /* ---- requests ------------------------------------------------------------- */
 
+/* request:cancel() -> true when it ended the call, false when its end stands */
 static int l_request_cancel(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
-    if (lr->r != NULL && lr->le->e != NULL)
-        st_engine_cancel(lr->le->e, lr->r);
-    return 0;
+    lua_pushboolean(L, lr->r != NULL && lr->le->e != NULL && st_engine_cancel(lr->le->e, lr->r));
+    return 1;
+}
+
+/* request:current(attempt) -> whether bytes of that attempt, taken earlier,
+ * may still reach the caller (no retry of it since, see st_request_current) */
+static int l_request_current(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    lua_Integer attempt = luaL_checkinteger(L, 2);
+    int ok;
+    if (attempt < 1 || (lua_Integer)(unsigned)attempt != attempt)
+        ok = 0;
+    else if (lr->r != NULL && lr->le->e != NULL)
+        ok = st_request_current(lr->r, (unsigned)attempt);
+    else
+        ok = (unsigned)attempt == lr->last; /* taken: the end, which comes after these bytes, says */
+    lua_pushboolean(L, ok);
+    return 1;
 }
 
 static int l_request_commit(lua_State *L)
@@ -755,6 +775,7 @@ static const luaL_Reg engine_meta[] = {
 
 static const luaL_Reg request_methods[] = {
     { "cancel", l_request_cancel },
+    { "current", l_request_current },
     { "commit", l_request_commit },
     { "fail_attempt", l_request_fail_attempt },
     { NULL, NULL }
