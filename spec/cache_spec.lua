@@ -508,6 +508,22 @@ describe("sturdy.cache", function()
       assert.equal(3, requests())
     end)
 
+    it("ends once when canceled at its terminal event, and stores the answer", function()
+      local cache = sturdy_cache()
+      local cached = cache:wrap(claude())
+      local seen, canceled = {}, nil
+      local s
+      s = cached:stream(ask("whole"), { headers = steps("w", "200;linger=1000"), on_event = function(ev)
+        seen[#seen + 1] = ev.type
+        if ev.type == "message_stop" then canceled = s:cancel() end
+      end })
+      local r = assert(s:result())
+      assert.equal("Echo: whole", r.text)
+      assert.equal("message_stop", seen[#seen])
+      assert.is_false(canceled)
+      assert.equal(1, cache:stats().entries)
+    end)
+
     it("cancels the upstream stream only when no caller is left", function()
       local c = claude()
       local cached = sturdy_cache():wrap(c)

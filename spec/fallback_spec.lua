@@ -675,6 +675,21 @@ describe("sturdy.fallback", function()
       assert.equal("Echo: evented", r.reply.choices[1].message.content)
     end)
 
+    it("end once when canceled at their terminal event: the answer stands", function()
+      local c = client()
+      local chain = fallback { targets = { { provider = claude(c), headers = steps("a", "200;linger=1000") } } }
+      local seen, canceled = {}, nil
+      local s
+      s = chain:stream(ask("whole"), { on_event = function(ev)
+        seen[#seen + 1] = ev.type
+        if ev.type == "message_stop" then canceled = s:cancel() end
+      end })
+      local r = assert(s:result())
+      assert.equal("Echo: whole", r.text)
+      assert.equal("message_stop", seen[#seen])
+      assert.is_false(canceled)
+    end)
+
     it("wait for a cooldown in a stream too", function()
       local c = client { breaker = { min_calls = 1, window = 10, open_for = 0.3, probes = 1 } }
       local chain = fallback { wait_for_cooldown = true, timeout = 5,

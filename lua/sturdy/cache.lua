@@ -820,6 +820,7 @@ end
 -- Hands one event to the caller: to on_event at once, or onto the queue.
 function CacheStream:_push(ev)
   if self.done then return end
+  if ev.terminal then self.terminal = true end
   if self.on_event then
     self.on_event(ev)
   else
@@ -1022,9 +1023,10 @@ function CacheStream:result()
 end
 
 --- Stops this caller's stream. The upstream stream is canceled only when no
--- other caller shares it.
+-- other caller shares it. Returns true, or false when it is over or its
+-- terminal event is in (it ends by itself, once).
 function CacheStream:cancel()
-  if self.done then return end
+  if self.done or self.terminal then return false end
   local flight = self.flight
   if flight then
     for i, s in ipairs(flight.subs) do
@@ -1041,6 +1043,7 @@ function CacheStream:cancel()
     if flights[flight.key] == flight then flights[flight.key] = nil end
     flight.upstream:cancel()
   end
+  return true
 end
 
 function CacheStream:__tostring()

@@ -909,6 +909,7 @@ function Chain:stream(params, opts)
 end
 
 function ChainStream:_emit(ev)
+  if ev.terminal then self.terminal = true end
   if self.on_event then
     self.on_event(ev)
   else
@@ -1048,15 +1049,17 @@ function ChainStream:result()
   return self._result
 end
 
---- Ends the stream as canceled (the member's stream too).
+--- Ends the stream as canceled (the member's stream too). Returns true, or
+-- false when it is over or its terminal event is in (it ends by itself, once).
 function ChainStream:cancel()
-  if self.done then return end
+  if self.done or self.terminal then return false end
   local up = self.up
   local err = Error.new { kind = "canceled", class = "canceled", attempts = {} }
   err.fallbacks = self.call.fallbacks
   self.chain.counts.failed = self.chain.counts.failed + 1
   self:_end(nil, err)
   if up then up:cancel() end
+  return true
 end
 
 function ChainStream:__tostring()
