@@ -134,6 +134,11 @@ static void breaker_changed(st_events *ev, const st_upstream *u, st_breaker_stat
 
 /* ---- calls ---------------------------------------------------------------- */
 
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
 static double clamp_cost(double v)
 {
     return v > 0 && v < 1e12 ? v : (v >= 1e12 ? 1e12 : 0);
@@ -172,6 +177,34 @@ static void give_back(st_upstream *u, st_call *c, int64_t now_ms)
         st_breaker_release(&u->breaker, now_ms, &c->permit);
 }
 
+int64_t st_call_max_wait_ms(const st_decider *d, const st_call *c, int64_t now_ms)
+{
+    int64_t w = d->retry.honor_retry_after_ms;
+    if (c->deadline_ms > 0 && c->deadline_ms - 1 - now_ms < w)
+        w = c->deadline_ms - 1 - now_ms;
+    return w > 0 ? w : 0;
+}
+
+void st_call_not_before(st_call *c, int64_t now_ms, int64_t wait_ms)
+{
+    c->not_before_ms = wait_ms > 0 ? now_ms + min64(wait_ms, ST_RETRY_AFTER_MAX_MS) : 0;
+}
+
+/* Ms until the call may start: its place in a shared limit, and the local
+ * limiter (charged only when the wait is 0); -1 = when a slot frees. */
+static int64_t start_wait(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms)
+{
+    int64_t placed = c->not_before_ms > now_ms ? c->not_before_ms - now_ms : 0, local;
+
+    if (u->in_flight >= st_upstream_cap(u))
+        /* a place too far off is refused now, not after a slot frees */
+        return placed > st_call_max_wait_ms(d, c, now_ms) ? placed : -1;
+    if (placed == 0)
+        return st_limiter_acquire(&u->limiter, now_ms, c->cost);
+    local = st_limiter_wait_ms(&u->limiter, now_ms, c->cost);
+    return local > placed ? local : placed;
+}
+
 /* Decides one call: started (1), refused (1), or it must wait (0, out->wake_ms). */
 static int try_start(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out, st_events *ev)
 {
@@ -191,7 +224,7 @@ static int try_start(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, 
             return 1;
         }
     }
-    wait = u->in_flight >= st_upstream_cap(u) ? -1 : st_limiter_acquire(&u->limiter, now_ms, c->cost);
+    wait = start_wait(d, u, c, now_ms);
     if (wait > d->retry.honor_retry_after_ms || (wait > 0 && c->deadline_ms > 0 && now_ms + wait >= c->deadline_ms)) {
         /* a wait this long (a 429's long pause) is surfaced, not sat through */
         give_back(u, c, now_ms);
@@ -224,9 +257,11 @@ static int try_start(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, 
 void st_admit(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out, st_events *ev)
 {
     /* FIFO: a call starts at once only when nobody waits before it, except that an
-     * open breaker refuses at once even with others queued */
+     * open breaker, or a shared place too far off, refuses at once even with
+     * others queued */
     memset(out, 0, sizeof *out);
-    if ((u->queued == 0 || (u->breaker_enabled && st_breaker_state_now(&u->breaker) == ST_BREAKER_OPEN))
+    if ((u->queued == 0 || (u->breaker_enabled && st_breaker_state_now(&u->breaker) == ST_BREAKER_OPEN)
+         || c->not_before_ms - now_ms > st_call_max_wait_ms(d, c, now_ms))
         && try_start(d, u, c, now_ms, out, ev))
         return;
     if (u->queued > 0)
@@ -291,11 +326,6 @@ int64_t st_retry_hint_ms(const st_headers *h, int64_t wall_ms)
     return -1;
 }
 
-static int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
-}
-
 /* Feeds the limiter the rate-limit headers of one response. */
 static void learn_limits(st_upstream *u, const st_headers *h, int64_t now_ms, int64_t wall_ms, st_events *ev)
 {
@@ -312,6 +342,7 @@ static void learn_limits(st_upstream *u, const st_headers *h, int64_t now_ms, in
             if (e) {
                 st_ratelimit_header(name, &e->dim, NULL, NULL);
                 e->limit = st_limiter_limit(&u->limiter, e->dim);
+                e->learned = u->limiter.learned[e->dim];
             }
         }
     }
@@ -428,4 +459,34 @@ void st_retry_decide(st_decider *d, st_upstream *u, st_call *c, const st_attempt
     c->prev_delay_ms = delay;
     out->retry = 1;
     out->delay_ms = delay;
+}
+
+/* ---- the fleet scope ------------------------------------------------------ */
+
+void st_fleet_open_until(st_upstream *u, int64_t now_ms, int64_t until_ms, st_events *ev)
+{
+    st_breaker_state before;
+    if (!u->breaker_enabled)
+        return;
+    before = st_breaker_state_now(&u->breaker);
+    st_breaker_open_until(&u->breaker, now_ms, until_ms);
+    breaker_changed(ev, u, before);
+}
+
+int st_fleet_window(st_upstream *u, int64_t now_ms, uint64_t calls, uint64_t failures, uint64_t slow,
+                    st_events *ev)
+{
+    st_breaker_state before;
+    int opened;
+    if (!u->breaker_enabled)
+        return 0;
+    before = st_breaker_state_now(&u->breaker);
+    opened = st_breaker_judge(&u->breaker, now_ms, calls, failures, slow);
+    breaker_changed(ev, u, before);
+    return opened;
+}
+
+void st_fleet_share(st_upstream *u, int64_t now_ms, double n)
+{
+    st_limiter_share(&u->limiter, now_ms, n);
 }

@@ -93,7 +93,8 @@ typedef struct st_event {
     const st_upstream *up;
     st_breaker_state from, to;  /* ST_EVENT_BREAKER */
     st_dim dim;                 /* ST_EVENT_LIMIT_LEARNED */
-    double limit;               /* per minute */
+    double limit;               /* per minute: the effective limit now */
+    double learned;             /* per minute: what the headers said */
     double pause_ms;            /* ST_EVENT_PAUSED */
 } st_event;
 
@@ -116,6 +117,7 @@ typedef struct st_call {
     double prev_delay_ms;
     int64_t hint_ms;            /* the last attempt's server hint, -1 none */
     int64_t retry_after_ms;     /* for the caller's error: hint or refusal wait, -1 none */
+    int64_t not_before_ms;      /* no attempt starts before this (a shared limiter's place), 0 none */
     unsigned char holding;      /* holds an in-flight slot */
     unsigned char committed;    /* part of the reply reached the caller: never retried */
     unsigned char paced;        /* held back by the limiter at least once (counted once) */
@@ -178,5 +180,43 @@ void st_unqueue(st_upstream *u, st_call *c);
 
 /* Retry hint of a response head: retry-after-ms, then retry-after; -1 none. */
 int64_t st_retry_hint_ms(const st_headers *h, int64_t wall_ms);
+
+/* ---- The fleet scope --------------------------------------------------------
+ * When processes share their limits and breakers through a store (sturdy.shared,
+ * over Redis), the store answers a few questions for all of them: how long a call
+ * waits for its place in the fleet's rate limit, until when the fleet's breaker is
+ * open, what the fleet's breaker window holds, and, while the store is away, what
+ * this process's share of each limit is. The answers are handed to the core here;
+ * the core still makes every decision with them. */
+
+/* The longest wait before its next attempt that call c may still sit through:
+ * st_admit refuses a longer wait (rate_limited above honor_retry_after_ms,
+ * total_timeout when the wait reaches the deadline). >= 0. A shared limiter
+ * reserves a place only for a wait within this bound, so a call it cannot place
+ * in time is refused without taking a place from the others. */
+int64_t st_call_max_wait_ms(const st_decider *d, const st_call *c, int64_t now_ms);
+
+/* No attempt of c starts before now_ms + wait_ms (its place in a shared limit):
+ * st_admit and st_pump treat the time left as a limiter wait, so the call is
+ * queued with that wake time, or refused as above when it is too long. The local
+ * limiter is charged only when the call starts. Replaces an earlier time;
+ * wait_ms <= 0 clears it. Waits are clamped to ST_RETRY_AFTER_MAX_MS. */
+void st_call_not_before(st_call *c, int64_t now_ms, int64_t wait_ms);
+
+/* The fleet's breaker for u's key is open until until_ms: u's breaker opens until
+ * then, or stays open longer if it already was (see st_breaker_open_until). An
+ * event tells of a change of state. */
+void st_fleet_open_until(st_upstream *u, int64_t now_ms, int64_t until_ms, st_events *ev);
+
+/* The fleet's window for u's key (the calls, failures and slow calls of every
+ * process, this one's included): u's closed breaker opens when they trip its
+ * thresholds, as its own window would (st_breaker_judge). Returns 1 when it
+ * opened; an event tells of it. */
+int st_fleet_window(st_upstream *u, int64_t now_ms, uint64_t calls, uint64_t failures, uint64_t slow,
+                    st_events *ev);
+
+/* This process's share of u's limits while n processes pace themselves without
+ * their store: see st_limiter_share (n = 1: the whole limit again). */
+void st_fleet_share(st_upstream *u, int64_t now_ms, double n);
 
 #endif
