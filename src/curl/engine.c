@@ -50,6 +50,7 @@ struct st_request {
     int64_t connect_ms, first_byte_ms, idle_ms;
     size_t max_response;
     int stream;
+    int held;                  /* submitted held: waits for st_engine_gate */
     size_t streamed;           /* body bytes of this attempt already handed out */
 
     /* the attempt under way */
@@ -552,6 +553,7 @@ static void decide(st_engine *e, st_request *r, st_outcome o, long status, int64
             n->retry.status = status;
             n->retry.delay_ms = d.delay_ms;
             n->retry.hinted = d.hinted;
+            n->retry.request = r;
         }
     }
 }
@@ -1059,6 +1061,13 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     r->stream = spec->stream;
     easy_setup(r);
     e->n_requests++;
+    if (spec->held) {
+        /* its place in a shared limit comes first; st_engine_gate admits it */
+        r->held = 1;
+        r->state = ST_REQ_WAITING;
+        list_push(&e->waiting, r);
+        return r;
+    }
     admit(e, r, now);
     return r;
 }
@@ -1364,6 +1373,85 @@ void st_engine_free(st_engine *e)
 static void count_queued(void *ud, st_upstream *u)
 {
     *(int *)ud += (int)u->queued;
+}
+
+/* ---- the fleet scope ------------------------------------------------------ */
+
+int st_engine_gate(st_engine *e, st_request *r, int64_t wait_ms)
+{
+    int64_t now = mono_ms();
+
+    if (r->state == ST_REQ_QUEUED) {
+        /* already in its key's queue: the place holds it back from there */
+        st_call_not_before(&r->call, now, wait_ms);
+        pump(e, r->up, now);
+        return 1;
+    }
+    if (r->state != ST_REQ_WAITING)
+        return 0;
+    st_call_not_before(&r->call, now, wait_ms);
+    if (r->held) {
+        r->held = 0;
+        list_unlink(r);
+        admit(e, r, now);
+    }
+    return 1;
+}
+
+int64_t st_request_max_wait(const st_request *r, int64_t at_ms)
+{
+    return st_call_max_wait_ms(&r->eng->decider, &r->call, mono_ms() + at_ms);
+}
+
+int st_request_held(const st_request *r)
+{
+    return r->held;
+}
+
+const double *st_request_cost(const st_request *r)
+{
+    return r->call.cost;
+}
+
+int st_engine_open_until(st_engine *e, const char *key, int64_t until_ms)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+    st_events ev;
+
+    if (u == NULL)
+        return 0;
+    ev.n = ev.dropped = 0;
+    st_fleet_open_until(u, now, until_ms, &ev);
+    queue_events(e, &ev);
+    return 1;
+}
+
+int st_engine_fleet_window(st_engine *e, const char *key, uint64_t calls, uint64_t failures, uint64_t slow)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+    st_events ev;
+    int opened;
+
+    if (u == NULL)
+        return 0;
+    ev.n = ev.dropped = 0;
+    opened = st_fleet_window(u, now, calls, failures, slow, &ev);
+    queue_events(e, &ev);
+    return opened;
+}
+
+int st_engine_share(st_engine *e, const char *key, double n)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+
+    if (u == NULL)
+        return 0;
+    st_fleet_share(u, now, n);
+    pump(e, u, now); /* a larger share may let queued calls go now */
+    return 1;
 }
 
 void st_engine_stats_get(const st_engine *e, st_engine_stats *out)

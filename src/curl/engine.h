@@ -45,6 +45,7 @@ typedef struct st_request_spec {
     int stream;                 /* ST_STREAM_* */
     int priority;               /* ST_PRIORITY_* */
     double input_tokens, output_tokens; /* estimates for the rate limiter; 0 = unknown */
+    int held;                   /* waits for st_engine_gate before it is admitted */
 } st_request_spec;
 
 typedef enum st_req_state {
@@ -94,6 +95,7 @@ typedef struct st_retry_info {
     long status;
     double delay_ms;
     int hinted;               /* delay came from retry-after(-ms) */
+    st_request *request;      /* the request that waits to retry; valid until its end is taken */
 } st_retry_info;
 
 typedef enum { ST_NOTICE_RETRY = 1, ST_NOTICE_EVENT } st_notice_type;
@@ -175,5 +177,26 @@ void st_engine_stats_get(const st_engine *e, st_engine_stats *out);
 
 /* The engine's monotonic clock, in ms. */
 int64_t st_engine_now_ms(void);
+
+/* ---- The fleet scope (sturdy.shared) ----------------------------------------
+ * A shared limiter places each attempt in the fleet's rate limit before it may
+ * start, and a shared breaker hands the fleet's state of a key to the core
+ * (decide.h, "The fleet scope"). Events the core produces are queued as notices. */
+
+/* A held request (spec.held), one waiting to retry, or one queued for its key:
+ * its next attempt starts no earlier than wait_ms from now (its place; 0 =
+ * none). A held request is admitted at once. Returns 1, or 0 when the request
+ * no longer waits (it started or is done): the place then goes unused. */
+int st_engine_gate(st_engine *e, st_request *r, int64_t wait_ms);
+/* The longest wait the request's next attempt, asking at_ms from now, may still
+ * sit through (st_call_max_wait_ms), and what one attempt costs (per st_dim). */
+int64_t st_request_max_wait(const st_request *r, int64_t at_ms);
+/* 1 while the request is held (submitted held, not gated yet). */
+int st_request_held(const st_request *r);
+const double *st_request_cost(const st_request *r);
+/* The fleet's answers for a key (made on first use; 0 = out of memory). */
+int st_engine_open_until(st_engine *e, const char *key, int64_t until_ms);
+int st_engine_fleet_window(st_engine *e, const char *key, uint64_t calls, uint64_t failures, uint64_t slow);
+int st_engine_share(st_engine *e, const char *key, double n);
 
 #endif

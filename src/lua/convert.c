@@ -459,6 +459,7 @@ void sl_push_event(lua_State *L, const st_event *ev)
         set_str(L, "type", "limit_learned");
         set_str(L, "dimension", st_dim_name(ev->dim));
         set_num(L, "limit", ev->limit);
+        set_num(L, "learned", ev->learned);
         break;
     case ST_EVENT_PAUSED:
         set_str(L, "type", "paused");

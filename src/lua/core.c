@@ -266,9 +266,9 @@ static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_r
     spec->output_tokens = req.tokens_out;
 }
 
-/* engine:submit(handle, request, json_body) -> request userdata. Checks the
- * request table and starts it without waiting; json_body is its `json`
- * already encoded (or nil). */
+/* engine:submit(handle, request, json_body, held) -> request userdata. Checks
+ * the request table and starts it without waiting; json_body is its `json`
+ * already encoded (or nil). A held request waits for request:gate. */
 static int l_engine_submit(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
@@ -279,6 +279,7 @@ static int l_engine_submit(lua_State *L)
 
     luaL_checktype(L, 2, LUA_TTABLE);
     read_request(L, le, 3, lua_isnoneornil(L, 4) ? 0 : 4, &spec, headers);
+    spec.held = lua_toboolean(L, 5);
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
     lr->le = le;
@@ -404,6 +405,14 @@ static void push_notice(lua_State *L, const st_notice *n)
     set_num(L, "delay", n->retry.delay_ms / 1000.0);
     lua_pushboolean(L, n->retry.hinted);
     lua_setfield(L, -2, "hinted");
+    if (n->retry.request) {
+        /* its handle: the request is alive until its end is taken, after this */
+        l_request *lr = st_request_userdata(n->retry.request);
+        if (lr != NULL && lr->ref != LUA_NOREF) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
+            lua_setfield(L, -2, "handle");
+        }
+    }
 }
 
 static void append(lua_State *L, int list, int *n, int count)
@@ -579,6 +588,77 @@ static int l_engine_want_notices(lua_State *L)
     return 0;
 }
 
+/* ---- the fleet scope (sturdy.shared) -------------------------------------- */
+
+static lua_Number ms_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0)) /* NaN and negatives are no time */
+        return 0;
+    return v < (lua_Number)ST_RETRY_AFTER_MAX_MS ? v : (lua_Number)ST_RETRY_AFTER_MAX_MS;
+}
+
+static uint64_t count_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0))
+        return 0;
+    return v < 9007199254740992.0 ? (uint64_t)v : UINT64_C(9007199254740992);
+}
+
+/* engine:open_until(key, ms): the fleet's breaker for key is open for ms more. */
+static int l_engine_open_until(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    int64_t ms = (int64_t)ceil(ms_arg(L, 3));
+    if (!st_engine_open_until(le->e, key, st_engine_now_ms() + ms))
+        return luaL_error(L, "sturdy: out of memory");
+    return 0;
+}
+
+/* engine:fleet_window(key, calls, failures, slow) -> opened: the fleet's window. */
+static int l_engine_fleet_window(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    lua_pushboolean(L, st_engine_fleet_window(le->e, key, count_arg(L, 3), count_arg(L, 4), count_arg(L, 5)));
+    return 1;
+}
+
+/* engine:share(key, n): this process paces key's limits at limit / n. */
+static int l_engine_share(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    if (!st_engine_share(le->e, key, luaL_checknumber(L, 3)))
+        return luaL_error(L, "sturdy: out of memory");
+    return 0;
+}
+
+/* engine:fleet_counts(key) -> calls, failures, slow (counted by key's breaker
+ * since it was made), state, open_in (ms; 0 = its open time is over); nothing
+ * for a key no request named. */
+static int l_engine_fleet_counts(lua_State *L)
+{
+    static const char *const states[] = { "closed", "open", "half_open" };
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
+    st_breaker_state state;
+    int64_t now = st_engine_now_ms();
+
+    if (u == NULL)
+        return 0;
+    state = u->breaker_enabled ? st_breaker_state_now(&u->breaker) : ST_BREAKER_CLOSED;
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_calls);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_failures);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_slow);
+    lua_pushstring(L, states[state]);
+    lua_pushnumber(L, state == ST_BREAKER_OPEN && u->breaker.mode == ST_BREAKER_NORMAL
+                   && u->breaker.open_until_ms > now ? (lua_Number)(u->breaker.open_until_ms - now) : 0);
+    return 5;
+}
+
 static int l_engine_active(lua_State *L)
 {
     lua_pushinteger(L, st_engine_active(open_engine(L, 1)->e));
@@ -655,6 +735,46 @@ static int l_request_fail_attempt(lua_State *L)
     return 0;
 }
 
+/* request:gate(wait_ms) -> true, or false when it no longer waits: its next
+ * attempt starts no earlier than wait_ms from now; a held request is admitted,
+ * a queued one stays in its queue until then. */
+static int l_request_gate(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    int64_t ms = (int64_t)ceil(ms_arg(L, 2));
+    lua_pushboolean(L, lr->r != NULL && lr->le->e != NULL && st_engine_gate(lr->le->e, lr->r, ms));
+    return 1;
+}
+
+/* request:admission(at_ms) -> key, max_wait_ms, requests, input_tokens,
+ * output_tokens, tokens, state: what a shared limiter needs to place the next
+ * attempt, asked at_ms from now (default 0), and where the request is
+ * ("held", "waiting", "queued", "running"); nothing once it is over. */
+static int l_request_admission(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    int64_t at = lua_isnoneornil(L, 2) ? 0 : (int64_t)ceil(ms_arg(L, 2));
+    st_result res;
+    const double *cost;
+    int d;
+
+    if (lr->r == NULL || lr->le->e == NULL)
+        return 0;
+    st_request_result(lr->r, &res);
+    lua_pushstring(L, res.key);
+    lua_pushnumber(L, (lua_Number)st_request_max_wait(lr->r, at));
+    cost = st_request_cost(lr->r);
+    for (d = 0; d < ST_DIM_COUNT; d++)
+        lua_pushnumber(L, cost[d]);
+    switch (st_request_state(lr->r)) {
+    case ST_REQ_RUNNING: lua_pushliteral(L, "running"); break;
+    case ST_REQ_QUEUED: lua_pushliteral(L, "queued"); break;
+    case ST_REQ_WAITING: lua_pushstring(L, st_request_held(lr->r) ? "held" : "waiting"); break;
+    default: lua_pushliteral(L, "done"); break;
+    }
+    return 3 + ST_DIM_COUNT;
+}
+
 static int l_request_gc(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
@@ -682,6 +802,10 @@ static const luaL_Reg engine_methods[] = {
     { "correct", l_engine_correct },
     { "active", l_engine_active },
     { "want_notices", l_engine_want_notices },
+    { "open_until", l_engine_open_until },
+    { "fleet_window", l_engine_fleet_window },
+    { "share", l_engine_share },
+    { "fleet_counts", l_engine_fleet_counts },
     { "close", l_engine_close },
     { NULL, NULL }
 };
@@ -696,6 +820,8 @@ static const luaL_Reg request_methods[] = {
     { "cancel", l_request_cancel },
     { "commit", l_request_commit },
     { "fail_attempt", l_request_fail_attempt },
+    { "gate", l_request_gate },
+    { "admission", l_request_admission },
     { NULL, NULL }
 };
 
