@@ -34,6 +34,7 @@ build = {
       ["sturdy.partial_json"] = "lua/sturdy/partial_json.lua",
       ["sturdy.cosocket"] = "lua/sturdy/cosocket.lua",
       ["sturdy.redis"] = "lua/sturdy/redis.lua",
+      ["sturdy.shared"] = "lua/sturdy/shared.lua",
       ["sturdy.cache"] = "lua/sturdy/cache.lua",
       ["sturdy.cache.memory"] = "lua/sturdy/cache/memory.lua",
       ["sturdy.cache.redis"] = "lua/sturdy/cache/redis.lua",

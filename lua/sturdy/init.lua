@@ -204,10 +204,11 @@ end
 --- Creates a client. See README for the options; unknown names and wrong
 -- types raise, naming the option.
 function sturdy.client(cfg)
-  local compiled = options.client(cfg)
+  local compiled, settings = options.client(cfg)
   cfg = cfg or {}
-  compiled.notices = { retries = cfg.on_retry ~= nil or cfg.observe ~= nil,
-                       events = cfg.on_event ~= nil or cfg.observe ~= nil }
+  -- a shared scope hears every retry and event of the engine
+  compiled.notices = { retries = cfg.on_retry ~= nil or cfg.observe ~= nil or cfg.shared ~= nil,
+                       events = cfg.on_event ~= nil or cfg.observe ~= nil or cfg.shared ~= nil }
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
@@ -220,6 +221,10 @@ function sturdy.client(cfg)
     _observers = cfg.observe and { cfg.observe } or nil,
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
+  if settings.shared then
+    self._shared = require("sturdy.shared").new(self._engine, settings.shared, compiled,
+                                                function(record) self:_notify(record) end)
+  end
   return self
 end
 
@@ -275,10 +280,13 @@ function Client:submit(req, callback)
   end
   local engine = open_engine(self)
   local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
-  h._request = engine:submit(h, req, json_body(req))
+  local shared = self._shared
+  -- with a shared scope the request is held until it has its place
+  h._request = engine:submit(h, req, json_body(req), shared ~= nil)
   h.on_data = req.on_data
   if self._observers then h._t0 = now() end
   self._active = self._active + 1
+  if shared then shared:admit(h) end
   return h
 end
 
@@ -316,6 +324,7 @@ local function finish_handle(self, errors, h, raw)
   h._res, h._err = to_response(raw)
   h._request, h._done = nil, true
   self._active = self._active - 1
+  if self._shared then self._shared:done(h) end
   if self._observers then
     local r = h._res or h._err
     observe(self, {
@@ -340,9 +349,11 @@ local function deliver(self, errors, what, a, b, c)
       if keep == false and a._request then a._request:cancel() end
     end
   elseif what == "retry" then
+    if self._shared then self._shared:retry(a) end
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
     if self._observers then a.type = "retry"; observe(self, a) end
   elseif what == "event" then
+    if self._shared then self._shared:event(a) end
     if self._on_event then call_hook("on_event", self._on_event, a) end
     if self._observers then observe(self, a) end
   end
@@ -379,7 +390,15 @@ function Client:_turn(wait_ms_)
   local engine = self._engine
   if self._closing or not engine then return end
   local _, ready = engine:step(wait_ms_)
-  if ready then return self:_dispatch() end
+  if ready or self._qh <= self._qt then return self:_dispatch() end
+end
+
+-- Queues an event of the client's own (the shared scope's) for the next
+-- dispatch, after what is already queued: hooks never run from submit.
+function Client:_notify(record)
+  local q, t = self._q, self._qt
+  q[t + 1], q[t + 2], q[t + 3], q[t + 4] = "event", record, false, false
+  self._qt = t + 4
 end
 
 local function append_all(all, errors)
@@ -616,7 +635,8 @@ function Client:unobserve(fn)
   end
   if #observers == 0 then
     self._observers = nil
-    if self._engine then self._engine:want_notices(self._on_retry ~= nil, self._on_event ~= nil) end
+    local shared = self._shared ~= nil
+    if self._engine then self._engine:want_notices(self._on_retry ~= nil or shared, self._on_event ~= nil or shared) end
   end
 end
 
@@ -629,9 +649,10 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
-    engine:correct(key, "input_tokens", used_in - estimated.input)
-    engine:correct(key, "output_tokens", usage.output - estimated.output)
-    engine:correct(key, "tokens", used_in + usage.output - estimated.input - estimated.output)
+    local deltas = { input_tokens = used_in - estimated.input, output_tokens = usage.output - estimated.output,
+                     tokens = used_in + usage.output - estimated.input - estimated.output }
+    for dim, delta in pairs(deltas) do engine:correct(key, dim, delta) end
+    if self._shared then self._shared:correct(key, deltas) end
   end
   local totals = self._usage or {}
   self._usage = totals
@@ -660,6 +681,7 @@ function Client:stats(key)
   end
   local s = engine:stats()
   s.keys = engine:keys()
+  if self._shared then s.shared = self._shared:stats() end
   if self._usage then
     local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
     for _, u in pairs(self._usage) do
@@ -678,6 +700,7 @@ function Client:close()
   self._closing = true -- from here on submit raises, so nothing new starts
   local engine = self._engine
   engine:cancel_all()
+  if self._shared then self._shared:close() end
   -- the ends already queued, then the engine's: streamed bytes and hooks are
   -- dropped, the calls are over
   local ends, q, more = {}, self._q, true

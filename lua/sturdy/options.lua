@@ -118,6 +118,11 @@ function KINDS.rate(v, _, bad)
   return v
 end
 
+-- Redis connection settings, checked by sturdy.redis (shared with the cache)
+function KINDS.redis(v, _, _, where)
+  return require("sturdy.redis").settings(v, where)
+end
+
 function KINDS.enum(v, spec, bad)
   if type(v) ~= "string" or not ENUM_SETS[spec.values][v] then
     bad("one of " .. table.concat(ENUMS[spec.values], ", "))
@@ -237,6 +242,13 @@ local CLIENT = { fields = {
     queue = { "count", range = { 1, 1e7 }, to = "upstream.limits.queue" },
     burst = { "number", range = { 1e-3, 3600 }, to = "upstream.limits.burst_s" },
     max_pause = { "seconds", to = "upstream.limits.max_pause_ms" },
+  } },
+  -- limits and breakers shared by processes through Redis (sturdy.shared)
+  shared = { fields = {
+    redis = { "redis" },
+    processes = { "count", range = { 1, 1e6 } },
+    lease = { "count", range = { 1, 1000 } },
+    sync = { "number", range = { 0.01, 1 } },
   } },
 } }
 options.CLIENT = CLIENT
