@@ -44,9 +44,7 @@ local DIM_INDEX = { requests = 1, input_tokens = 2, output_tokens = 3, tokens = 
 local LIMIT_TTL_MS = 24 * 3600 * 1000 -- learned limits outlive any idle night
 local STALE_PERMIT = 1                 -- s: a leased permit this far past its place is dropped
 
----------------------------------------------------------------------------
--- Scripts (Redis runs them atomically, Lua 5.1 inside Redis)
----------------------------------------------------------------------------
+-- == Scripts (Redis runs them atomically, Lua 5.1 inside Redis) ==========
 
 -- Shared by the limiter scripts: the effective limit of dimension d from the
 -- configured one (ARGV) and the learned one (the hash), and its GCRA figures.
@@ -255,9 +253,7 @@ if v == ARGV[1] then return { 'claimed', redis.call('PTTL', KEYS[2]) } end
 return { 'busy', redis.call('PTTL', KEYS[2]) }
 ]])
 
----------------------------------------------------------------------------
--- The scope
----------------------------------------------------------------------------
+-- == The scope ============================================================
 
 --- The fleet scope of one client: its keys' places, leases and breaker sync.
 -- @type Scope
@@ -266,6 +262,30 @@ Scope.__index = Scope
 
 local function finite(v)
   return type(v) == "number" and v == v and v > -huge and v < huge
+end
+
+-- Counts over a sliding window of w seconds, in two windows of w, the older
+-- one weighed by how much of it still overlaps the last w seconds.
+local function counter()
+  return { idx = 0, cur = 0, prev = 0 }
+end
+
+local function count_add(c, w)
+  local idx = floor(monotime() / w)
+  if idx == c.idx then
+    c.cur = c.cur + 1
+  else
+    c.prev = idx == c.idx + 1 and c.cur or 0
+    c.idx, c.cur = idx, 1
+  end
+end
+
+local function count(c, w)
+  local t = monotime() / w
+  local idx = floor(t)
+  if idx == c.idx then return c.cur + c.prev * (1 - (t - idx)) end
+  if idx == c.idx + 1 then return c.cur * (1 - (t - idx)) end
+  return 0
 end
 
 --- A scope for engine (sturdy.core's or a transport with the same methods).
@@ -305,7 +325,7 @@ local function key_state(self, name)
   K = {
     name = name, limit_key = base .. ":limit", window_key = base .. ":window",
     open_key = base .. ":open", probe_key = base .. ":probe",
-    u_idx = 0, u_cur = 0, u_prev = 0, unused = 0, credit = 0, pending = {}, learned = {},
+    unpaced = counter(), hits = counter(), unused = 0, credit = 0, pending = {}, learned = {},
     unplaced = setmetatable({}, { __mode = "k" }),
     flushed = { 0, 0, 0 },
   }
@@ -316,27 +336,13 @@ end
 
 -- Calls sent without a place in Redis (no limit known yet, or Redis away) are
 -- charged to the fleet's limit once Redis can take them: those of the last
--- burst window, since the provider's bucket has refilled the rest. Counted in
--- two windows of burst_s seconds, the older one weighed by how much of it
--- still overlaps the last burst_s seconds.
+-- burst window, since the provider's bucket has refilled the rest.
 local function unpaced_add(self, K)
-  local w = self.burst_s
-  local idx = floor(monotime() / w)
-  if idx == K.u_idx then
-    K.u_cur = K.u_cur + 1
-  else
-    K.u_prev = idx == K.u_idx + 1 and K.u_cur or 0
-    K.u_idx, K.u_cur = idx, 1
-  end
+  count_add(K.unpaced, self.burst_s)
 end
 
 local function unpaced(self, K)
-  local w = self.burst_s
-  local t = monotime() / w
-  local idx = floor(t)
-  if idx == K.u_idx then return K.u_cur + K.u_prev * (1 - (t - idx)) end
-  if idx == K.u_idx + 1 then return K.u_cur * (1 - (t - idx)) end
-  return 0
+  return count(K.unpaced, self.burst_s)
 end
 
 -- Admits r without a place in Redis (it is away): the process's share of
@@ -415,7 +421,11 @@ local function place(self, K, r, at_ms, again)
   if not key then return 0 end
   local now = monotime()
   local conf = self.conf
-  local lease = (self.lease > 1 and at_ms == 0 and not K.lease) and self.lease or 1
+  -- a lease only for a hot key, and no larger than a second's worth of its calls
+  local lease = 1
+  if self.lease > 1 and at_ms == 0 and not K.lease then
+    lease = max(1, min(self.lease, floor(count(K.hits, 1))))
+  end
   local reply = eval(self, shared.LIMIT, { K.limit_key }, {
     max_wait * 1000, at_ms * 1000, self.burst_s, lease,
     conf[1], conf[2], conf[3], conf[4], clean(c1), clean(c2), clean(c3), clean(c4),
@@ -424,13 +434,13 @@ local function place(self, K, r, at_ms, again)
   if not reply then return nil end
   local limits = { tonumber(reply[8]) or 0, tonumber(reply[9]) or 0, tonumber(reply[10]) or 0,
                    tonumber(reply[11]) or 0 }
-  -- a place taken without a limit Redis should have had is asked for again
-  -- (nothing was reserved in a dimension without one)
-  if not again and republish(self, K, limits) then return place(self, K, r, at_ms, true) end
+  -- limits Redis lost are written again; a place taken without any limit
+  -- (so nothing was reserved) is asked for again
+  if not again and republish(self, K, limits) and not known(limits) then return place(self, K, r, at_ms, true) end
   K.limits = limits
   local wait_us = tonumber(reply[3]) or 0
   if reply[1] == 0 then
-    if limits[1] > 0 then K.u_cur, K.u_prev, K.unused, K.credit = 0, 0, 0, 0 end -- settled with this place
+    if limits[1] > 0 then K.unpaced, K.unused, K.credit = counter(), 0, 0 end -- settled with this place
     local granted = tonumber(reply[5]) or 1
     if granted > 1 then
       K.lease = { t0 = now, first = tonumber(reply[6]) or 0, interval = tonumber(reply[7]) or 0,
@@ -566,6 +576,7 @@ local function admit(self, h)
   if not key then return end
   local K = key_state(self, key)
   h._shared_key = key
+  count_add(K.hits, 1)
   -- while Redis is away, it is tried again only once the link's backoff is over
   if self.mode == "local" and not self.link:ready() then return unpaced_gate(self, K, r) end
   sync(self, K)
@@ -609,6 +620,7 @@ end
 
 --- A call ended: a scout's reply has taught what it could.
 function Scope:done(h)
+  if self.recovering then recover(self) end
   local key = h._shared_key
   local K = key and self.keys[key]
   if not K or not K.scout then return end

@@ -12,7 +12,9 @@
 -- (seconds between submits instead of a batch: a steady trickle), local
 -- (true: no shared scope, for comparison).
 -- Prints: { ok, errors = { kind = n }, throttled (429 attempts), elapsed,
--- started, finished (wall clock), events = { "shared:local", ... } }
+-- started, finished (wall clock), events = { "shared:local@<time>", ... },
+-- mode (the scope's at the end), latencies (with `every`: each call's
+-- seconds from submit to its end, sorted) }
 local socket = require "socket"
 local cjson = require "cjson"
 local sturdy = require "sturdy"
@@ -48,7 +50,7 @@ end
 local wait = (cfg.start_at or 0) - socket.gettime()
 if wait > 0 then socket.sleep(wait) end
 local started = socket.gettime()
-local results = {}
+local results, latencies = {}, {}
 if cfg.every then
   -- a steady trickle: one submit every `every` seconds, driven by poll
   local n, next_at = cfg.n, started
@@ -58,7 +60,10 @@ if cfg.every then
     if submitted < n and t >= next_at then
       submitted = submitted + 1
       local i = submitted
-      client:submit(request(), function(res, err) results[i] = res or err end)
+      client:submit(request(), function(res, err)
+        results[i] = res or err
+        latencies[#latencies + 1] = socket.gettime() - t
+      end)
       next_at = next_at + cfg.every
     end
     client:poll(math.max(0, math.min(0.005, next_at - socket.gettime())))
@@ -82,7 +87,9 @@ for i = 1, cfg.n do
 end
 local stats = client:stats()
 client:close()
+table.sort(latencies)
 print(cjson.encode {
   ok = ok, errors = errors, throttled = throttled, elapsed = finished - started,
   started = started, finished = finished, events = events, mode = stats.shared and stats.shared.mode,
+  latencies = latencies,
 })

@@ -175,20 +175,26 @@ double st_limiter_limit(const st_limiter *l, st_dim d)
 
 void st_limiter_share(st_limiter *l, int64_t now_ms, double n)
 {
-    int d;
+    int d, smaller;
     if (!(n >= 1 && n <= 1e6))
         n = n > 1e6 ? 1e6 : 1;
     if (n == l->share)
         return;
+    smaller = n > l->share;
     l->share = n;
     now_ms = clamp_now(now_ms);
     for (d = 0; d < ST_DIM_COUNT; d++) {
-        /* the rate and the burst shrink alike: a bucket as full (in time) as
-         * it was stays as full, however much of it "remaining 0" emptied */
-        int64_t tat = l->dims[d].tat_us;
+        st_gcra *g = &l->dims[d];
+        int64_t tat = g->tat_us;
         (void)set_rate(l, d, now_ms);
-        if (l->dims[d].per_min > 0)
-            l->dims[d].tat_us = tat;
+        if (g->per_min <= 0)
+            continue;
+        /* the debt is kept in time: the rate and the burst shrink alike */
+        g->tat_us = tat;
+        /* a smaller share starts with nothing left: the others used the
+         * same bucket, and how much of it is left nobody here knows */
+        if (smaller && g->tat_us < now_ms * 1000 + g->burst_us)
+            g->tat_us = now_ms * 1000 + g->burst_us;
     }
 }
 

@@ -122,7 +122,9 @@ double st_limiter_limit(const st_limiter *l, st_dim d);
  * limit); above 1e6, infinity included, it is 1e6. Unlike a new limit, a new
  * share keeps each dimension's debt in time, not in units: rate and burst
  * shrink alike, so a bucket that was empty (a provider's "remaining 0") stays
- * just empty rather than owing n times as long. */
+ * just empty rather than owing n times as long. A smaller share than before
+ * also starts with nothing left (a debt of one burst at least): the others
+ * drew on the same provider bucket, and how much of it is left is unknown. */
 void st_limiter_share(st_limiter *l, int64_t now_ms, double n);
 
 /* 1 when the request dimension has a configured or learned limit. */
