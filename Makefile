@@ -7,6 +7,7 @@
 #   make demo            the main job against the bundled mock API
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
+#   make bench-shared    limits shared through Redis: cost per call, with and without leases
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
@@ -60,7 +61,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs
+.PHONY: all install uninstall deps test test-lua test-c test-all test-asan lint check-rock demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache bench-shared docs
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -172,6 +173,10 @@ bench: deps $(CORE_SO) $(POLICY_SO)
 bench-cache: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/cache.lua
+
+# Limits shared through Redis: cost per call against a local limit, leases' accuracy
+bench-shared: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) bench/shared.lua
 
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
 bench-cosocket: deps ngx-policy
