@@ -286,6 +286,23 @@ describe("sturdy.shared", function()
     away:stop()
   end)
 
+  it("fails no call when Redis answers with errors (a key of another type), and says so", function()
+    conn:set("spec:{fleet}:limit", "not a hash")
+    local events = {}
+    local c = client { limits = { rpm = 600 },
+                       observe = function(rec) if rec.type == "shared" then events[#events + 1] = rec end end }
+    for _ = 1, 3 do assert(c:request(post())) end
+    assert.equal("local", events[1].state)
+    assert.matches("WRONGTYPE", events[1].detail)
+    assert.equal("local", c:stats().shared.mode)
+    -- fixed: the next call places through Redis again
+    conn:del("spec:{fleet}:limit")
+    assert(c:request(post()))
+    assert.equal("redis", c:stats().shared.mode)
+    assert.equal("redis", events[#events].state)
+    c:close()
+  end)
+
   describe("the shared breaker", function()
     local BREAKER = { min_calls = 4, failure_rate = 0.5, open_for = 1, probes = 1 }
 

@@ -147,14 +147,15 @@ return { 0, remaining, math.ceil(wait), math.ceil(reset), granted, math.floor(fi
 
 -- KEYS[1] the limiter hash. ARGV: dimension (1..4), learned limit, the
 -- configured one, ttl_ms. The debt of the dimension is kept in units and
--- re-timed at the new effective limit. Returns 1 when the learned limit changed.
+-- re-timed at the new effective limit. Returns { 1 } when the learned limit
+-- changed, else { 0 }.
 shared.LEARN = redis.script(GCRA_PRELUDE .. [[
 local key, d = KEYS[1], tonumber(ARGV[1])
 local learned, conf = tonumber(ARGV[2]), ARGV[3]
 local f = redis.call('HMGET', key, 't' .. d, 'l' .. d)
 if tonumber(f[2]) == learned then
   redis.call('PEXPIRE', key, ARGV[4])
-  return 0
+  return { 0 }
 end
 local old, new = effective(conf, f[2]), effective(conf, learned)
 local now, tat = now_us(), tonumber(f[1])
@@ -163,12 +164,12 @@ if tat and tat > now and old > 0 and new > 0 then
 end
 redis.call('HSET', key, 'l' .. d, tostring(learned))
 redis.call('PEXPIRE', key, ARGV[4])
-return 1
+return { 1 }
 ]])
 
 -- KEYS[1] the limiter hash. ARGV: conf1..4, delta1..4 (units used beyond the
 -- reservation; < 0 gives back, never beyond a full bucket), pause_us (nothing
--- passes before it, from now), burst_s.
+-- passes before it, from now), burst_s. Returns { 1 }.
 shared.CORRECT = redis.script(GCRA_PRELUDE .. [[
 local key = KEYS[1]
 local now = now_us()
@@ -186,7 +187,7 @@ for d = 1, 4 do
     redis.call('HSET', key, 't' .. d, string.format('%.0f', tat))
   end
 end
-return 1
+return { 1 }
 ]])
 
 -- KEYS[1] the breaker window hash (c<bucket>, f<bucket>, s<bucket>),
@@ -223,7 +224,7 @@ return { sums.c, sums.f, sums.s, redis.call('PTTL', KEYS[2]), probe }
 -- KEYS[1] open, KEYS[2] probe, KEYS[3] window. ARGV: "open", ms (open for ms
 -- more, unless it already is for longer; a probe claim ends) or "closed", ms
 -- (a probe closed it: the open key and the window go, and the probe key says
--- "closed" for ms). Returns the open key's ms left.
+-- "closed" for ms). Returns { the open key's ms left }.
 shared.OPEN = redis.script([[
 local ms = tonumber(ARGV[2])
 if ARGV[1] == 'open' then
@@ -233,7 +234,7 @@ else
   redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('SET', KEYS[2], 'closed', 'PX', ms)
 end
-return redis.call('PTTL', KEYS[1])
+return { redis.call('PTTL', KEYS[1]) }
 ]])
 
 -- KEYS[1] open, KEYS[2] probe. ARGV: id, ms. Who probes a key whose open time
@@ -379,11 +380,12 @@ local function go_redis(self)
               detail = "Redis answers again; limits and breakers are shared" }
 end
 
--- Runs a script; nil (and the scope goes local) when Redis fails.
+-- Runs a script; its reply (every script replies with a list), or nil (and
+-- the scope goes local) when Redis fails or answers something else.
 local function eval(self, script, keys, args)
   local res, err = self.link:eval(script, keys, args)
-  if res == nil then
-    go_local(self, err)
+  if type(res) ~= "table" then
+    go_local(self, res == nil and err or "Redis answered a script with a " .. type(res))
     return nil
   end
   go_redis(self)
