@@ -613,8 +613,9 @@ end
 -- key, ok, status, kind, class, attempts (each with status, kind, delay,
 -- hinted, ttfb, latency), retryable, stopped, retry_after, request_id,
 -- latency (seconds since submit), ttfb, response, error), every retry
--- (`"retry"`: key, attempt, class, kind, status, delay, hinted), every event
--- of a key (`"breaker"`, `"limit_learned"`, `"paused"`), and the usage
+-- (`"retry"`: key, attempt, class, kind, status, delay, hinted, handle), every
+-- event of a key (`"breaker"`, `"limit_learned"`, `"paused"`) or of the shared
+-- scope (`"shared"`), and the usage
 -- providers record (`"usage"`: key, model, usage, cost, stop_reason,
 -- request_id). Metrics, logs and spans are observers. An observer may call
 -- any client method; an error it raises goes to stderr.
