@@ -18,8 +18,13 @@ dependencies = {
    "lua >= 5.1, < 5.5",
    "lua-cjson",
 }
+-- libcurl is found by its library: LuaRocks looks for libraries in the
+-- multiarch directory (lib/x86_64-linux-gnu and the like) but for headers only
+-- in include/, and Debian and Ubuntu keep curl/curl.h under the multiarch
+-- include directory, which the compiler searches by itself. CURL_DIR, or
+-- CURL_INCDIR and CURL_LIBDIR, point elsewhere.
 external_dependencies = {
-   CURL = { header = "curl/curl.h" },
+   CURL = { library = "curl" },
 }
 build = {
    type = "builtin",
@@ -33,22 +38,31 @@ build = {
       ["sturdy.options"] = "lua/sturdy/options.lua",
       ["sturdy.partial_json"] = "lua/sturdy/partial_json.lua",
       ["sturdy.cosocket"] = "lua/sturdy/cosocket.lua",
+      ["sturdy.ngx"] = "lua/sturdy/ngx.lua",
       ["sturdy.redis"] = "lua/sturdy/redis.lua",
       ["sturdy.shared"] = "lua/sturdy/shared.lua",
+      ["sturdy.fallback"] = "lua/sturdy/fallback.lua",
+      ["sturdy.translate"] = "lua/sturdy/translate.lua",
       ["sturdy.cache"] = "lua/sturdy/cache.lua",
       ["sturdy.cache.memory"] = "lua/sturdy/cache/memory.lua",
       ["sturdy.cache.redis"] = "lua/sturdy/cache/redis.lua",
       ["sturdy.cache.ngx"] = "lua/sturdy/cache/ngx.lua",
       ["sturdy.diagnose"] = "lua/sturdy/diagnose.lua",
+      ["sturdy.telemetry"] = "lua/sturdy/telemetry.lua",
+      ["sturdy.metrics"] = "lua/sturdy/metrics.lua",
+      ["sturdy.log"] = "lua/sturdy/log.lua",
+      ["sturdy.trace"] = "lua/sturdy/trace.lua",
+      ["sturdy.alerts"] = "lua/sturdy/alerts.lua",
+      ["sturdy.health"] = "lua/sturdy/health.lua",
       ["sturdy.mock"] = "lua/sturdy/mock/init.lua",
       ["sturdy.mock.server"] = "lua/sturdy/mock/server.lua",
       ["sturdy.core"] = {
          sources = {
-            "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c",
+            "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c", "src/lua/request.c",
             "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
-            "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c",
+            "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c", "src/policy/counts.c",
          },
          libraries = { "curl", "m" },
          incdirs = { "$(CURL_INCDIR)", "src/policy", "src/curl", "src/lua" },
@@ -57,11 +71,11 @@ build = {
       },
       ["sturdy.policy"] = {
          sources = {
-            "src/lua/policy.c", "src/lua/convert.c",
+            "src/lua/policy.c", "src/lua/decider.c", "src/lua/convert.c", "src/lua/request.c",
             "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
-            "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c",
+            "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c", "src/policy/counts.c",
          },
          libraries = { "m" },
          incdirs = { "src/policy", "src/lua" },
@@ -78,4 +92,10 @@ build = {
    install = {
       bin = { ["sturdy"] = "bin/sturdy" },
    },
+}
+-- `luarocks test`: the suite (`make test`) on the Lua LuaRocks is set up for;
+-- arguments after `--` go to busted (e.g. `luarocks test -- --filter=retries`).
+test = {
+   type = "command",
+   script = "scripts/luarocks-test.lua",
 }

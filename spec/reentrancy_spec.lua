@@ -135,6 +135,23 @@ describe("re-entrancy", function()
     claude.client:close()
   end)
 
+  it("keeps a stream whole when its on_event drives the client", function()
+    local c = new_client()
+    local claude = anthropic.new { api_key = KEY, client = c, model = "claude-sonnet-4-5" }
+    local seen = {}
+    local s = claude:stream({ max_tokens = 16, messages = { { role = "user", content = "hi there" } } }, {
+      on_event = function(ev)
+        seen[#seen + 1] = ev.type
+        if ev.type == "message_start" then c:poll(0.2) end -- the stream's end is ready meanwhile
+      end,
+    })
+    assert.is_nil(c:run())
+    assert(s:result())
+    assert.equal("message_stop", seen[#seen])
+    for _, t in ipairs(seen) do assert.not_equal("error", t) end
+    c:close()
+  end)
+
   -- The matrix: each hook calls each public method once.
   local HOOKS = { "on_retry", "on_event", "callback", "on_error", "on_progress", "stream_event" }
   local METHODS = { "request", "submit", "poll", "run", "wait", "cancel", "close", "stats" }

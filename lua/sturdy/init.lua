@@ -22,9 +22,9 @@ local function fail(msg, ...)
   error("sturdy: " .. format(msg, ...), 0)
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Errors
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A failed call: `kind`, `class`, `status`, `message`, `detail`, `retryable`,
 -- `retry_after`, `attempts`, `request_id`, `type` (the provider's error type),
@@ -32,8 +32,19 @@ end
 -- @type Error
 local Error = { __name = "sturdy.Error" }
 
+-- Fields a transport may leave in a compact `_detail` (timings, attempts,
+-- raw_headers, key, request_id, http_version) become values on first access.
+local function detail_of(t, k)
+  local d = rawget(t, "_detail")
+  if d == nil then return nil end
+  local v = d:get(k)
+  if v ~= nil then rawset(t, k, v) end
+  return v
+end
+
 local function header_table(t)
-  local h = setmetatable(policy.header_table(rawget(t, "raw_headers") or ""), {
+  local raw = rawget(t, "raw_headers") or detail_of(t, "raw_headers") or ""
+  local h = setmetatable(policy.header_table(raw), {
     __index = function(h, k) if type(k) == "string" then return rawget(h, k:lower()) end end,
   })
   rawset(t, "headers", h)
@@ -42,7 +53,9 @@ end
 
 Error.__index = function(t, k)
   if k == "headers" then return header_table(t) end
-  return Error[k]
+  local v = Error[k]
+  if v ~= nil then return v end
+  return detail_of(t, k)
 end
 
 -- One friendly line per kind; the technical part goes to err.detail.
@@ -121,7 +134,11 @@ function Error:__tostring()
   if self.detail and self.detail ~= "" and self.detail ~= self.message then
     parts[#parts + 1] = " - " .. self.detail
   end
-  if self.retry_after then parts[#parts + 1] = format("; retry after %gs", self.retry_after) end
+  if self.retry_after then
+    -- a long hint in plain seconds, never as 8.64e+07
+    parts[#parts + 1] = format(self.retry_after < 1e6 and "; retry after %gs" or "; retry after %.0fs",
+                               self.retry_after)
+  end
   if self.attempts and #self.attempts > 1 then
     parts[#parts + 1] = format("; %d attempts", #self.attempts)
   end
@@ -145,6 +162,7 @@ end
 local Response = { __name = "sturdy.Response" }
 Response.__index = function(t, k)
   if k == "headers" then return header_table(t) end
+  return detail_of(t, k)
 end
 sturdy.Response = Response
 
@@ -160,9 +178,9 @@ local function to_response(r)
   return nil, err
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Client
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A client: one curl engine, its upstream keys, and the options it was made with.
 -- @type Client
@@ -212,18 +230,23 @@ function sturdy.client(cfg)
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
+    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
     base_url = base_url and strip_userinfo(base_url),
     key = cfg.key or host_of(base_url),
     max_response = cfg.max_response,
     _on_error = cfg.on_error, _on_retry = cfg.on_retry, _on_event = cfg.on_event, _yield = cfg.yield,
     _active = 0,
     _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
+    _delivering = 0,                      -- calls whose on_data is running
     _observers = cfg.observe and { cfg.observe } or nil,
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
   if settings.shared then
     self._shared = require("sturdy.shared").new(self._engine, settings.shared, compiled,
                                                 function(record) self:_notify(record) end)
+  end
+  if cfg.logger or cfg.on_span_start or cfg.on_span_end or cfg.alerts then
+    require("sturdy.telemetry").attach(self, cfg) -- logs, spans, alerts: observers
   end
   return self
 end
@@ -234,6 +257,14 @@ end
 -- another. (A client `key` option also keys absolute URLs.)
 function Client:key_for(req)
   return open_engine(self):key_for(req)
+end
+
+--- What one call of this client may use unless it says otherwise:
+-- `attempts` (retry.attempts) and `total` (timeout.total in seconds, nil when
+-- false). Fallback chains bound each target's call by these.
+function Client:call_limits()
+  local l = self._limits
+  return { attempts = l.attempts, total = l.total_ms > 0 and l.total_ms / 1000 or nil }
 end
 
 -- The JSON body of a request, encoded; nil when it has none.
@@ -247,9 +278,9 @@ local function json_body(req)
   return body
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Non-blocking use: handles, poll, run, batch
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A submitted call: `done`, `result`, `wait`, `cancel`; for stream readers
 -- `commit` and `fail_attempt`.
@@ -272,6 +303,62 @@ end
 local now = policy.monotime
 sturdy.monotime = now
 
+-- Hands a record to every observer (metrics, logs, spans). Observers only
+-- watch: an error one raises is reported on stderr, never to the call.
+local function observe(self, record)
+  local observers = self._observers
+  for i = 1, #observers do
+    local ok, e = pcall(observers[i], record)
+    if not ok then io.stderr:write(format("sturdy: observer failed: %s\n", tostring(e))) end
+  end
+end
+
+-- What observers see of a request: its fields, but header values that are
+-- secrets masked; the values themselves only through the record's
+-- secrets() (for scrubbing), never as data an observer could keep or print.
+local telemetry_secrets = require("sturdy.telemetry").secrets_of
+
+local function request_view(req)
+  local view = {}
+  for k, v in pairs(req) do view[k] = v end
+  local headers = req.headers
+  if type(headers) ~= "table" then return view, nil end
+  local secrets = telemetry_secrets(headers)
+  if #secrets == 0 then return view, nil end
+  local masked = {}
+  for name, v in pairs(headers) do
+    local value = tostring(v)
+    for i = 1, #secrets do
+      if value:find(secrets[i], 1, true) then value = "[redacted]"; break end
+    end
+    masked[name] = value
+  end
+  view.headers = masked
+  return view, function() return telemetry_secrets(headers) end
+end
+
+-- The record of a call's start: observers may put headers to send in
+-- record.headers (trace context); the request is then a copy with them.
+local function announce(self, engine, h, req)
+  if type(req) ~= "table" then return req end -- the core names the problem
+  local ok, key = pcall(engine.key_for, engine, req)
+  local view, secrets = request_view(req)
+  local record = { type = "start", handle = h, key = ok and key or nil, request = view, secrets = secrets,
+                   about = require("sturdy.provider").about(req) }
+  observe(self, record)
+  local extra = record.headers
+  if type(extra) ~= "table" or next(extra) == nil then return req end
+  local copy, headers = {}, {}
+  for k, v in pairs(req) do copy[k] = v end
+  local given = type(req.headers) == "table" and req.headers or {}
+  for name, v in pairs(given) do
+    if type(name) ~= "string" or extra[name:lower()] == nil then headers[name] = v end
+  end
+  for name, v in pairs(extra) do headers[name] = v end
+  copy.headers = headers
+  return copy
+end
+
 --- Starts a request and returns a handle at once. callback(res, err), if
 -- given, runs from a later poll, run or wait, never from submit itself.
 function Client:submit(req, callback)
@@ -280,11 +367,14 @@ function Client:submit(req, callback)
   end
   local engine = open_engine(self)
   local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
+  if self._observers then
+    h._t0 = now()
+    req = announce(self, engine, h, req)
+  end
   local shared = self._shared
   -- with a shared scope the request is held until it has its place
   h._request = engine:submit(h, req, json_body(req), shared ~= nil)
   h.on_data = req.on_data
-  if self._observers then h._t0 = now() end
   self._active = self._active + 1
   if shared then shared:admit(h) end
   return h
@@ -310,16 +400,6 @@ local function call_hook(name, fn, arg)
   if not ok then io.stderr:write(format("sturdy: %s hook failed: %s\n", name, tostring(e))) end
 end
 
--- Hands a record to every observer (metrics, logs, spans). Observers only
--- watch: an error one raises is reported on stderr, never to the call.
-local function observe(self, record)
-  local observers = self._observers
-  for i = 1, #observers do
-    local ok, e = pcall(observers[i], record)
-    if not ok then io.stderr:write(format("sturdy: observer failed: %s\n", tostring(e))) end
-  end
-end
-
 local function finish_handle(self, errors, h, raw)
   h._res, h._err = to_response(raw)
   h._request, h._done = nil, true
@@ -338,16 +418,41 @@ local function finish_handle(self, errors, h, raw)
   return errors
 end
 
+-- Hands a call its streamed bytes. While its on_data runs, that call's later
+-- items (more bytes, its end) wait on the handle, so a callback that drives
+-- the client never sees the call end before its bytes, nor out of order.
+local function deliver_data(self, errors, h, chunk, attempt)
+  h._delivering = true
+  self._delivering = self._delivering + 1
+  local keep
+  errors, keep = call_user(self, errors, h, h.on_data, chunk, attempt)
+  if keep == false and h._request then h._request:cancel() end
+  local later = h._later
+  while later and later[1] do
+    local item = table.remove(later, 1)
+    if item[1] == "done" then
+      errors = finish_handle(self, errors, h, item[2])
+    elseif not h._done then
+      errors, keep = call_user(self, errors, h, h.on_data, item[2], item[3])
+      if keep == false and h._request then h._request:cancel() end
+    end
+  end
+  h._delivering, h._later = false, nil
+  self._delivering = self._delivering - 1
+  return errors
+end
+
 -- Delivers one item of the ready queue (see engine:take).
 local function deliver(self, errors, what, a, b, c)
-  if what == "done" then
-    return finish_handle(self, errors, a, b)
-  elseif what == "data" then
-    if not a._done and a.on_data then
-      local keep
-      errors, keep = call_user(self, errors, a, a.on_data, b, c)
-      if keep == false and a._request then a._request:cancel() end
+  if what == "done" or what == "data" then
+    if a._delivering then
+      local later = a._later or {}
+      a._later = later
+      later[#later + 1] = { what, b, c }
+      return errors
     end
+    if what == "done" then return finish_handle(self, errors, a, b) end
+    if not a._done and a.on_data then return deliver_data(self, errors, a, b, c) end
   elseif what == "retry" then
     if self._shared then self._shared:retry(a) end
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
@@ -419,10 +524,11 @@ function Client:poll(timeout)
   return self._active, errors
 end
 
---- Drives the engine until no call is in flight or waiting.
+--- Drives the engine until no call is in flight or waiting (but the calls
+-- whose on_data is running, when run is called from there: they end after it).
 function Client:run()
   local all
-  while self._active > 0 and not self._closing and self._engine do
+  while self._active > self._delivering and not self._closing and self._engine do
     all = append_all(all, self:_turn(1000))
   end
   return all
@@ -459,6 +565,9 @@ end
 -- until timeout seconds pass: then nil and an error of kind "wait_timeout".
 function Handle:wait(timeout)
   local limit = wait_ms(timeout, "wait")
+  if self._delivering then
+    fail("wait on a call from inside its own on_data (or stream events) would never return")
+  end
   local deadline = limit and now() + limit / 1000
   local client = self.client
   while not self._done do
@@ -609,7 +718,10 @@ function Client:batch(requests, opts)
   return results, errors
 end
 
---- Adds an observer: fn(record) hears every call's end (`type = "call"`:
+--- Adds an observer: fn(record) hears every call's start (`type = "start"`:
+-- key, handle, request; an observer may set `record.headers` to a table of
+-- lowercase header names and values to send with it, such as trace
+-- context), every call's end (`type = "call"`:
 -- key, ok, status, kind, class, attempts (each with status, kind, delay,
 -- hinted, ttfb, latency), retryable, stopped, retry_after, request_id,
 -- latency (seconds since submit), ttfb, response, error), every retry
@@ -641,13 +753,30 @@ function Client:unobserve(fn)
   end
 end
 
+-- A count or amount record_usage takes: a finite number >= 0, else it raises
+-- (a NaN would stay in the key's totals for good).
+local function check_amount(v, what)
+  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
+    fail("record_usage takes %s as a finite number >= 0, got %s", what, tostring(v))
+  end
+end
+
 --- Records the real usage of a call under its key: corrects the rate
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
 -- output } or nil; cost in dollars or nil; reply (optional): { model,
--- stop_reason, request_id } for observers.
+-- stop_reason, request_id, response } for observers.
 function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
+  if type(key) ~= "string" then fail("record_usage takes a key string, got %s", type(key)) end
+  if type(usage) ~= "table" then fail("record_usage takes a usage table, got %s", type(usage)) end
+  for _, k in ipairs { "input", "output", "cache_read", "cache_write" } do check_amount(usage[k], "usage." .. k) end
+  if estimated ~= nil then
+    if type(estimated) ~= "table" then fail("record_usage takes estimated as a table, got %s", type(estimated)) end
+    check_amount(estimated.input, "estimated.input")
+    check_amount(estimated.output, "estimated.output")
+  end
+  if cost ~= nil then check_amount(cost, "cost") end
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
     local deltas = { input_tokens = used_in - estimated.input, output_tokens = usage.output - estimated.output,
@@ -666,8 +795,25 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   if self._observers then
     reply = reply or {}
     observe(self, { type = "usage", key = key, usage = usage, cost = cost, model = reply.model,
-                    stop_reason = reply.stop_reason, request_id = reply.request_id })
+                    stop_reason = reply.stop_reason, request_id = reply.request_id, response = reply.response })
   end
+end
+
+--- Hands a record to the client's observers, as its own records are: for the
+-- layers above the client to say what they learned about a call, e.g. a
+-- provider whose reply could not be used
+-- (`{ type = "reply_failed", key, response, error }`). Does nothing without observers.
+function Client:notify(record)
+  if type(record) ~= "table" or type(record.type) ~= "string" then
+    fail("notify takes a record table with a type, got %s", type(record))
+  end
+  if self._observers then observe(self, record) end
+end
+
+--- Each upstream key's reachability with its breaker and limiter state; see
+-- sturdy.health. Cheap and non-blocking: it reads the client's own state.
+function Client:health(key)
+  return require("sturdy.health").of(self, key)
 end
 
 --- Without a key: the client's totals and the keys it has seen. With one:
@@ -742,5 +888,6 @@ function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, o
 return setmetatable(sturdy, { __index = function(_, k)
   -- helpers loaded on first use, so `require "sturdy"` does not pay for them
   if k == "options" then return options end
+  if k == "fallback" or k == "cache" then return require("sturdy." .. k) end
   return nil
 end })

@@ -16,6 +16,19 @@ end
 
 -- Keys live here, not in the objects: nothing that prints an object can show them.
 local secrets = setmetatable({}, { __mode = "k" })
+-- The auth headers of each provider, made once (they hold the key too).
+local auth_headers = setmetatable({}, { __mode = "k" })
+
+-- What each provider request is, for observers (see provider.about).
+local abouts = setmetatable({}, { __mode = "k" })
+
+--- What a request made by a provider is, for observers (metrics, logs,
+-- spans): `{ provider, operation, model, max_tokens, usage = true }` (a
+-- usage or reply_failed record follows its successful call), or nil for a
+-- request no provider made. Never the prompt.
+function provider.about(req)
+  return abouts[req]
+end
 
 local NEW_SCHEMA = {
   client = "table", api_key = "string", model = "string", base_url = "string", version = "string",
@@ -219,7 +232,7 @@ function provider.define(class, spec)
     return self.client:key_for(req)
   end
 
-  -- The request for params; the options a call may add: key, priority, timeout, headers.
+  -- The request for params; the options a call may add: key, priority, timeout, headers, attempts.
   function class:_request(params, opts)
     if type(params) ~= "table" then
       fail("%s takes a table of request parameters, got %s", spec.call, type(params))
@@ -230,14 +243,26 @@ function provider.define(class, spec)
     if type(body.model) ~= "string" then fail("no model: pass model to new{} or in the request") end
     local estimated = { input = provider.estimate_input(body), output = tonumber(spec.max_tokens(body)) or 0 }
     opts = opts or {}
-    local headers = spec.auth(secrets[self], self)
-    for k, v in pairs(opts.headers or {}) do headers[k] = v end
+    local headers = auth_headers[self]
+    if headers == nil then
+      headers = spec.auth(secrets[self], self)
+      auth_headers[self] = headers
+    end
+    if opts.headers then
+      local merged = {}
+      for k, v in pairs(headers) do merged[k] = v end
+      for k, v in pairs(opts.headers) do merged[k] = v end
+      headers = merged
+    end
     local req = {
       method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
+      attempts = opts.attempts,
     }
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)
+    abouts[req] = { provider = spec.name, operation = spec.operation or "chat", model = body.model,
+                    max_tokens = tonumber(spec.max_tokens(body)), usage = true }
     return req, body, estimated
   end
 
@@ -252,7 +277,8 @@ function provider.define(class, spec)
       model = model, request_id = res.request_id, latency = res.timings.total,
       attempts = res.attempts,
       cost = provider.account(self, key, model, usage, estimated,
-                              { model = model, stop_reason = stop_reason, request_id = res.request_id }),
+                              { model = model, stop_reason = stop_reason, request_id = res.request_id,
+                                response = res }),
     }
   end
 
@@ -260,12 +286,19 @@ function provider.define(class, spec)
   -- that turns its response into the result (or nil, err). nil, err when the
   -- input guard refuses it (nothing is sent).
   function class:prepare(params, opts)
+    if type(params) == "table" and params.stream then
+      -- a streamed reply is not JSON: it would come back as bad_response
+      fail("%s takes no 'stream' parameter: call stream{...} for a streamed reply", spec.call)
+    end
     local err = provider.guard(self, params, params and spec.max_tokens(params))
     if err then return nil, err end
     local req, body, estimated = self:_request(params, opts)
     return req, function(res)
       local doc, derr = provider.decode(res, spec.check)
-      if not doc then return nil, derr end
+      if not doc then
+        self.client:notify { type = "reply_failed", key = req.key, response = res, error = derr }
+        return nil, derr
+      end
       return self:_result(doc, res, body, estimated, req)
     end
   end

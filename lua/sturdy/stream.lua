@@ -78,9 +78,9 @@ local function append(list, s)
   list[#list + 1] = s
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Anthropic: event: message_start ... message_stop; event: error
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- The message collected so far is acc.message (nil until message_start).
 -- What deltas add to a block is kept apart until its content_block_stop, in
@@ -220,9 +220,9 @@ stream.anthropic = {
   end,
 }
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- OpenAI: data: {chunk} ... data: [DONE]; data: {"error": ...}
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- Deltas merge as the SDKs merge them: strings are appended (kept as a list
 -- of pieces until the end), objects merge field by field, lists of objects
@@ -464,6 +464,10 @@ function Stream:_finish(res, err)
       }
     end
   end
+  if res and self.error then
+    -- the call succeeded but its stream cannot be used: observers hear why
+    self.provider.client:notify { type = "reply_failed", key = res.key, response = res, error = self.error }
+  end
   if self.on_event and self.error then self:_emit { type = "error", error = self.error } end
   -- s.on_done(s), when set, hears the end (success or error) after everything else
   if self.on_done then self.on_done(self) end
@@ -509,6 +513,9 @@ end
 --- Waits for the end and returns the result (the same shape as the non-streamed
 -- call's, reply collected from the deltas), or nil and the error.
 function Stream:result()
+  if not self.done and self.handle and self.handle._delivering then
+    error("sturdy: stream:result() inside the stream's own events would never return", 2)
+  end
   while not self.done do self.provider.client:poll(0.05) end
   if self.error then return nil, self.error end
   return self._result

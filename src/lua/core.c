@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,7 @@
 
 #define ENGINE_MT "sturdy.engine"
 #define REQUEST_MT "sturdy.request"
+#define DETAIL_MT "sturdy.result_detail"
 #define MAX_FDS 1024
 #define MAX_HEADERS SL_MAX_HEADERS
 
@@ -51,7 +53,7 @@ static l_engine *open_engine(lua_State *L, int i)
 {
     l_engine *le = check_engine(L, i);
     if (le->e == NULL)
-        luaL_error(L, "sturdy: the client is closed");
+        sl_error(L, "sturdy: the client is closed");
     return le;
 }
 
@@ -115,17 +117,17 @@ static void read_client_lines(lua_State *L, l_engine *le, int t)
     luaL_checktype(L, -1, LUA_TTABLE);
     n = lua_rawlen(L, -1);
     if (n > MAX_HEADERS)
-        luaL_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
+        sl_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
     le->lines = calloc(n ? n : 1, sizeof *le->lines);
     le->names = calloc(n ? n : 1, sizeof *le->names);
     if (le->lines == NULL || le->names == NULL)
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     for (i = 0; i < n; i++) {
         size_t len, name_len;
         const char *line;
         lua_rawgeti(L, -1, (int)i + 1);
         if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
+            sl_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
         line = lua_tolstring(L, -1, &len);
         name_len = sl_check_header_line(L, line, len, "client headers");
         le->lines[i] = dup_mem(line, len, 0);
@@ -133,7 +135,7 @@ static void read_client_lines(lua_State *L, l_engine *le, int t)
         if (le->lines[i] == NULL || le->names[i] == NULL) {
             free(le->lines[i]);
             free(le->names[i]);
-            luaL_error(L, "sturdy: out of memory");
+            sl_error(L, "sturdy: out of memory");
         }
         le->nlines = i + 1;
         lua_pop(L, 1);
@@ -179,13 +181,13 @@ static int l_engine_new(lua_State *L)
     seed_n = lua_isnil(L, -1) ? 0 : luaL_checknumber(L, -1);
     lua_pop(L, 1);
     if (!(seed_n >= 0 && seed_n < 9007199254740992.0))
-        return luaL_error(L, "sturdy: option 'seed' must be a whole number below 2^53");
+        return sl_error(L, "sturdy: option 'seed' must be a whole number below 2^53");
     seed = (uint64_t)seed_n;
     if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
         seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20) ^ ((uint64_t)getpid() << 40);
     le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
     if (le->e == NULL)
-        return luaL_error(L, "sturdy: %s", err);
+        return sl_error(L, "sturdy: %s", err);
     lua_getfield(L, 1, "notices");
     if (lua_istable(L, -1)) {
         int retries, events;
@@ -218,7 +220,7 @@ static size_t assemble_headers(lua_State *L, l_engine *le, const sl_request *req
     int has_type = 0;
 
     if (req->nlines + le->nlines + 2 > MAX_HEADERS)
-        luaL_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
+        sl_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
     for (k = 0; k < req->nlines; k++) {
         lines[n++] = req->lines[k];
         if (strncasecmp(req->lines[k], "content-type:", 13) == 0)
@@ -287,7 +289,7 @@ static int l_engine_submit(lua_State *L)
     luaL_setmetatable(L, REQUEST_MT);
     lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
     if (lr->r == NULL)
-        return luaL_error(L, "sturdy: %s", err);
+        return sl_error(L, "sturdy: %s", err);
     st_request_set_userdata(lr->r, lr);
     lua_pushvalue(L, 2);
     lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -325,51 +327,105 @@ static int l_engine_step(lua_State *L)
     return 2;
 }
 
+/* The parts of a result most callers never read (timings, attempts, the
+ * header block, ids, HTTP version) are kept in one userdata and made into Lua
+ * values on first access (see Response.__index in init.lua): one allocation
+ * per call instead of several tables. */
+typedef struct l_detail {
+    st_timings timings;
+    int http_version;
+    size_t nattempts;
+    size_t headers_len, key_len, id_len; /* the bytes follow the attempts */
+    st_attempt attempts[1];              /* nattempts of them (at least room for one) */
+} l_detail;
+
+static char *detail_bytes(l_detail *d)
+{
+    return (char *)&d->attempts[d->nattempts ? d->nattempts : 1];
+}
+
+static void push_detail(lua_State *L, const st_result *res)
+{
+    size_t n = res->nattempts ? res->nattempts : 1, key_len = strlen(res->key), id_len = strlen(res->request_id);
+    size_t size = offsetof(l_detail, attempts) + n * sizeof(st_attempt) + res->headers_len + key_len + id_len;
+    l_detail *d = lua_newuserdata(L, size);
+    char *p;
+
+    luaL_setmetatable(L, DETAIL_MT);
+    d->timings = res->timings;
+    d->http_version = res->http_version;
+    d->nattempts = res->nattempts;
+    d->headers_len = res->headers_len;
+    d->key_len = key_len;
+    d->id_len = id_len;
+    if (res->nattempts)
+        memcpy(d->attempts, res->attempts, res->nattempts * sizeof(st_attempt));
+    p = detail_bytes(d);
+    memcpy(p, res->headers, res->headers_len);
+    memcpy(p + res->headers_len, res->key, key_len);
+    memcpy(p + res->headers_len + key_len, res->request_id, id_len);
+}
+
+/* detail:get(name) -> the value of a lazy result field, or nil */
+static int l_detail_get(lua_State *L)
+{
+    l_detail *d = luaL_checkudata(L, 1, DETAIL_MT);
+    const char *k = luaL_checkstring(L, 2), *p = detail_bytes(d);
+    size_t i;
+
+    if (strcmp(k, "timings") == 0) {
+        lua_createtable(L, 0, 5);
+        set_num(L, "dns", d->timings.dns);
+        set_num(L, "connect", d->timings.connect);
+        set_num(L, "tls", d->timings.tls);
+        set_num(L, "ttfb", d->timings.ttfb);
+        set_num(L, "total", d->timings.total);
+    } else if (strcmp(k, "attempts") == 0) {
+        lua_createtable(L, (int)d->nattempts, 0);
+        for (i = 0; i < d->nattempts; i++) {
+            const st_attempt *a = &d->attempts[i];
+            lua_createtable(L, 0, 6);
+            if (a->status > 0)
+                set_int(L, "status", a->status);
+            if (a->kind)
+                set_str(L, "kind", a->kind);
+            set_num(L, "delay", a->delay_ms / 1000.0);
+            if (a->hinted) {
+                lua_pushboolean(L, 1);
+                lua_setfield(L, -2, "hinted");
+            }
+            if (a->total > 0) {
+                set_num(L, "ttfb", a->ttfb);
+                set_num(L, "latency", a->total);
+            }
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+    } else if (strcmp(k, "raw_headers") == 0) {
+        lua_pushlstring(L, p, d->headers_len);
+    } else if (strcmp(k, "key") == 0) {
+        lua_pushlstring(L, p + d->headers_len, d->key_len);
+    } else if (strcmp(k, "request_id") == 0 && d->id_len) {
+        lua_pushlstring(L, p + d->headers_len + d->key_len, d->id_len);
+    } else if (strcmp(k, "http_version") == 0 && d->http_version) {
+        lua_pushnumber(L, d->http_version / 10.0);
+    } else {
+        lua_pushnil(L);
+    }
+    return 1;
+}
+
 static void push_result(lua_State *L, st_request *r)
 {
     st_result res;
-    size_t i;
 
     st_request_result(r, &res);
-    lua_createtable(L, 0, 10);
+    lua_createtable(L, 0, res.outcome.kind ? 12 : 3);
     if (res.status > 0)
         set_int(L, "status", res.status);
     lua_pushlstring(L, res.body, res.body_len);
     lua_setfield(L, -2, "body");
-    lua_pushlstring(L, res.headers, res.headers_len);
-    lua_setfield(L, -2, "raw_headers");
-    lua_createtable(L, 0, 5);
-    set_num(L, "dns", res.timings.dns);
-    set_num(L, "connect", res.timings.connect);
-    set_num(L, "tls", res.timings.tls);
-    set_num(L, "ttfb", res.timings.ttfb);
-    set_num(L, "total", res.timings.total);
-    lua_setfield(L, -2, "timings");
-    if (res.http_version)
-        set_num(L, "http_version", res.http_version / 10.0);
-    lua_createtable(L, (int)res.nattempts, 0);
-    for (i = 0; i < res.nattempts; i++) {
-        const st_attempt *a = &res.attempts[i];
-        lua_createtable(L, 0, 6);
-        if (a->status > 0)
-            set_int(L, "status", a->status);
-        if (a->kind)
-            set_str(L, "kind", a->kind);
-        set_num(L, "delay", a->delay_ms / 1000.0);
-        if (a->hinted) {
-            lua_pushboolean(L, 1);
-            lua_setfield(L, -2, "hinted");
-        }
-        if (a->total > 0) {
-            set_num(L, "ttfb", a->ttfb);
-            set_num(L, "latency", a->total);
-        }
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-    lua_setfield(L, -2, "attempts");
-    if (res.request_id[0])
-        set_str(L, "request_id", res.request_id);
-    set_str(L, "key", res.key);
+    push_detail(L, &res);
+    lua_setfield(L, -2, "_detail");
     if (res.outcome.kind == NULL)
         return;
     set_str(L, "kind", res.outcome.kind);
@@ -445,7 +501,12 @@ static int l_engine_take(lua_State *L)
     int list = 2, n;
 
     luaL_checktype(L, 2, LUA_TTABLE);
-    n = (int)luaL_checkinteger(L, 3);
+    {
+        lua_Integer at = luaL_checkinteger(L, 3);
+        /* the count grows by 4 per item: far below INT_MAX, so it cannot overflow */
+        luaL_argcheck(L, at >= 0 && at <= (1 << 30), 3, "queue length out of range");
+        n = (int)at;
+    }
     while (st_engine_take_notice(e, &notice)) {
         push_notice(L, &notice);
         append(L, list, &n, 2);
@@ -729,7 +790,7 @@ static int l_request_fail_attempt(lua_State *L)
     int k = luaL_checkoption(L, 3, NULL, kinds);
 
     if (!st_class_parse(name, &cls) || cls == ST_CLASS_SUCCESS)
-        return luaL_error(L, "sturdy: unknown failure class '%s'", name);
+        return sl_error(L, "sturdy: unknown failure class '%s'", name);
     if (lr->r != NULL && lr->le->e != NULL)
         st_engine_fail_attempt(lr->le->e, lr->r, cls, kinds[k], luaL_optstring(L, 4, ""));
     return 0;
@@ -830,6 +891,15 @@ static const luaL_Reg request_meta[] = {
     { NULL, NULL }
 };
 
+static const luaL_Reg detail_methods[] = {
+    { "get", l_detail_get },
+    { NULL, NULL }
+};
+
+static const luaL_Reg no_meta[] = {
+    { NULL, NULL }
+};
+
 static const luaL_Reg core_functions[] = {
     { "engine", l_engine_new },
     { NULL, NULL }
@@ -851,6 +921,7 @@ ST_EXPORT int luaopen_sturdy_core(lua_State *L)
 {
     new_class(L, ENGINE_MT, engine_meta, engine_methods);
     new_class(L, REQUEST_MT, request_meta, request_methods);
+    new_class(L, DETAIL_MT, no_meta, detail_methods);
     luaL_newlib(L, core_functions);
     return 1;
 }
