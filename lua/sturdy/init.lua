@@ -82,6 +82,7 @@ local MESSAGES = {
   total_timeout = "the call ran past its deadline",
   circuit_open = "the circuit breaker for this upstream is open",
   queue_full = "too many calls are waiting for this upstream",
+  budget_exceeded = "the call would cross a spend cap",
   canceled = "the call was canceled",
   bad_url = "the URL is not usable",
   transport = "the transfer failed",
@@ -233,9 +234,16 @@ function sturdy.client(cfg)
     _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
     _delivering = 0,                      -- calls whose on_data is running
     _observers = cfg.observe and { cfg.observe } or nil,
+    _budget = cfg.budget ~= nil,          -- spend caps: record_usage settles and charges
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
   return self
+end
+
+--- True when the client has spend caps (its `budget` option): providers then
+-- send each call's worst case for the caps to reserve.
+function Client:budgeted()
+  return self._budget
 end
 
 --- The upstream key of a request: its own `key`, else the host of its
@@ -413,13 +421,64 @@ function Client:_dispatch()
   return errors
 end
 
+-- Runs the timers that are due (see Client:after), oldest first; one that a
+-- timer adds runs on a later turn.
+local function fire_timers(self, errors)
+  local timers, t = self._timers, now()
+  local due = {}
+  while timers[1] and timers[1].due <= t do due[#due + 1] = table.remove(timers, 1) end
+  if not timers[1] then self._timers = nil end
+  for _, timer in ipairs(due) do
+    if not timer.cancelled then
+      timer.cancelled = true
+      errors = call_user(self, errors, nil, timer.fn)
+    end
+  end
+  return errors
+end
+
 -- The one driving loop: steps the engine (waiting at most wait_ms for
--- activity) and dispatches what is ready. Returns the callback errors.
+-- activity, and no longer than the next timer) and dispatches what is
+-- ready, then runs due timers. Returns the callback errors.
 function Client:_turn(wait_ms_)
   local engine = self._engine
   if self._closing or not engine then return end
+  local timers = self._timers
+  if timers and wait_ms_ and wait_ms_ > 0 then
+    local left = (timers[1].due - now()) * 1000
+    if left < wait_ms_ then wait_ms_ = left > 0 and left or 0 end
+  end
   local _, ready = engine:step(wait_ms_)
-  if ready then return self:_dispatch() end
+  local errors
+  if ready then errors = self:_dispatch() end
+  if self._timers and not self._closing then errors = fire_timers(self, errors) end
+  return errors
+end
+
+local Timer = { __name = "sturdy.Timer" }
+Timer.__index = Timer
+
+--- Stops a timer from firing (harmless once it fired).
+function Timer:cancel()
+  self.cancelled = true
+end
+
+--- Runs fn() once, from the poll, run or wait that drives the client after
+-- `seconds` have passed (a timer does not keep run going by itself). Returns a
+-- timer with `cancel()`. An error fn raises goes where a callback's goes.
+function Client:after(seconds, fn)
+  if type(seconds) ~= "number" or not (seconds >= 0) or seconds > options.MAX_SECONDS then
+    fail("after takes seconds from 0 to %d, got %s", options.MAX_SECONDS, tostring(seconds))
+  end
+  if type(fn) ~= "function" then fail("after takes a function, got %s", type(fn)) end
+  open_engine(self)
+  local timer = setmetatable({ due = now() + seconds, fn = fn }, Timer)
+  local timers = self._timers or {}
+  self._timers = timers
+  local i = #timers
+  while i > 0 and timers[i].due > timer.due do i = i - 1 end
+  table.insert(timers, i + 1, timer)
+  return timer
 end
 
 local function append_all(all, errors)
@@ -456,10 +515,16 @@ function Client:fds()
   return open_engine(self):fds()
 end
 
---- The seconds until the engine next needs driving (nil when idle).
+--- The seconds until the engine next needs driving, or a timer is due (nil when idle).
 function Client:timeout()
   local t = open_engine(self):timeout()
-  return t and t / 1000
+  t = t and t / 1000
+  local timers = self._timers
+  if timers then
+    local left = math.max(0, timers[1].due - now())
+    if not t or left < t then t = left end
+  end
+  return t
 end
 
 --- How many calls are active.
@@ -517,6 +582,53 @@ end
 -- usual rules unless committed.
 function Handle:fail_attempt(class, kind, detail)
   if not self._done and self._request then self._request:fail_attempt(class, kind, detail) end
+end
+
+--- For hedging (sturdy.hedge): bytes of the current attempt's response received so far.
+function Handle:received()
+  if self._done or not self._request then return 0 end
+  return self._request:received()
+end
+
+--- For hedging: milliseconds to wait for the first byte before asking
+-- hedge_admit, or nil when this call is not to be hedged (the decision core's
+-- st_hedge_plan). policy: { after = ms | nil (a quantile), quantile, max_ratio }.
+function Handle:hedge_plan(policy)
+  if not self._done and self._request then return self._request:hedge_plan(policy) end
+end
+
+--- For hedging: may a hedge of this call go to key (nil: its own) now? true
+-- and the milliseconds left before its deadline (nil: none), or false and the
+-- cap that refused ("deadline", "breaker", "concurrency", "limiter", "budget").
+function Handle:hedge_admit(policy, key)
+  if self._done or not self._request then return false, "done" end
+  return self._request:hedge_admit(policy, key)
+end
+
+--- For hedging: cancels this call as the hedge leg that lost; the time it
+-- waited without a byte counts in its key's time-to-first-byte window.
+function Handle:lose()
+  if not self._done and self._request then self._request:lose() end
+end
+
+--- Drives the client until done() returns true: from a coroutine with the
+-- client's `yield` option it polls and yields, as request does; elsewhere it
+-- blocks, waiting for activity. Returns false when the client was closed first.
+function Client:wait_for(done)
+  local yield = self._yield
+  local co, main = coroutine.running()
+  local yielding = yield and co and not main
+  while not done() do
+    if self._closing or not self._engine then return false end
+    if yielding then
+      self:poll(0)
+      if done() then break end
+      yield()
+    else
+      self:_turn(1000)
+    end
+  end
+  return true
 end
 
 --- Sends a request and waits for its outcome: a response, or nil and a sturdy.Error.
@@ -664,13 +776,29 @@ function Client:unobserve(fn)
   end
 end
 
+-- Hands budget warnings (key events) to on_event and the observers.
+local function budget_events(self, events)
+  for i = 1, #events do deliver(self, nil, "event", events[i]) end
+end
+
 --- Records the real usage of a call under its key: corrects the rate
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
 -- output } or nil; cost in dollars or nil; reply (optional): { model,
--- stop_reason, request_id } for observers.
+-- stop_reason, request_id } for observers, and for the spend caps `hold`
+-- (the result's: the call's reservation is settled at this cost) or `tag`
+-- (no reservation: the cost is charged to the key and tag). `lost = true`
+-- records a hedge that lost (its cost counts; `hedges_lost`, `hedge_cost`).
 function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
+  reply = reply or {}
+  if self._budget then
+    local tokens = usage.input + usage.output + usage.cache_read + usage.cache_write
+    local settled, events = false, nil
+    if reply.hold then settled, events = engine:settle(reply.hold, cost or 0, tokens) end
+    if not settled and not reply.hold then events = engine:charge(key, reply.tag, cost or 0, tokens) end
+    if events then budget_events(self, events) end
+  end
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
     engine:correct(key, "input_tokens", used_in - estimated.input)
@@ -679,16 +807,21 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   end
   local totals = self._usage or {}
   self._usage = totals
-  local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
+  local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0,
+                             hedges_lost = 0, hedge_cost = 0 }
   totals[key] = t
-  t.calls = t.calls + 1
+  if reply.lost then
+    t.hedges_lost, t.hedge_cost = t.hedges_lost + 1, t.hedge_cost + (cost or 0)
+  else
+    t.calls = t.calls + 1
+  end
   t.input, t.output = t.input + usage.input, t.output + usage.output
   t.cache_read, t.cache_write = t.cache_read + usage.cache_read, t.cache_write + usage.cache_write
   t.cost = t.cost + (cost or 0)
   if self._observers then
-    reply = reply or {}
     observe(self, { type = "usage", key = key, usage = usage, cost = cost, model = reply.model,
-                    stop_reason = reply.stop_reason, request_id = reply.request_id })
+                    stop_reason = reply.stop_reason, request_id = reply.request_id, tag = reply.tag,
+                    lost = reply.lost })
   end
 end
 
@@ -704,8 +837,10 @@ function Client:stats(key)
   end
   local s = engine:stats()
   s.keys = engine:keys()
+  s.budget = engine:budget()
   if self._usage then
-    local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
+    local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0,
+                    hedges_lost = 0, hedge_cost = 0 }
     for _, u in pairs(self._usage) do
       for k, v in pairs(u) do total[k] = total[k] + v end
     end
@@ -721,6 +856,7 @@ function Client:close()
   if self._closing then return end
   self._closing = true -- from here on submit raises, so nothing new starts
   local engine = self._engine
+  self._timers = nil
   engine:cancel_all()
   -- the ends already queued, then the engine's: streamed bytes and hooks are
   -- dropped, the calls are over

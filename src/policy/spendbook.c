@@ -280,9 +280,13 @@ static void settle_holds(st_call_spend *cs, const int64_t actual[ST_SPEND_DIMS],
 
 /* ---- parked holds --------------------------------------------------------- */
 
+/* An id is the slot's generation (20 bits) above its index + 1 (32 bits): below
+ * 2^52, so a Lua number holds it exactly. */
+#define GEN_MASK 0xfffffu
+
 static uint64_t id_of(const st_spend_book *b, uint32_t slot)
 {
-    return ((uint64_t)b->parked[slot].gen << 32) | (uint64_t)(slot + 1);
+    return ((uint64_t)(b->parked[slot].gen & GEN_MASK) << 32) | (uint64_t)(slot + 1);
 }
 
 static st_parked *parked_of(st_spend_book *b, uint64_t id)
@@ -292,7 +296,7 @@ static st_parked *parked_of(st_spend_book *b, uint64_t id)
     if (slot == 0 || slot > b->nparked)
         return NULL;
     p = &b->parked[slot - 1];
-    return p->used && p->gen == (uint32_t)(id >> 32) ? p : NULL;
+    return p->used && (uint64_t)(p->gen & GEN_MASK) == id >> 32 ? p : NULL;
 }
 
 /* A free slot index, growing the slots when none is free; UINT32_MAX on OOM. */

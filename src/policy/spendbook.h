@@ -17,7 +17,8 @@
  *
  * Holds after the call. When a call's last attempt got a 2xx status, its reply
  * may be billed: its holds are parked under an id, and st_spend_book_settle
- * charges the actual amount in their place, once. A parked hold not settled
+ * charges the actual amount in their place, once (ids are below 2^52, and a
+ * slot's id repeats only after 2^20 reuses of it). A parked hold not settled
  * within settle_ms is charged at its full reserved amount (every reserve,
  * park, settle and charge first expires the overdue ones, oldest first), so the
  * cap holds whatever a caller forgets. A call that ended otherwise releases its
