@@ -467,7 +467,7 @@ end
 -- `seconds` have passed (a timer does not keep run going by itself). Returns a
 -- timer with `cancel()`. An error fn raises goes where a callback's goes.
 function Client:after(seconds, fn)
-  if type(seconds) ~= "number" or not (seconds >= 0) or seconds > options.MAX_SECONDS then
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > options.MAX_SECONDS then
     fail("after takes seconds from 0 to %d, got %s", options.MAX_SECONDS, tostring(seconds))
   end
   if type(fn) ~= "function" then fail("after takes a function, got %s", type(fn)) end
@@ -593,16 +593,16 @@ end
 --- For hedging: milliseconds to wait for the first byte before asking
 -- hedge_admit, or nil when this call is not to be hedged (the decision core's
 -- st_hedge_plan). policy: { after = ms | nil (a quantile), quantile, max_ratio }.
-function Handle:hedge_plan(policy)
-  if not self._done and self._request then return self._request:hedge_plan(policy) end
+function Handle:hedge_plan(hp)
+  if not self._done and self._request then return self._request:hedge_plan(hp) end
 end
 
 --- For hedging: may a hedge of this call go to key (nil: its own) now? true
 -- and the milliseconds left before its deadline (nil: none), or false and the
 -- cap that refused ("deadline", "breaker", "concurrency", "limiter", "budget").
-function Handle:hedge_admit(policy, key)
+function Handle:hedge_admit(hp, key)
   if self._done or not self._request then return false, "done" end
-  return self._request:hedge_admit(policy, key)
+  return self._request:hedge_admit(hp, key)
 end
 
 --- For hedging: cancels this call as the hedge leg that lost; the time it

@@ -378,27 +378,27 @@ end
 
 --- Starts a streamed call of provider p (flavor: stream.anthropic or
 -- stream.openai); finish(doc, res) turns the collected message into the
--- result. policy (from sturdy.hedge, or false) hedges it; lost(input_tokens or
+-- result. hp (a policy from sturdy.hedge, or false) hedges it; lost(input_tokens or
 -- nil) charges a leg cancelled in flight and returns its cost.
-function stream.start(p, flavor, req, finish, on_event, policy, lost)
+function stream.start(p, flavor, req, finish, on_event, hp, lost)
   local self = setmetatable({
     provider = p, flavor = flavor, finish_fn = finish, on_event = on_event,
     queue = {}, head = 1, tail = 0, committed = false, done = false, lost_fn = lost,
   }, Stream)
   local first = new_leg(self, req)
   self.legs, self.handle = { first }, first.handle
-  local wait = policy and not first.done and first.handle:hedge_plan(policy)
+  local wait = hp and first.handle:hedge_plan(hp)
   if wait then
-    self.timer = p.client:after(wait / 1000, function() self:_hedge(req, policy) end)
+    self.timer = p.client:after(wait / 1000, function() self:_hedge(req, hp) end)
   end
   return self
 end
 
 -- The hedge timer: no delta yet, so a second leg goes if the core allows it.
-function Stream:_hedge(req, policy)
+function Stream:_hedge(req, hp)
   local first = self.legs[1]
   if self.done or self.winner or first.done or first.released then return end
-  local ok, left = first.handle:hedge_admit(policy)
+  local ok, left = first.handle:hedge_admit(hp)
   if not ok then return end
   self.hedged = true
   self.legs[2] = new_leg(self, hedge.request_for(req, left))

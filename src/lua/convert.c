@@ -618,7 +618,7 @@ void sl_push_spend(lua_State *L, st_spend *s, int64_t now)
                 set_int(L, cap_names[span][dim], (double)cap);
         }
     lua_setfield(L, -2, "caps");
-    set_int(L, "admitted", (double)s->admitted);
+    set_int(L, "passed", (double)s->admitted); /* another scope may still have refused the call */
     set_int(L, "refused", (double)s->refused);
 }
 

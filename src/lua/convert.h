@@ -21,7 +21,7 @@ void sl_read_policy(lua_State *L, int t, st_retry_policy *rp, st_upstream_config
 int sl_read_spend(lua_State *L, int t, st_decider *d, int64_t now_ms);
 
 /* Pushes a spend's state: used (per cap name, in the window now), reserved
- * (usd, tokens), caps, admitted, refused. */
+ * (usd, tokens), caps, passed (reservations it let through), refused. */
 void sl_push_spend(lua_State *L, st_spend *s, int64_t now_ms);
 
 /* A string field of table t, or NULL when absent; raises on another type. The
