@@ -250,7 +250,8 @@ local function limiter_take(t, model)
   return allowed, view
 end
 
-local function set_ratelimit_headers(provider, view, t, usage)
+local function set_ratelimit_headers(provider, view, t, usage, step)
+  if step and step.params.limits == 0 then return end -- the step asked for none
   local h = ngx.header
   local input = usage and usage.input or 0
   local output = usage and usage.output or 0
@@ -392,6 +393,7 @@ local KEYWORDS = {
 local NUMERIC_PARAMS = {
   delay = true, ["retry-after-ms"] = true, drip = true, stall = true, size = true,
   pieces = true, chunked = true, after_delta = true, status = true, slow = true, slow_share = true,
+  limits = true,
 }
 
 local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true, code = true, json = true,
@@ -990,7 +992,7 @@ local function run_step(step, provider, request_id, view, t)
 
   if step.status and step.status ~= 200 then
     if provider ~= "generic" then
-      set_ratelimit_headers(provider, view, t)
+      set_ratelimit_headers(provider, view, t, nil, step)
     end
     return reply_error(provider, step.status, request_id, nil, step.params.echo)
   elseif kw == "shape" then
@@ -1008,7 +1010,7 @@ local function run_step(step, provider, request_id, view, t)
     return reply_huge(step)
   elseif kw == "replay" then
     if provider ~= "generic" then
-      set_ratelimit_headers(provider, view, t)
+      set_ratelimit_headers(provider, view, t, nil, step)
     end
     return reply_replay(step, provider, request_id)
   elseif kw == "garbage" then
@@ -1040,7 +1042,7 @@ local function run_step(step, provider, request_id, view, t)
   if not bodies then
     return reply_error(provider, 400, request_id, req)
   end
-  set_ratelimit_headers(provider, view, t, bodies.usage)
+  set_ratelimit_headers(provider, view, t, bodies.usage, step)
   if req.stream == true or kw == "truncated" or kw == "stream_error" then
     return reply_stream(bodies, step)
   end
