@@ -33,10 +33,16 @@ bare_multi_16() { "$BARE" multi "$URL" "$1" 16 "$BODY"; }
 bare_multi_64() { "$BARE" multi "$URL" "$1" 64 "$BODY"; }
 sturdy_batch_16() { "$LUA" bench/batch.lua "$1" 16 "$BODY"; }
 sturdy_batch_64() { "$LUA" bench/batch.lua "$1" 64 "$BODY"; }
+JIT_BUILD=build/luajit
+luajit_seq() { STURDY_CPATH="$JIT_BUILD/?.so" luajit bench/seq.lua "$1" "$BODY"; }
+luajit_batch_16() { STURDY_CPATH="$JIT_BUILD/?.so" luajit bench/batch.lua "$1" 16 "$BODY"; }
+sturdy_request() { "$LUA" bench/provider.lua "$1" request "$BODY"; }
+sturdy_anthropic() { "$LUA" bench/provider.lua "$1" anthropic "$BODY"; }
 
 # --- machinery ---
 
-# measure FN N: runs one benchmark, prints its line, records its rate in $TMP/FN
+# measure FN N: runs one benchmark, prints its line, records its rate in
+# $TMP/FN and its CPU per call (µs) in $TMP/FN.cpu
 measure() {
     line=$("$1" "$2")
     rc=$?
@@ -48,9 +54,11 @@ measure() {
     [ "$rc" -eq 0 ] || status=1
     rate=${line#requests_per_s=}
     echo "${rate%% *}" >>"$TMP/$1"
+    cpu=${line#*cpu_us=}
+    echo "${cpu%% *}" >>"$TMP/$1.cpu"
 }
 
-# median FN: the median of the rates recorded for FN
+# median FILE: the median of the figures recorded in $TMP/FILE
 median() {
     [ -s "$TMP/$1" ] || { echo "n/a"; return; }
     sort -g "$TMP/$1" | awk '{ v[NR] = $1 }
@@ -87,22 +95,23 @@ section() {
         fi
         r=$((r + 1))
     done
-    mb=$(median "$base")
-    echo "  median $base_label: $mb requests/s"
+    mb=$(median "$base") cb=$(median "$base.cpu")
+    echo "  median $base_label: $mb requests/s, $cb µs CPU per call"
     if [ "$cand" = - ]; then
         echo "  $cand_label: not yet available"
         echo "$title: $base_label $mb/s; $cand_label: not yet available" >>"$TMP/summary"
     else
-        mc=$(median "$cand")
-        q=$(ratio "$mc" "$mb")
-        echo "  median $cand_label: $mc requests/s"
-        echo "  $cand_label/$base_label = $q"
-        echo "$title: $base_label $mb/s, $cand_label $mc/s, $cand_label/$base_label = $q" >>"$TMP/summary"
+        mc=$(median "$cand") cc=$(median "$cand.cpu")
+        q=$(ratio "$mc" "$mb") qc=$(ratio "$cc" "$cb")
+        echo "  median $cand_label: $mc requests/s, $cc µs CPU per call"
+        echo "  $cand_label/$base_label: throughput $q, CPU per call $qc"
+        printf '%-22s %s %s/s %s µs | %s %s/s %s µs | throughput %s, CPU per call %s\n' "$title:" \
+            "$base_label" "$mb" "$cb" "$cand_label" "$mc" "$cc" "$q" "$qc" >>"$TMP/summary"
     fi
     echo
 }
 
-echo "bench: $(curl-config --version 2>/dev/null || echo libcurl), $LUA, mock at $STURDY_MOCK_URL"
+echo "bench: $(curl-config --version 2>/dev/null || echo libcurl), $LUA, mock at $STURDY_MOCK_URL, ${BENCH_PINNED:-unpinned}"
 echo
 
 # The mock advertises a request limit in its rate-limit headers, which sturdy
@@ -113,6 +122,13 @@ curl -s -o /dev/null -X POST -H 'content-type: application/json' \
 section "sequential" "$N_SEQ" bare_seq bare sturdy_seq sturdy
 section "concurrent c=16" "$N_MULTI" bare_multi_16 "bare multi" sturdy_batch_16 "sturdy batch"
 section "concurrent c=64" "$N_MULTI" bare_multi_64 "bare multi" sturdy_batch_64 "sturdy batch"
+if [ -f "$JIT_BUILD/sturdy/core.so" ] && command -v luajit >/dev/null 2>&1; then
+    section "sequential, LuaJIT" "$N_SEQ" bare_seq bare luajit_seq "sturdy (luajit)"
+    section "concurrent c=16, LuaJIT" "$N_MULTI" bare_multi_16 "bare multi" luajit_batch_16 "sturdy batch (luajit)"
+else
+    echo "(no LuaJIT rows: make LUA=luajit builds $JIT_BUILD)"
+fi
+section "provider layer" "$N_SEQ" sturdy_request "client:request" sturdy_anthropic "anthropic:messages"
 
 echo "== summary (medians of alternating rounds in this run)"
 cat "$TMP/summary"

@@ -180,6 +180,22 @@ describe("spend caps", function()
     assert.is_true(ev.share >= 0.5)
     assert.near(r0.cost * 4.5, ev.limit, 1e-6)
     c.client:close()
+    -- on_alert hears them too, with budget alone or beside alert rules
+    for _, extra in ipairs { {}, { alerts = { { metric = "success_rate", below = 0.5, clear = 0.6 } } } } do
+      local alerted = {}
+      local o = { budget = { usd_per_day = r0.cost * 4.5, warn = 0.5 },
+                  on_alert = function(a) alerted[#alerted + 1] = a end }
+      for k, v in pairs(extra) do o[k] = v end
+      local c2 = claude(o)
+      for _ = 1, 4 do assert(c2:messages { max_tokens = 1, messages = PARAMS.messages }) end
+      assert.equal(1, #alerted)
+      assert.equal("budget", alerted[1].rule)
+      assert.equal("usd_per_day", alerted[1].metric)
+      assert.equal("firing", alerted[1].state)
+      assert.equal("client", alerted[1].scope)
+      assert.near(r0.cost * 4.5, alerted[1].threshold, 1e-6)
+      c2.client:close()
+    end
   end)
 
   it("charges a raw call's reservation in full when nobody settles it in time", function()

@@ -64,7 +64,7 @@ describe("sturdy (the command line)", function()
     it("lists the commands", function()
       local status, out = sturdy("--help")
       assert.equal(0, status)
-      for _, cmd in ipairs { "diagnose URL", "chat PROMPT", "mock", "bench URL" } do
+      for _, cmd in ipairs { "diagnose URL", "chat PROMPT", "mock", "bench URL", "metrics URL" } do
         assert.matches("\n  " .. cmd, out, 1, true)
       end
       local s2, _, err = sturdy("")
@@ -73,7 +73,7 @@ describe("sturdy (the command line)", function()
     end)
 
     it("gives every command --help", function()
-      for _, cmd in ipairs { "diagnose", "chat", "mock", "bench" } do
+      for _, cmd in ipairs { "diagnose", "chat", "mock", "bench", "metrics" } do
         local status, out, err = sturdy(cmd .. " --help")
         assert.equal(0, status, cmd)
         assert.equal("", err, cmd)
@@ -93,6 +93,8 @@ describe("sturdy (the command line)", function()
         { "bench http://x/ -n 0", 'bench: --requests takes a whole number >= 1, got "0"' },
         { "bench http://x/ -c", "bench: --concurrency needs a value" },
         { "bench http://x/ -H nocolon", 'bench: -H takes "Name: value", got "nocolon"' },
+        { "metrics", "metrics: needs a URL" },
+        { "metrics ftp://x/", 'metrics: the URL must start with http:// or https://, got "ftp://x/"' },
         { "mock --port 70000", "mock: --port takes a port up to 65535" },
       }
       for _, c in ipairs(cases) do
@@ -287,6 +289,33 @@ describe("sturdy (the command line)", function()
       assert.matches("\nstopped\n$", read_file(dir .. "/out"))
       assert.is_nil(socket.connect("127.0.0.1", port)) -- nginx is gone
       os.execute("rm -rf " .. dir)
+    end)
+  end)
+  describe("metrics", function()
+    it("prints the metrics of its calls, which promtool accepts and which match the mock's counts", function()
+      m:reset()
+      local status, out, err = sturdy("metrics " .. m.http_url .. "/echo -n 6 -c 2 --key probe "
+                                      .. "-H 'x-mock-steps: 503,200' -H 'x-mock-scenario: cli-metrics' "
+                                      .. "-H 'x-secret: hunter22'")
+      assert.equal(0, status, err)
+      assert.matches('sturdy_calls_total{key="probe",class="success",status="200"} 6', out, 1, true)
+      local sc = m:scenario("cli-metrics")
+      -- the first attempt met the 503, every later one a 200
+      assert.equal(7, sc.count)
+      assert.matches('http_client_attempts_total{key="probe",http_response_status_code="503",'
+                     .. 'error_type="overloaded"} 1', out, 1, true)
+      assert.matches('sturdy_retries_total{key="probe",class="overloaded"} 1', out, 1, true)
+      assert.is_nil(out:find("hunter22", 1, true))
+      local path = os.tmpname()
+      local f = assert(io.open(path, "wb"))
+      f:write(out)
+      f:close()
+      assert.is_true(os.execute("promtool check metrics < " .. path .. " >/dev/null 2>&1") == true
+                     or os.execute("promtool check metrics < " .. path .. " >/dev/null 2>&1") == 0)
+      os.remove(path)
+      local s2, om = sturdy("metrics " .. m.http_url .. "/echo -n 1 --openmetrics")
+      assert.equal(0, s2)
+      assert.matches("# EOF\n$", om)
     end)
   end)
 end)

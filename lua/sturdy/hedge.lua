@@ -79,12 +79,13 @@ function hedge.request_for(req, left_ms)
 end
 
 --- Sends req on client, hedged by policy (from hedge.policy), and waits for
--- the outcome as client:request does. Returns res, err and what happened:
+-- the outcome as client:request does. request_for (optional, default
+-- hedge.request_for) makes the hedge's request from req and the ms left. Returns res, err and what happened:
 -- { hedged = true when a hedge was sent, won = "primary" | "hedge", lost =
 -- true when the other leg was cancelled in flight (its input is billed) }.
 -- A failure waits for the other leg; when both fail, the primary's error is
 -- the call's.
-function hedge.call(client, req, policy)
+function hedge.call(client, req, policy, request_for)
   local legs, state = {}, { done = false }
   local info = { hedged = false }
   local timer
@@ -117,7 +118,8 @@ function hedge.call(client, req, policy)
       if not ok then return end
       info.hedged = true
       legs[2] = {}
-      legs[2].handle = client:submit(hedge.request_for(req, left), function(res, err) ended(2, res, err) end)
+      legs[2].handle = client:submit((request_for or hedge.request_for)(req, left),
+                                     function(res, err) ended(2, res, err) end)
     end)
   end
   if not client:wait_for(function() return state.done end) then

@@ -22,9 +22,9 @@ local function fail(msg, ...)
   error("sturdy: " .. format(msg, ...), 0)
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Errors
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A failed call: `kind`, `class`, `status`, `message`, `detail`, `retryable`,
 -- `retry_after`, `attempts`, `request_id`, `type` (the provider's error type),
@@ -135,7 +135,11 @@ function Error:__tostring()
   if self.detail and self.detail ~= "" and self.detail ~= self.message then
     parts[#parts + 1] = " - " .. self.detail
   end
-  if self.retry_after then parts[#parts + 1] = format("; retry after %gs", self.retry_after) end
+  if self.retry_after then
+    -- a long hint in plain seconds, never as 8.64e+07
+    parts[#parts + 1] = format(self.retry_after < 1e6 and "; retry after %gs" or "; retry after %.0fs",
+                               self.retry_after)
+  end
   if self.attempts and #self.attempts > 1 then
     parts[#parts + 1] = format("; %d attempts", #self.attempts)
   end
@@ -175,9 +179,9 @@ local function to_response(r)
   return nil, err
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Client
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A client: one curl engine, its upstream keys, and the options it was made with.
 -- @type Client
@@ -237,6 +241,9 @@ function sturdy.client(cfg)
     _budget = cfg.budget ~= nil,          -- spend caps: record_usage settles and charges
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
+  if cfg.logger or cfg.on_span_start or cfg.on_span_end or cfg.alerts or (cfg.on_alert and cfg.budget) then
+    require("sturdy.telemetry").attach(self, cfg) -- logs, spans, alerts: observers
+  end
   return self
 end
 
@@ -265,9 +272,9 @@ local function json_body(req)
   return body
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Non-blocking use: handles, poll, run, batch
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 --- A submitted call: `done`, `result`, `wait`, `cancel`; for stream readers
 -- `commit` and `fail_attempt`.
@@ -290,6 +297,36 @@ end
 local now = policy.monotime
 sturdy.monotime = now
 
+-- Hands a record to every observer (metrics, logs, spans). Observers only
+-- watch: an error one raises is reported on stderr, never to the call.
+local function observe(self, record)
+  local observers = self._observers
+  for i = 1, #observers do
+    local ok, e = pcall(observers[i], record)
+    if not ok then io.stderr:write(format("sturdy: observer failed: %s\n", tostring(e))) end
+  end
+end
+
+-- The record of a call's start: observers may put headers to send in
+-- record.headers (trace context); the request is then a copy with them.
+local function announce(self, engine, h, req)
+  if type(req) ~= "table" then return req end -- the core names the problem
+  local ok, key = pcall(engine.key_for, engine, req)
+  local record = { type = "start", handle = h, key = ok and key or nil, request = req }
+  observe(self, record)
+  local extra = record.headers
+  if type(extra) ~= "table" or next(extra) == nil then return req end
+  local copy, headers = {}, {}
+  for k, v in pairs(req) do copy[k] = v end
+  local given = type(req.headers) == "table" and req.headers or {}
+  for name, v in pairs(given) do
+    if type(name) ~= "string" or extra[name:lower()] == nil then headers[name] = v end
+  end
+  for name, v in pairs(extra) do headers[name] = v end
+  copy.headers = headers
+  return copy
+end
+
 --- Starts a request and returns a handle at once. callback(res, err), if
 -- given, runs from a later poll, run or wait, never from submit itself.
 function Client:submit(req, callback)
@@ -298,9 +335,12 @@ function Client:submit(req, callback)
   end
   local engine = open_engine(self)
   local h = setmetatable({ client = self, callback = callback, _done = false }, Handle)
+  if self._observers then
+    h._t0 = now()
+    req = announce(self, engine, h, req)
+  end
   h._request = engine:submit(h, req, json_body(req))
   h.on_data = req.on_data
-  if self._observers then h._t0 = now() end
   self._active = self._active + 1
   return h
 end
@@ -323,16 +363,6 @@ end
 local function call_hook(name, fn, arg)
   local ok, e = pcall(fn, arg)
   if not ok then io.stderr:write(format("sturdy: %s hook failed: %s\n", name, tostring(e))) end
-end
-
--- Hands a record to every observer (metrics, logs, spans). Observers only
--- watch: an error one raises is reported on stderr, never to the call.
-local function observe(self, record)
-  local observers = self._observers
-  for i = 1, #observers do
-    local ok, e = pcall(observers[i], record)
-    if not ok then io.stderr:write(format("sturdy: observer failed: %s\n", tostring(e))) end
-  end
 end
 
 local function finish_handle(self, errors, h, raw)
@@ -746,7 +776,10 @@ function Client:batch(requests, opts)
   return results, errors
 end
 
---- Adds an observer: fn(record) hears every call's end (`type = "call"`:
+--- Adds an observer: fn(record) hears every call's start (`type = "start"`:
+-- key, handle, request; an observer may set `record.headers` to a table of
+-- lowercase header names and values to send with it, such as trace
+-- context), every call's end (`type = "call"`:
 -- key, ok, status, kind, class, attempts (each with status, kind, delay,
 -- hinted, ttfb, latency), retryable, stopped, retry_after, request_id,
 -- latency (seconds since submit), ttfb, response, error), every retry
@@ -781,16 +814,34 @@ local function budget_events(self, events)
   for i = 1, #events do deliver(self, nil, "event", events[i]) end
 end
 
+-- A count or amount record_usage takes: a finite number >= 0, else it raises
+-- (a NaN would stay in the key's totals for good).
+local function check_amount(v, what)
+  if type(v) ~= "number" or v ~= v or v < 0 or v == math.huge then
+    fail("record_usage takes %s as a finite number >= 0, got %s", what, tostring(v))
+  end
+end
+
 --- Records the real usage of a call under its key: corrects the rate
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
 -- output } or nil; cost in dollars or nil; reply (optional): { model,
--- stop_reason, request_id } for observers, and for the spend caps `hold`
--- (the result's: the call's reservation is settled at this cost) or `tag`
--- (no reservation: the cost is charged to the key and tag). `lost = true`
--- records a hedge that lost (its cost counts; `hedges_lost`, `hedge_cost`).
+-- stop_reason, request_id, response } for observers, and for the spend caps
+-- `hold` (the result's: the call's reservation is settled at this cost) or
+-- `tag` (no reservation: the cost is charged to the key and tag). `lost =
+-- true` records a hedge that lost (its cost counts; `hedges_lost`, `hedge_cost`).
 function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
+  if type(key) ~= "string" then fail("record_usage takes a key string, got %s", type(key)) end
+  if type(usage) ~= "table" then fail("record_usage takes a usage table, got %s", type(usage)) end
+  for _, k in ipairs { "input", "output", "cache_read", "cache_write" } do check_amount(usage[k], "usage." .. k) end
+  if estimated ~= nil then
+    if type(estimated) ~= "table" then fail("record_usage takes estimated as a table, got %s", type(estimated)) end
+    check_amount(estimated.input, "estimated.input")
+    check_amount(estimated.output, "estimated.output")
+  end
+  if cost ~= nil then check_amount(cost, "cost") end
+  if reply ~= nil and type(reply) ~= "table" then fail("record_usage takes reply as a table, got %s", type(reply)) end
   reply = reply or {}
   if self._budget then
     local tokens = usage.input + usage.output + usage.cache_read + usage.cache_write
@@ -820,9 +871,26 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   t.cost = t.cost + (cost or 0)
   if self._observers then
     observe(self, { type = "usage", key = key, usage = usage, cost = cost, model = reply.model,
-                    stop_reason = reply.stop_reason, request_id = reply.request_id, tag = reply.tag,
-                    lost = reply.lost })
+                    stop_reason = reply.stop_reason, request_id = reply.request_id, response = reply.response,
+                    tag = reply.tag, lost = reply.lost })
   end
+end
+
+--- Hands a record to the client's observers, as its own records are: for the
+-- layers above the client to say what they learned about a call, e.g. a
+-- provider whose reply could not be used
+-- (`{ type = "reply_failed", key, response, error }`). Does nothing without observers.
+function Client:notify(record)
+  if type(record) ~= "table" or type(record.type) ~= "string" then
+    fail("notify takes a record table with a type, got %s", type(record))
+  end
+  if self._observers then observe(self, record) end
+end
+
+--- Each upstream key's reachability with its breaker and limiter state; see
+-- sturdy.health. Cheap and non-blocking: it reads the client's own state.
+function Client:health(key)
+  return require("sturdy.health").of(self, key)
 end
 
 --- Without a key: the client's totals and the keys it has seen. With one:

@@ -22,6 +22,7 @@ options.MAX_SECONDS = 315360000
 
 local ENUMS = policy.enums()
 ENUMS.transport = { "curl", "ngx" }
+ENUMS.log_level = { "debug", "info", "warn", "error" }
 options.enums = ENUMS
 
 local function set_of(list)
@@ -73,6 +74,22 @@ end
 
 function KINDS.table(v, _, bad)
   if type(v) ~= "table" then bad("a table") end
+  return v
+end
+
+function KINDS.boolean(v, _, bad)
+  if type(v) ~= "boolean" then bad("a boolean") end
+  return v
+end
+
+-- a function, or one of the names in spec.names
+function KINDS.writer(v, spec, bad)
+  if type(v) ~= "function" and not (type(v) == "string" and spec.names[v]) then
+    local names = {}
+    for name in pairs(spec.names) do names[#names + 1] = format("%q", name) end
+    table.sort(names)
+    bad("a function or " .. table.concat(names, " or "))
+  end
   return v
 end
 
@@ -278,6 +295,13 @@ local CLIENT = { fields = {
   transport = { "enum", values = "transport" },
   observe = { "function" },
   shared_dict = { "string" },
+  -- telemetry (sturdy.log, sturdy.trace, sturdy.alerts): observers the client attaches
+  logger = { "writer", names = { json = true, ngx = true } },
+  log_level = { "enum", values = "log_level" },
+  log_sample = { "number", range = { 0, 1 } },
+  log_bodies = { "boolean" },
+  on_span_start = { "function" }, on_span_end = { "function" },
+  alerts = { "table" }, on_alert = { "function" },
   breaker = { or_false = "upstream.breaker", fields = {
     window = { "seconds", to = "upstream.breaker.window_ms" },
     buckets = { "count", range = { 1, 64 }, to = "upstream.breaker.buckets" },
@@ -463,11 +487,27 @@ function options.client(cfg)
   if cfg.retry then compile_retry_lists(cfg.retry, compiled) end
   compile_concurrency(settings.limits, compiled)
   compile_budget(settings.budget, compiled)
+  for _, pair in ipairs { { "log_level", "logger" }, { "log_sample", "logger" }, { "log_bodies", "logger" },
+                          { "on_alert", "alerts" } } do
+    if cfg[pair[1]] ~= nil and cfg[pair[2]] == nil and not (pair[1] == "on_alert" and cfg.budget ~= nil) then
+      fail("option '%s' needs option '%s'%s", pair[1], pair[2], pair[1] == "on_alert" and " or 'budget'" or "")
+    end
+  end
   if cfg.base_url and not cfg.base_url:find("^https?://[^/]") then
     fail("option 'base_url' must start with http:// or https:// and name a host, got %q",
          one_line(cfg.base_url, 80))
   end
   if cfg.base_url and cfg.base_url:find("%z") then fail("option 'base_url' contains a NUL byte") end
+  if cfg.key and cfg.key:find("%c") then
+    -- as a request's own key: it is shown in stats, events and errors
+    fail("option 'key' contains a control character or NUL byte")
+  end
+  local breaker = compiled.upstream.breaker
+  if breaker and breaker.max_open_ms < breaker.open_ms then
+    -- the breaker would quietly raise the cap to open_for
+    fail("option 'max_open_for' in client options.breaker (%gs) must be at least open_for (%gs)",
+         breaker.max_open_ms / 1000, breaker.open_ms / 1000)
+  end
   compiled.transport.headers = cfg.headers and header_lines(cfg.headers, "client headers") or {}
   local timeout = {}
   for name, spec in pairs(TIMEOUT.fields) do

@@ -20,16 +20,30 @@ local prices = {
   ["gpt-4.1-nano"] = { input = 0.10, output = 0.40, cache_read = 0.025 },
 }
 
+-- model id -> the prefix that prices it (false: none), so a call does not
+-- walk the table; an entry added at run time clears it (see __newindex)
+local matched = {}
+
 --- The price entry for a model id, or nil.
 local function lookup(model)
   if type(model) ~= "string" then return nil end
-  local best, best_len
-  for prefix, p in pairs(prices) do
-    if type(p) == "table" and model:sub(1, #prefix) == prefix and (not best_len or #prefix > best_len) then
-      best, best_len = p, #prefix
+  local prefix = matched[model]
+  if prefix == nil then
+    local best_len = 0
+    prefix = false
+    for k, p in pairs(prices) do
+      if type(p) == "table" and type(k) == "string" and #k > best_len and model:sub(1, #k) == k then
+        prefix, best_len = k, #k
+      end
     end
+    matched[model] = prefix
   end
-  return best
+  local p = prefix and rawget(prices, prefix)
+  if prefix and p == nil then
+    matched[model] = nil -- the entry was removed since
+    return lookup(model)
+  end
+  return p or nil
 end
 
 --- Cost in dollars of a normalized usage ({input, output, cache_read, cache_write}).
@@ -42,4 +56,10 @@ local function cost(model, usage)
     + (usage.cache_write or 0) * (p.cache_write or p.input or 0)) / 1e6
 end
 
-return setmetatable(prices, { __index = { lookup = lookup, cost = cost } })
+return setmetatable(prices, {
+  __index = { lookup = lookup, cost = cost },
+  __newindex = function(t, k, v)
+    matched = {}
+    rawset(t, k, v)
+  end,
+})

@@ -17,6 +17,19 @@ end
 
 -- Keys live here, not in the objects: nothing that prints an object can show them.
 local secrets = setmetatable({}, { __mode = "k" })
+-- The auth headers of each provider, made once (they hold the key too).
+local auth_headers = setmetatable({}, { __mode = "k" })
+
+-- What each provider request is, for observers (see provider.about).
+local abouts = setmetatable({}, { __mode = "k" })
+
+--- What a request made by a provider is, for observers (metrics, logs,
+-- spans): `{ provider, operation, model, max_tokens, usage = true }` (a
+-- usage or reply_failed record follows its successful call), or nil for a
+-- request no provider made. Never the prompt.
+function provider.about(req)
+  return abouts[req]
+end
 
 local NEW_SCHEMA = {
   client = "table", api_key = "string", model = "string", base_url = "string", version = "string",
@@ -251,8 +264,17 @@ function provider.define(class, spec)
     if type(body.model) ~= "string" then fail("no model: pass model to new{} or in the request") end
     local estimated = { input = provider.estimate_input(body), output = tonumber(spec.max_tokens(body)) or 0 }
     opts = opts or {}
-    local headers = spec.auth(secrets[self], self)
-    for k, v in pairs(opts.headers or {}) do headers[k] = v end
+    local headers = auth_headers[self]
+    if headers == nil then
+      headers = spec.auth(secrets[self], self)
+      auth_headers[self] = headers
+    end
+    if opts.headers then
+      local merged = {}
+      for k, v in pairs(headers) do merged[k] = v end
+      for k, v in pairs(opts.headers) do merged[k] = v end
+      headers = merged
+    end
     local req = {
       method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout, tag = opts.tag,
@@ -260,6 +282,8 @@ function provider.define(class, spec)
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)
     if self.client:budgeted() then req.reserve = provider.reservation(self, body.model, estimated) end
+    abouts[req] = { provider = spec.name, operation = spec.operation or "chat", model = body.model,
+                    max_tokens = tonumber(spec.max_tokens(body)), usage = true }
     return req, body, estimated
   end
 
@@ -267,6 +291,13 @@ function provider.define(class, spec)
   local function hedge_policy(self, opts)
     if opts and opts.hedge ~= nil then return hedge.policy(opts.hedge, spec.call .. " options") end
     return self.hedge
+  end
+
+  -- The hedge of req: the same call (hedge.request_for), known as req is.
+  local function hedge_request(req, left)
+    local h = hedge.request_for(req, left)
+    abouts[h] = abouts[req]
+    return h
   end
 
   -- A hedge leg cancelled in flight was billed for its input: its estimate at
@@ -293,7 +324,7 @@ function provider.define(class, spec)
       attempts = res.attempts,
       cost = provider.account(self, key, model, usage, estimated,
                               { model = model, stop_reason = stop_reason, request_id = res.request_id,
-                                hold = res.hold, tag = req.tag }),
+                                response = res, hold = res.hold, tag = req.tag }),
     }
   end
 
@@ -301,12 +332,19 @@ function provider.define(class, spec)
   -- that turns its response into the result (or nil, err). nil, err when the
   -- input guard refuses it (nothing is sent).
   function class:prepare(params, opts)
+    if type(params) == "table" and params.stream then
+      -- a streamed reply is not JSON: it would come back as bad_response
+      fail("%s takes no 'stream' parameter: call stream{...} for a streamed reply", spec.call)
+    end
     local err = provider.guard(self, params, params and spec.max_tokens(params))
     if err then return nil, err end
     local req, body, estimated = self:_request(params, opts)
     return req, function(res)
       local doc, derr = provider.decode(res, spec.check)
-      if not doc then return nil, derr end
+      if not doc then
+        self.client:notify { type = "reply_failed", key = req.key, response = res, error = derr }
+        return nil, derr
+      end
       return self:_result(doc, res, body, estimated, req)
     end
   end
@@ -324,7 +362,7 @@ function provider.define(class, spec)
       if not res then return nil, err end
       return finish(res)
     end
-    local res, err, info = hedge.call(self.client, req, policy)
+    local res, err, info = hedge.call(self.client, req, policy, hedge_request)
     local lost = 0
     if info.lost then lost = self:_lost(req, req.json.model, req.tokens) end
     local r, ferr = res, err
@@ -343,6 +381,7 @@ function provider.define(class, spec)
   -- stream:result() gives the collected reply in the non-streamed shape.
   function class:stream(params, opts)
     opts = opts or {}
+    local policy = hedge_policy(self, opts)
     local err = provider.guard(self, params, params and spec.max_tokens(params))
     local s
     if err then
@@ -355,9 +394,10 @@ function provider.define(class, spec)
       local req, body, estimated = self:_request(p, opts)
       s = stream.start(self, spec.flavor, req, function(doc, res)
         return self:_result(doc, res, body, estimated, req)
-      end, opts.on_event, hedge_policy(self, opts), function(input)
-        return self:_lost(req, body.model, estimated, input)
-      end)
+      end, opts.on_event, policy and {
+        policy = policy, request = hedge_request,
+        lost = function(input) return self:_lost(req, body.model, estimated, input) end,
+      })
     end
     if opts.on_event then return s end
     return s:events(), s

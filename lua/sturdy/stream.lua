@@ -78,9 +78,9 @@ local function append(list, s)
   list[#list + 1] = s
 end
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- Anthropic: event: message_start ... message_stop; event: error
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- The message collected so far is acc.message (nil until message_start).
 -- What deltas add to a block is kept apart until its content_block_stop, in
@@ -226,9 +226,9 @@ stream.anthropic = {
   end,
 }
 
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 -- OpenAI: data: {chunk} ... data: [DONE]; data: {"error": ...}
----------------------------------------------------------------------------
+-- -------------------------------------------------------------------------
 
 -- Deltas merge as the SDKs merge them: strings are appended (kept as a list
 -- of pieces until the end), objects merge field by field, lists of objects
@@ -356,52 +356,50 @@ stream.openai = {
 -- content delta (or its terminal event) wins, the other is cancelled, and only
 -- the winner's events reach the caller.
 
-local hedge = require "sturdy.hedge"
-
 -- A leg's parsing state, fresh (also for a new attempt of the leg).
 local function reset_leg(self, leg)
   leg.parser:reset()
   leg.acc, leg.held, leg.released, leg.terminal, leg.stream_error = self.flavor.new_acc(), {}, false, false, nil
 end
 
+-- Submits req (which it completes with the stream's on_data) as a new leg.
 local function new_leg(self, req)
   local leg = { parser = policy.sse() }
   reset_leg(self, leg)
-  local r = {}
-  for k, v in pairs(req) do r[k] = v end
   -- the prelude is held back until the first delta: the stream commits itself
-  r.on_data = function(chunk, attempt) self:_chunk(leg, chunk, attempt) end
-  r.commit = "manual"
-  leg.handle = self.provider.client:submit(r, function(res, err) self:_leg_done(leg, res, err) end)
+  req.on_data = function(chunk, attempt) self:_chunk(leg, chunk, attempt) end
+  req.commit = "manual"
+  leg.handle = self.provider.client:submit(req, function(res, err) self:_leg_done(leg, res, err) end)
   return leg
 end
 
 --- Starts a streamed call of provider p (flavor: stream.anthropic or
 -- stream.openai); finish(doc, res) turns the collected message into the
--- result. hp (a policy from sturdy.hedge, or false) hedges it; lost(input_tokens or
--- nil) charges a leg cancelled in flight and returns its cost.
-function stream.start(p, flavor, req, finish, on_event, hp, lost)
+-- result. hedging (or nil) hedges it: { policy (from sturdy.hedge),
+-- request = function(req, left_ms) -> the hedge's request, lost =
+-- function(input_tokens or nil) -> the cost of a leg cancelled in flight, charged }.
+function stream.start(p, flavor, req, finish, on_event, hedging)
   local self = setmetatable({
     provider = p, flavor = flavor, finish_fn = finish, on_event = on_event,
-    queue = {}, head = 1, tail = 0, committed = false, done = false, lost_fn = lost,
+    queue = {}, head = 1, tail = 0, committed = false, done = false, hedging = hedging,
   }, Stream)
   local first = new_leg(self, req)
   self.legs, self.handle = { first }, first.handle
-  local wait = hp and first.handle:hedge_plan(hp)
+  local wait = hedging and first.handle:hedge_plan(hedging.policy)
   if wait then
-    self.timer = p.client:after(wait / 1000, function() self:_hedge(req, hp) end)
+    self.timer = p.client:after(wait / 1000, function() self:_hedge(req) end)
   end
   return self
 end
 
 -- The hedge timer: no delta yet, so a second leg goes if the core allows it.
-function Stream:_hedge(req, hp)
+function Stream:_hedge(req)
   local first = self.legs[1]
   if self.done or self.winner or first.done or first.released then return end
-  local ok, left = first.handle:hedge_admit(hp)
+  local ok, left = first.handle:hedge_admit(self.hedging.policy)
   if not ok then return end
   self.hedged = true
-  self.legs[2] = new_leg(self, hedge.request_for(req, left))
+  self.legs[2] = new_leg(self, self.hedging.request(req, left))
 end
 
 --- A stream that failed before it started (the input guard).
@@ -451,9 +449,7 @@ function Stream:_win(leg)
     if other ~= leg and not other.done then
       other.lost = true
       other.handle:lose()
-      if self.lost_fn then
-        self.lost_cost = (self.lost_cost or 0) + self.lost_fn(self.flavor.input_tokens(other.acc))
-      end
+      self.lost_cost = (self.lost_cost or 0) + self.hedging.lost(self.flavor.input_tokens(other.acc))
     end
   end
 end
@@ -547,6 +543,10 @@ function Stream:_finish(leg, res, err)
         request_id = res.request_id, attempts = res.attempts, message = bad.message, detail = bad.detail,
       }
     end
+  end
+  if res and self.error then
+    -- the call succeeded but its stream cannot be used: observers hear why
+    self.provider.client:notify { type = "reply_failed", key = res.key, response = res, error = self.error }
   end
   if self.on_event and self.error then self:_emit { type = "error", error = self.error } end
   -- s.on_done(s), when set, hears the end (success or error) after everything else

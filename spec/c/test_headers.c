@@ -69,6 +69,10 @@ static void test_header_lines(void)
     CHECK_EQ_INT(st_headers_add_line(&h, LINE(" folded: line\r\n")), ST_HEADERS_MALFORMED);
     CHECK_EQ_INT(st_headers_add_line(&h, LINE("bad name: x\r\n")), ST_HEADERS_MALFORMED);
     CHECK_EQ_INT(st_headers_add_line(&h, LINE("nul: a\0b\r\n")), ST_HEADERS_MALFORMED);
+    CHECK_EQ_INT(st_headers_add_line(&h, LINE("two: a\r\nx-injected: 1\r\n")), ST_HEADERS_MALFORMED);
+    CHECK_EQ_INT(st_headers_add_line(&h, LINE("bare-cr: a\rx-injected: 1\r\n")), ST_HEADERS_MALFORMED);
+    CHECK_EQ_INT(st_headers_add_line(&h, LINE("bare-lf: a\nx-injected: 1")), ST_HEADERS_MALFORMED);
+    CHECK(st_headers_find(&h, "two") == NULL);
     CHECK_EQ_INT(h.count, 4);
 
     st_headers_reset(&h);

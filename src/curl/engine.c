@@ -369,20 +369,37 @@ static int attempt_log(st_request *r, long status, const char *kind)
     return 1;
 }
 
+/* The bytes secret s (n bytes) covers where p (len bytes) starts with it, a
+ * '/' of it perhaps JSON-escaped, once or more ("\/", "\\\/": lua-cjson escapes
+ * '/', and a server may quote JSON within JSON); 0 if it is not there. */
+static size_t secret_at(const char *p, size_t len, const char *s, size_t n)
+{
+    size_t i = 0, k;
+    for (k = 0; k < n; k++) {
+        if (s[k] == '/')
+            while (i < len && p[i] == '\\')
+                i++;
+        if (i >= len || p[i] != s[k])
+            return 0;
+        i++;
+    }
+    return i;
+}
+
 /* Masks every secret the request carries wherever it shows in what an error
- * hands out (an echoing server puts it in the body). Same length, in place. */
+ * hands out (an echoing server puts it in the body). In place. */
 static void scrub(st_request *r, char *p, size_t len)
 {
-    size_t i;
+    size_t i, m;
     for (i = 0; i < r->nsecrets; i++) {
         const char *s = r->secrets[i].p;
         size_t n = r->secrets[i].len, at;
         if (n < 4 || n > len)
             continue; /* too short to scrub without mangling ordinary text */
         for (at = 0; at + n <= len; at++)
-            if (p[at] == s[0] && memcmp(p + at, s, n) == 0) {
-                memset(p + at, '*', n);
-                at += n - 1;
+            if ((p[at] == s[0] || p[at] == '\\') && (m = secret_at(p + at, len - at, s, n)) > 0) {
+                memset(p + at, '*', m);
+                at += m - 1;
             }
     }
 }
@@ -623,15 +640,25 @@ static st_outcome outcome_of_transport(st_request *r, CURLcode code)
         o.kind = "bad_response";
         break;
     case CURLE_URL_MALFORMAT:
-    case CURLE_UNSUPPORTED_PROTOCOL:
-        /* libcurl says the same of an HTTP/0.9 (garbage) reply: the server answered */
+    case CURLE_UNSUPPORTED_PROTOCOL: {
+        /* libcurl says the same of a status line it cannot read ("HTTP/1.1 abc",
+         * "000"), which never reaches on_header: once the request went out, the
+         * server answered */
+        long sent = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_REQUEST_SIZE, &sent);
         o.cls = ST_CLASS_FATAL;
-        o.kind = r->rx_bytes > 0 ? "bad_response" : "bad_url";
+        o.kind = r->rx_bytes > 0 || sent > 0 ? "bad_response" : "bad_url";
         break;
+    }
     case CURLE_OUT_OF_MEMORY:
-        /* libcurl refuses a giant header line this way */
+        /* libcurl refuses a header line above its limit (100 KiB) this way, and
+         * says nothing in the error buffer: the head had begun, no body yet */
         o.cls = ST_CLASS_FATAL;
-        o.kind = r->rx_bytes > 0 && strstr(r->errbuf, "header") ? "bad_response" : "transport";
+        o.kind = "transport";
+        if (r->rx_bytes > 0 && r->body_buf.len == 0 && r->streamed == 0) {
+            o.kind = "bad_response";
+            snprintf(r->errbuf, sizeof r->errbuf, "a response header line is too long");
+        }
         break;
     default:
         o.cls = ST_CLASS_FATAL;
@@ -959,7 +986,55 @@ static void add_secret(st_request *r, const char *p, size_t len)
     }
 }
 
-/* "scheme://user:password@host/...": the userinfo is a credential */
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* What libcurl sends for a URL's userinfo: base64 of "user:password",
+ * percent-decoded ("user:" when there is no password), as in its Authorization
+ * header, which an echoing server shows. out has room for 4 * (n + 3) / 3 bytes;
+ * returns the length written. */
+static size_t basic_credentials(const char *u, size_t n, char *out)
+{
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    unsigned char grp[3];
+    size_t i = 0, len = 0, g = 0;
+    int colon = 0;
+
+    while (i < n || !colon) {
+        unsigned char c;
+        if (i == n) {
+            c = ':';
+            colon = 1;
+        } else if (u[i] == '%' && i + 2 < n && hex_digit(u[i + 1]) >= 0 && hex_digit(u[i + 2]) >= 0) {
+            c = (unsigned char)(hex_digit(u[i + 1]) * 16 + hex_digit(u[i + 2]));
+            i += 3;
+        } else {
+            c = (unsigned char)u[i++];
+            colon |= c == ':';
+        }
+        grp[g++] = c;
+        if (g == 3 || (i == n && colon)) {
+            size_t k;
+            char quad[4];
+            for (k = g; k < 3; k++)
+                grp[k] = 0;
+            quad[0] = b64[grp[0] >> 2];
+            quad[1] = b64[((grp[0] & 3) << 4) | (grp[1] >> 4)];
+            quad[2] = g > 1 ? b64[((grp[1] & 15) << 2) | (grp[2] >> 6)] : '=';
+            quad[3] = g > 2 ? b64[grp[2] & 63] : '=';
+            memcpy(out + len, quad, 4);
+            len += 4;
+            g = 0;
+        }
+    }
+    return len;
+}
+
+/* "scheme://user:password@host/...": the userinfo is a credential, and so is
+ * the Basic form libcurl sends of it. The text buffer has room for that form. */
 static void add_url_userinfo(st_request *r)
 {
     const char *start = strstr(r->url, "://"), *end;
@@ -967,8 +1042,13 @@ static void add_url_userinfo(st_request *r)
         return;
     start += 3;
     end = start + strcspn(start, "/?#@");
-    if (*end == '@')
+    if (*end == '@') {
+        char *basic = r->text.data + r->text.len;
+        size_t n = basic_credentials(start, (size_t)(end - start), basic);
+        r->text.len += n;
         add_secret(r, start, (size_t)(end - start));
+        add_secret(r, basic, n);
+    }
 }
 
 /* Copies method, URL, body and header lines into the request's one text
@@ -988,6 +1068,7 @@ static int request_copy(st_request *r, const st_request_spec *spec)
     lens[2] = spec->body ? spec->body_len : 0;
     for (i = 0; i < 3; i++)
         total += lens[i] + 1;
+    total += 4 * (lens[1] + 3) / 3; /* the Basic form of a userinfo (add_url_userinfo) */
     for (i = 0; i < nlines; i++)
         total += strlen(spec->headers[i]) + 1;
     st_buf_reset(&r->text);

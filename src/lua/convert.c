@@ -2,6 +2,7 @@
 
 #include <ctype.h>
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include <lauxlib.h>
@@ -15,11 +16,20 @@ static const char *const priorities[] = { "high", "normal", "low", NULL };
 
 #define MAX_MS ((double)ST_RETRY_AFTER_MAX_MS)
 
+int sl_error(lua_State *L, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    lua_pushvfstring(L, fmt, ap);
+    va_end(ap);
+    return lua_error(L);
+}
+
 /* ---- strict readers ------------------------------------------------------- */
 
 static int field_error(lua_State *L, const char *where, const char *field, const char *want)
 {
-    return luaL_error(L, "sturdy: configuration field '%s.%s' must be %s", where, field, want);
+    return sl_error(L, "sturdy: configuration field '%s.%s' must be %s", where, field, want);
 }
 
 /* Pushes t[field], which must be a table. */
@@ -93,9 +103,11 @@ const char *sl_opt_string(lua_State *L, int t, const char *field)
         size_t len;
         s = lua_tolstring(L, -1, &len);
         if (strlen(s) != len)
-            luaL_error(L, "sturdy: option '%s' contains a NUL byte", field);
+            sl_error(L, "sturdy: option '%s' contains a NUL byte", field);
+        if (strpbrk(s, "\r\n") != NULL) /* user_agent becomes a header line */
+            sl_error(L, "sturdy: option '%s' contains CR or LF", field);
     } else if (!lua_isnil(L, -1)) {
-        luaL_error(L, "sturdy: option '%s' must be a string", field);
+        sl_error(L, "sturdy: option '%s' must be a string", field);
     }
     lua_pop(L, 1);
     return s;
@@ -106,7 +118,7 @@ static int class_of(lua_State *L, int idx, const char *where)
     st_class cls = ST_CLASS_SUCCESS; /* luaL_error does not return; clang cannot tell */
     const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : NULL;
     if (s == NULL || !st_class_parse(s, &cls))
-        luaL_error(L, "sturdy: configuration field '%s' holds an unknown class", where);
+        sl_error(L, "sturdy: configuration field '%s' holds an unknown class", where);
     return (int)cls;
 }
 
@@ -141,7 +153,7 @@ static void read_retry(lua_State *L, int t, st_retry_policy *p)
     while (lua_next(L, sub)) {
         int cls = class_of(L, -2, "retry.retried");
         if (!lua_isboolean(L, -1))
-            luaL_error(L, "sturdy: configuration field 'retry.retried' takes booleans");
+            sl_error(L, "sturdy: configuration field 'retry.retried' takes booleans");
         p->retried[cls] = (unsigned char)lua_toboolean(L, -1);
         lua_pop(L, 1);
     }
@@ -151,7 +163,7 @@ static void read_retry(lua_State *L, int t, st_retry_policy *p)
     while (lua_next(L, sub)) {
         lua_Number status = lua_type(L, -2) == LUA_TNUMBER ? lua_tonumber(L, -2) : -1;
         if (!(status >= 100 && status < ST_STATUS_OVERRIDES && status == floor(status)) || !lua_isboolean(L, -1))
-            luaL_error(L, "sturdy: configuration field 'retry.status_retried' maps statuses 100-599 to booleans");
+            sl_error(L, "sturdy: configuration field 'retry.status_retried' maps statuses 100-599 to booleans");
         p->status_retried[(int)status] = (signed char)lua_toboolean(L, -1);
         lua_pop(L, 1);
     }
@@ -293,13 +305,13 @@ static void read_rules(lua_State *L, int t, const char *field, st_spend_scope sc
         size_t len;
         const char *name;
         if (lua_type(L, -2) != LUA_TSTRING || !lua_istable(L, -1))
-            luaL_error(L, "sturdy: configuration field 'budget.%s' maps names to tables of caps", field);
+            sl_error(L, "sturdy: configuration field 'budget.%s' maps names to tables of caps", field);
         name = lua_tolstring(L, -2, &len);
         if (len == 0 || strlen(name) != len)
-            luaL_error(L, "sturdy: configuration field 'budget.%s' holds an empty name or a NUL byte", field);
+            sl_error(L, "sturdy: configuration field 'budget.%s' holds an empty name or a NUL byte", field);
         read_caps(L, lua_gettop(L), field, &c);
         if (!st_spend_book_rule(b, scope, name, &c))
-            luaL_error(L, "sturdy: out of memory");
+            sl_error(L, "sturdy: out of memory");
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -321,7 +333,7 @@ int sl_read_spend(lua_State *L, int t, st_decider *d, int64_t now_ms)
     sub = lua_gettop(L);
     b = st_spend_book_new(ms_field(L, sub, "budget", "settle_ms", 1), now_ms);
     if (b == NULL)
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     st_decider_set_spend(d, b, now_ms); /* owned by the decider from here, whatever raises */
     lua_getfield(L, sub, "client");
     if (lua_istable(L, -1)) {

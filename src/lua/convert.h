@@ -10,6 +10,10 @@
 
 #include "decide.h"
 
+/* Raises a message as it is, without the caller's position: the messages say
+ * which option or argument is wrong, "file:line:" would only be noise. */
+int sl_error(lua_State *L, const char *fmt, ...);
+
 /* Reads the compiled configuration (lua/sturdy/options.lua makes it) at index t:
  * fields `retry` and `upstream`. Strict: a missing field, a wrong type, a NaN or
  * a value outside its C type raises, naming the field. */

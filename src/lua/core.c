@@ -53,7 +53,7 @@ static l_engine *open_engine(lua_State *L, int i)
 {
     l_engine *le = check_engine(L, i);
     if (le->e == NULL)
-        luaL_error(L, "sturdy: the client is closed");
+        sl_error(L, "sturdy: the client is closed");
     return le;
 }
 
@@ -117,17 +117,17 @@ static void read_client_lines(lua_State *L, l_engine *le, int t)
     luaL_checktype(L, -1, LUA_TTABLE);
     n = lua_rawlen(L, -1);
     if (n > MAX_HEADERS)
-        luaL_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
+        sl_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
     le->lines = calloc(n ? n : 1, sizeof *le->lines);
     le->names = calloc(n ? n : 1, sizeof *le->names);
     if (le->lines == NULL || le->names == NULL)
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     for (i = 0; i < n; i++) {
         size_t len, name_len;
         const char *line;
         lua_rawgeti(L, -1, (int)i + 1);
         if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
+            sl_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
         line = lua_tolstring(L, -1, &len);
         name_len = sl_check_header_line(L, line, len, "client headers");
         le->lines[i] = dup_mem(line, len, 0);
@@ -135,7 +135,7 @@ static void read_client_lines(lua_State *L, l_engine *le, int t)
         if (le->lines[i] == NULL || le->names[i] == NULL) {
             free(le->lines[i]);
             free(le->names[i]);
-            luaL_error(L, "sturdy: out of memory");
+            sl_error(L, "sturdy: out of memory");
         }
         le->nlines = i + 1;
         lua_pop(L, 1);
@@ -181,13 +181,13 @@ static int l_engine_new(lua_State *L)
     seed_n = lua_isnil(L, -1) ? 0 : luaL_checknumber(L, -1);
     lua_pop(L, 1);
     if (!(seed_n >= 0 && seed_n < 9007199254740992.0))
-        return luaL_error(L, "sturdy: option 'seed' must be a whole number below 2^53");
+        return sl_error(L, "sturdy: option 'seed' must be a whole number below 2^53");
     seed = (uint64_t)seed_n;
     if (seed == 0) /* no seed asked for: jitter must differ between clients and processes */
         seed = (uint64_t)(uintptr_t)le ^ ((uint64_t)time(NULL) << 20) ^ ((uint64_t)getpid() << 40);
     le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
     if (le->e == NULL)
-        return luaL_error(L, "sturdy: %s", err);
+        return sl_error(L, "sturdy: %s", err);
     sl_read_spend(L, 1, st_engine_decider(le->e), st_engine_now_ms());
     lua_getfield(L, 1, "notices");
     if (lua_istable(L, -1)) {
@@ -221,7 +221,7 @@ static size_t assemble_headers(lua_State *L, l_engine *le, const sl_request *req
     int has_type = 0;
 
     if (req->nlines + le->nlines + 2 > MAX_HEADERS)
-        luaL_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
+        sl_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
     for (k = 0; k < req->nlines; k++) {
         lines[n++] = req->lines[k];
         if (strncasecmp(req->lines[k], "content-type:", 13) == 0)
@@ -293,7 +293,7 @@ static int l_engine_submit(lua_State *L)
     luaL_setmetatable(L, REQUEST_MT);
     lr->r = st_engine_submit(le->e, &spec, err, sizeof err);
     if (lr->r == NULL)
-        return luaL_error(L, "sturdy: %s", err);
+        return sl_error(L, "sturdy: %s", err);
     st_request_set_userdata(lr->r, lr);
     lua_pushvalue(L, 2);
     lr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -499,7 +499,12 @@ static int l_engine_take(lua_State *L)
     int list = 2, n;
 
     luaL_checktype(L, 2, LUA_TTABLE);
-    n = (int)luaL_checkinteger(L, 3);
+    {
+        lua_Integer at = luaL_checkinteger(L, 3);
+        /* the count grows by 4 per item: far below INT_MAX, so it cannot overflow */
+        luaL_argcheck(L, at >= 0 && at <= (1 << 30), 3, "queue length out of range");
+        n = (int)at;
+    }
     while (st_engine_take_notice(e, &notice)) {
         push_notice(L, &notice);
         append(L, list, &n, 2);
@@ -697,7 +702,7 @@ static double amount_arg(lua_State *L, int i, const char *what)
 {
     lua_Number v = luaL_optnumber(L, i, 0);
     if (!(v >= 0 && v <= 1e15))
-        luaL_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
+        sl_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
     return v;
 }
 
@@ -792,17 +797,17 @@ static void read_hedge_policy(lua_State *L, int i, st_hedge_policy *p)
     lua_getfield(L, i, "after");
     v = lua_isnil(L, -1) ? -1 : luaL_checknumber(L, -1);
     if (!(v == -1 || (v >= 0 && v <= (lua_Number)ST_RETRY_AFTER_MAX_MS)))
-        luaL_error(L, "sturdy: hedge 'after' must be a number of ms from 0 to %d", (int)ST_RETRY_AFTER_MAX_MS);
+        sl_error(L, "sturdy: hedge 'after' must be a number of ms from 0 to %d", (int)ST_RETRY_AFTER_MAX_MS);
     p->after_ms = v < 0 ? -1 : (int64_t)ceil(v);
     lua_getfield(L, i, "quantile");
     v = lua_isnil(L, -1) ? 0.95 : luaL_checknumber(L, -1);
     if (!(v >= 0 && v <= 1))
-        luaL_error(L, "sturdy: hedge 'quantile' must be a number from 0 to 1");
+        sl_error(L, "sturdy: hedge 'quantile' must be a number from 0 to 1");
     p->quantile = v;
     lua_getfield(L, i, "max_ratio");
     v = luaL_checknumber(L, -1);
     if (!(v >= 0 && v <= 1))
-        luaL_error(L, "sturdy: hedge 'max_ratio' must be a number from 0 to 1");
+        sl_error(L, "sturdy: hedge 'max_ratio' must be a number from 0 to 1");
     p->max_ratio = v;
     lua_pop(L, 3);
 }
@@ -876,7 +881,7 @@ static int l_request_fail_attempt(lua_State *L)
     int k = luaL_checkoption(L, 3, NULL, kinds);
 
     if (!st_class_parse(name, &cls) || cls == ST_CLASS_SUCCESS)
-        return luaL_error(L, "sturdy: unknown failure class '%s'", name);
+        return sl_error(L, "sturdy: unknown failure class '%s'", name);
     if (lr->r != NULL && lr->le->e != NULL)
         st_engine_fail_attempt(lr->le->e, lr->r, cls, kinds[k], luaL_optstring(L, 4, ""));
     return 0;

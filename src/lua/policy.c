@@ -1,9 +1,11 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, and the monotonic clock.
+ * options' enums and defaults, the monotonic and wall clocks, and windows
+ * (sliding sums, latency percentiles) on a clock the caller passes in.
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -14,12 +16,16 @@
 
 #include "compat.h"
 #include "convert.h"
+#include "counts.h"
 #include "headers.h"
+#include "latency.h"
 #include "sha256.h"
 #include "sse.h"
 
 #define SSE_MT "sturdy.sse"
 #define HEAD_MT "sturdy.head"
+#define COUNTS_MT "sturdy.counts"
+#define LATENCY_MT "sturdy.latency"
 
 /* ---- header blocks -------------------------------------------------------- */
 
@@ -83,7 +89,7 @@ static int l_head_add(lua_State *L)
         lua_pushliteral(L, "too_large");
         return 2;
     default:
-        return luaL_error(L, "sturdy: out of memory");
+        return sl_error(L, "sturdy: out of memory");
     }
 }
 
@@ -138,9 +144,10 @@ static int l_sse_new(lua_State *L)
     l_sse *ls = lua_newuserdata(L, sizeof *ls);
     ls->p = NULL;
     luaL_setmetatable(L, SSE_MT);
-    ls->p = st_sse_new(max > 0 ? (size_t)max : 0);
+    /* clamped before the cast: NaN, negatives and huge values are not sizes */
+    ls->p = st_sse_new(max > 0 ? (max < (lua_Number)SIZE_MAX / 2 ? (size_t)max : SIZE_MAX / 2) : 0);
     if (ls->p == NULL)
-        return luaL_error(L, "sturdy: out of memory");
+        return sl_error(L, "sturdy: out of memory");
     return 1;
 }
 
@@ -220,6 +227,195 @@ static const luaL_Reg sse_methods[] = {
     { NULL, NULL }
 };
 
+/* ---- windows on the caller's clock --------------------------------------- */
+
+/* 2^53 ms: beyond it a double no longer holds every millisecond */
+#define MAX_MS 9007199254740992.0
+
+/* Seconds (argument i) to milliseconds, clamped before the conversion. */
+static int64_t check_ms(lua_State *L, int i, const char *what)
+{
+    lua_Number s = luaL_checknumber(L, i);
+    double ms;
+    if (s != s)
+        luaL_argerror(L, i, lua_pushfstring(L, "%s must be a number, got NaN", what));
+    ms = floor(s * 1000.0);
+    if (ms > MAX_MS)
+        ms = MAX_MS;
+    if (ms < -MAX_MS)
+        ms = -MAX_MS;
+    return (int64_t)ms;
+}
+
+/* A window's slot count and width (arguments i, i+1), checked. */
+static unsigned check_slots(lua_State *L, int i, unsigned max)
+{
+    lua_Number n = luaL_checknumber(L, i);
+    if (!(n >= 1 && n <= max) || n != floor(n))
+        luaL_argerror(L, i, lua_pushfstring(L, "slots must be a whole number from 1 to %d", (int)max));
+    return (unsigned)n;
+}
+
+static int64_t check_slot_ms(lua_State *L, int i)
+{
+    lua_Number s = luaL_checknumber(L, i);
+    if (!(s >= 0.001 && s <= 315360000.0))
+        luaL_argerror(L, i, "slot width must be seconds from 0.001 to 315360000");
+    return (int64_t)ceil(s * 1000.0);
+}
+
+typedef struct l_counts {
+    st_counts *c;
+    unsigned n;
+} l_counts;
+
+/* policy.counts(slots, slot_seconds, n[, now]) -> sliding sums of n counters
+ * over slots * slot_seconds (see src/policy/counts.h); times in seconds. */
+static int l_counts_new(lua_State *L)
+{
+    unsigned slots = check_slots(L, 1, ST_COUNTS_MAX_SLOTS);
+    int64_t slot_ms = check_slot_ms(L, 2);
+    lua_Number n = luaL_checknumber(L, 3);
+    int64_t now = lua_isnoneornil(L, 4) ? 0 : check_ms(L, 4, "now");
+    l_counts *lc;
+    if (!(n >= 1 && n <= ST_COUNTS_MAX_N) || n != floor(n))
+        return luaL_argerror(L, 3, "counters must be a whole number from 1 to 64");
+    lc = lua_newuserdata(L, sizeof *lc);
+    lc->c = NULL;
+    lc->n = (unsigned)n;
+    luaL_setmetatable(L, COUNTS_MT);
+    lc->c = st_counts_new(slots, slot_ms, lc->n, now);
+    if (lc->c == NULL)
+        return luaL_error(L, "sturdy: out of memory");
+    return 1;
+}
+
+static l_counts *check_counts(lua_State *L)
+{
+    l_counts *lc = luaL_checkudata(L, 1, COUNTS_MT);
+    if (lc->c == NULL)
+        luaL_error(L, "sturdy: the window is freed");
+    return lc;
+}
+
+/* counts:add(now, i, v) -> true, or false when v is refused (not finite, negative) */
+static int l_counts_add(lua_State *L)
+{
+    l_counts *lc = check_counts(L);
+    int64_t now = check_ms(L, 2, "now");
+    lua_Number i = luaL_checknumber(L, 3);
+    if (!(i >= 1 && i <= lc->n) || i != floor(i))
+        return luaL_argerror(L, 3, "no such counter");
+    lua_pushboolean(L, st_counts_add(lc->c, now, (unsigned)i - 1, luaL_checknumber(L, 4)));
+    return 1;
+}
+
+/* counts:sums(now) -> the n sums over the window */
+static int l_counts_sums(lua_State *L)
+{
+    l_counts *lc = check_counts(L);
+    double out[ST_COUNTS_MAX_N];
+    unsigned i;
+    st_counts_sums(lc->c, check_ms(L, 2, "now"), out);
+    luaL_checkstack(L, (int)lc->n, "too many counters");
+    for (i = 0; i < lc->n; i++)
+        lua_pushnumber(L, out[i]);
+    return (int)lc->n;
+}
+
+static int l_counts_gc(lua_State *L)
+{
+    l_counts *lc = luaL_checkudata(L, 1, COUNTS_MT);
+    st_counts_free(lc->c);
+    lc->c = NULL;
+    return 0;
+}
+
+static const luaL_Reg counts_methods[] = {
+    { "add", l_counts_add },
+    { "sums", l_counts_sums },
+    { NULL, NULL }
+};
+
+typedef struct l_latency {
+    st_latency *l;
+} l_latency;
+
+/* policy.latency(slots, slot_seconds[, now]) -> a latency window (see
+ * src/policy/latency.h); times and values in seconds. */
+static int l_latency_new(lua_State *L)
+{
+    unsigned slots = check_slots(L, 1, ST_LATENCY_MAX_SLOTS);
+    int64_t slot_ms = check_slot_ms(L, 2);
+    int64_t now = lua_isnoneornil(L, 3) ? 0 : check_ms(L, 3, "now");
+    l_latency *ll = lua_newuserdata(L, sizeof *ll);
+    ll->l = NULL;
+    luaL_setmetatable(L, LATENCY_MT);
+    ll->l = st_latency_new(slots, slot_ms, now);
+    if (ll->l == NULL)
+        return luaL_error(L, "sturdy: out of memory");
+    return 1;
+}
+
+static st_latency *check_latency(lua_State *L)
+{
+    l_latency *ll = luaL_checkudata(L, 1, LATENCY_MT);
+    if (ll->l == NULL)
+        luaL_error(L, "sturdy: the window is freed");
+    return ll->l;
+}
+
+/* latency:record(now, seconds): a negative or NaN value is refused (false) */
+static int l_latency_record(lua_State *L)
+{
+    st_latency *l = check_latency(L);
+    int64_t now = check_ms(L, 2, "now");
+    lua_Number v = luaL_checknumber(L, 3);
+    double us;
+    if (!(v >= 0)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    us = v * 1e6 + 0.5;
+    st_latency_record(l, now, us >= (double)ST_LATENCY_MAX_US ? ST_LATENCY_MAX_US : (uint64_t)us);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* latency:query(now, q) -> count in the window, and the q-quantile in seconds
+ * (nil when the window is empty) */
+static int l_latency_query(lua_State *L)
+{
+    st_latency *l = check_latency(L);
+    int64_t now = check_ms(L, 2, "now");
+    lua_Number q = luaL_checknumber(L, 3);
+    double qs[1];
+    uint64_t out[1], count;
+    if (!(q >= 0 && q <= 1))
+        return luaL_argerror(L, 3, "a quantile from 0 to 1");
+    qs[0] = q;
+    count = st_latency_query(l, now, qs, 1, out, NULL);
+    lua_pushnumber(L, (lua_Number)count);
+    if (count == 0)
+        return 1;
+    lua_pushnumber(L, out[0] / 1e6);
+    return 2;
+}
+
+static int l_latency_gc(lua_State *L)
+{
+    l_latency *ll = luaL_checkudata(L, 1, LATENCY_MT);
+    st_latency_free(ll->l);
+    ll->l = NULL;
+    return 0;
+}
+
+static const luaL_Reg latency_methods[] = {
+    { "record", l_latency_record },
+    { "query", l_latency_query },
+    { NULL, NULL }
+};
+
 /* policy.sha256(s) -> the SHA-256 digest of s as 64 lowercase hex digits */
 static int l_sha256(lua_State *L)
 {
@@ -239,6 +435,15 @@ static int l_monotime(lua_State *L)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
+    return 1;
+}
+
+/* Wall-clock seconds since the epoch, to the microsecond (logs, spans). */
+static int l_walltime(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
     lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
     return 1;
 }
@@ -274,6 +479,9 @@ static const luaL_Reg policy_functions[] = {
     { "status_line", l_status_line },
     { "sha256", l_sha256 },
     { "monotime", l_monotime },
+    { "walltime", l_walltime },
+    { "counts", l_counts_new },
+    { "latency", l_latency_new },
     { NULL, NULL }
 };
 
@@ -294,6 +502,8 @@ ST_EXPORT int luaopen_sturdy_policy(lua_State *L)
 {
     new_class(L, SSE_MT, l_sse_gc, sse_methods);
     new_class(L, HEAD_MT, l_head_gc, head_methods);
+    new_class(L, COUNTS_MT, l_counts_gc, counts_methods);
+    new_class(L, LATENCY_MT, l_latency_gc, latency_methods);
     luaL_newlib(L, policy_functions);
     return 1;
 }

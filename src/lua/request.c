@@ -10,6 +10,7 @@
 #include <lauxlib.h>
 
 #include "compat.h"
+#include "convert.h"
 
 #define MAX_SECONDS 315360000.0   /* 10 years, as every option in seconds */
 #define MAX_LINE 8192
@@ -75,7 +76,7 @@ static const char *shown(lua_State *L, int i)
 
 static int wrong(lua_State *L, const char *name, const char *want, int i)
 {
-    return luaL_error(L, "sturdy: option '%s' in request must be %s, got %s", name, want, shown(L, i));
+    return sl_error(L, "sturdy: option '%s' in request must be %s, got %s", name, want, shown(L, i));
 }
 
 static int is_whole(lua_Number v, lua_Number lo, lua_Number hi)
@@ -91,10 +92,10 @@ static int64_t timeout_ms(lua_State *L, int i, const char *name)
         return 0;
     v = lua_type(L, i) == LUA_TNUMBER ? lua_tonumber(L, i) : -1;
     if (!(v > 0))
-        luaL_error(L, "sturdy: option '%s' in request.timeout must be a positive number or false, got %s", name,
+        sl_error(L, "sturdy: option '%s' in request.timeout must be a positive number or false, got %s", name,
                    shown(L, i));
     if (v > MAX_SECONDS)
-        luaL_error(L, "sturdy: option '%s' in request.timeout must be at most %d (seconds)", name,
+        sl_error(L, "sturdy: option '%s' in request.timeout must be at most %d (seconds)", name,
                    (int)MAX_SECONDS);
     return (int64_t)ceil(v * 1000);
 }
@@ -108,22 +109,22 @@ size_t sl_check_header_line(lua_State *L, const char *line, size_t len, const ch
     const char *colon = memchr(line, ':', len);
 
     if (colon == NULL || colon == line)
-        luaL_error(L, "sturdy: a header line in %s has no 'Name: value' form", where);
+        sl_error(L, "sturdy: a header line in %s has no 'Name: value' form", where);
     name_len = (size_t)(colon - line);
     for (i = 0; i < name_len; i++)
         if (!is_tchar((unsigned char)line[i]))
-            luaL_error(L, "sturdy: header name \"%s\" in %s is not a valid HTTP token",
+            sl_error(L, "sturdy: header name \"%s\" in %s is not a valid HTTP token",
                        push_str(L, line, name_len < 64 ? name_len : 64), where);
     for (i = name_len + 1; i < len; i++)
         if (line[i] == '\r' || line[i] == '\n' || line[i] == '\0')
-            luaL_error(L, "sturdy: header '%s' in %s contains CR, LF or NUL",
+            sl_error(L, "sturdy: header '%s' in %s contains CR, LF or NUL",
                        push_str(L, line, name_len), where);
     if (len > MAX_LINE)
-        luaL_error(L, "sturdy: header '%s' in %s is longer than %d bytes",
+        sl_error(L, "sturdy: header '%s' in %s is longer than %d bytes",
                    push_str(L, line, name_len < 64 ? name_len : 64), where, MAX_LINE);
     for (i = 0; framing[i]; i++)
         if (strlen(framing[i]) == name_len && strncasecmp(line, framing[i], name_len) == 0)
-            luaL_error(L, "sturdy: header '%s' in %s frames the message and is set by sturdy itself; remove it",
+            sl_error(L, "sturdy: header '%s' in %s frames the message and is set by sturdy itself; remove it",
                        push_str(L, line, name_len), where);
     return name_len;
 }
@@ -141,13 +142,13 @@ static char *dup_field(lua_State *L, int t, const char *field)
         return NULL;
     }
     if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_error(L, "sturdy: configuration field 'client.%s' must be a string", field);
+        sl_error(L, "sturdy: configuration field 'client.%s' must be a string", field);
     s = lua_tolstring(L, -1, &len);
     if (strlen(s) != len)
-        luaL_error(L, "sturdy: configuration field 'client.%s' contains a NUL byte", field);
+        sl_error(L, "sturdy: configuration field 'client.%s' contains a NUL byte", field);
     d = malloc(len + 1);
     if (d == NULL)
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     memcpy(d, s, len + 1);
     lua_pop(L, 1);
     return d;
@@ -160,23 +161,25 @@ void sl_client_read(lua_State *L, int t, sl_client *c)
     memset(c, 0, sizeof *c);
     lua_getfield(L, t, "client");
     if (!lua_istable(L, -1))
-        luaL_error(L, "sturdy: configuration field 'client' must be a table");
+        sl_error(L, "sturdy: configuration field 'client' must be a table");
     t = lua_gettop(L);
     c->base_url = dup_field(L, t, "base_url");
     c->base_len = c->base_url ? strlen(c->base_url) : 0;
     c->base_key = dup_field(L, t, "key");
     if (c->base_key == NULL && (c->base_key = calloc(1, 1)) == NULL)
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     lua_getfield(L, t, "explicit_key");
     c->explicit_key = lua_toboolean(L, -1);
     lua_pop(L, 1);
     lua_getfield(L, t, "timeout_ms");
+    if (!lua_istable(L, -1))
+        sl_error(L, "sturdy: configuration field 'client.timeout_ms' must be a table");
     for (i = 0; i < 4; i++) {
         lua_Number v;
         lua_getfield(L, -1, timeout_names[i]);
-        v = lua_tonumber(L, -1);
+        v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1; /* strict: no "5" */
         if (!(v >= 0 && v <= MAX_SECONDS * 1000))
-            luaL_error(L, "sturdy: configuration field 'client.timeout_ms.%s' is out of range", timeout_names[i]);
+            sl_error(L, "sturdy: configuration field 'client.timeout_ms.%s' is out of range", timeout_names[i]);
         c->timeout_ms[i] = (int64_t)v;
         lua_pop(L, 1);
     }
@@ -222,7 +225,7 @@ static int *slot_of(lua_State *L, fields *f, const char *k, size_t len)
         if (memcmp(k, "tokens", 6) == 0) return &f->tokens;
         if (memcmp(k, "commit", 6) == 0) return &f->commit;
         if (memcmp(k, "stream", 6) == 0)
-            luaL_error(L, "sturdy: option 'stream' in request is not supported: give on_data to receive the "
+            sl_error(L, "sturdy: option 'stream' in request is not supported: give on_data to receive the "
                           "body as it arrives");
         break;
     case 7:
@@ -239,7 +242,7 @@ static int *slot_of(lua_State *L, fields *f, const char *k, size_t len)
         if (memcmp(k, "max_response", 12) == 0) return &f->max_response;
         break;
     }
-    luaL_error(L, "sturdy: unknown option '%s' in request", k);
+    sl_error(L, "sturdy: unknown option '%s' in request", k);
     return NULL;
 }
 
@@ -263,7 +266,7 @@ static void read_timeouts(lua_State *L, int t, const sl_client *c, int64_t *out)
             if (strcmp(k, timeout_names[i]) == 0)
                 break;
         if (k == NULL || i == 4)
-            luaL_error(L, "sturdy: unknown option '%s' in request.timeout", lua_pushfstring(L, "%s",
+            sl_error(L, "sturdy: unknown option '%s' in request.timeout", lua_pushfstring(L, "%s",
                        k ? k : luaL_typename(L, -2)));
         out[i] = timeout_ms(L, lua_gettop(L), k);
         lua_pop(L, 1);
@@ -278,10 +281,10 @@ static void read_tokens(lua_State *L, int t, sl_request *out)
         lua_Number v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
         int input = strcmp(k, "input") == 0;
         if (!input && strcmp(k, "output") != 0)
-            luaL_error(L, "sturdy: unknown option '%s' in request.tokens",
+            sl_error(L, "sturdy: unknown option '%s' in request.tokens",
                        lua_type(L, -2) == LUA_TSTRING ? k : luaL_typename(L, -2));
         if (!(v >= 0 && v <= 1e12))
-            luaL_error(L, "sturdy: option 'tokens.%s' in request must be a number from 0 to 1e12, got %s", k,
+            sl_error(L, "sturdy: option 'tokens.%s' in request must be a number from 0 to 1e12, got %s", k,
                        shown(L, -1));
         if (input)
             out->tokens_in = v;
@@ -300,10 +303,10 @@ static void read_reserve(lua_State *L, int t, sl_request *out)
         lua_Number v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
         int usd = strcmp(k, "usd") == 0;
         if (!usd && strcmp(k, "tokens") != 0)
-            luaL_error(L, "sturdy: unknown option '%s' in request.reserve",
+            sl_error(L, "sturdy: unknown option '%s' in request.reserve",
                        lua_type(L, -2) == LUA_TSTRING ? k : luaL_typename(L, -2));
         if (!(v >= 0 && v <= (usd ? 1e9 : 1e15)))
-            luaL_error(L, "sturdy: option 'reserve.%s' in request must be a number from 0 to %s, got %s", k,
+            sl_error(L, "sturdy: option 'reserve.%s' in request must be a number from 0 to %s, got %s", k,
                        usd ? "1e9" : "1e15", shown(L, -1));
         if (usd)
             out->reserve_usd = v;
@@ -322,25 +325,25 @@ static size_t read_header_table(lua_State *L, int t, st_buf *scratch, size_t *of
         size_t name_len, value_len, i;
         const char *name, *value;
         if (lua_type(L, -2) != LUA_TSTRING)
-            luaL_error(L, "sturdy: header name %s in request headers is not a valid HTTP token",
+            sl_error(L, "sturdy: header name %s in request headers is not a valid HTTP token",
                        luaL_typename(L, -2));
         name = lua_tolstring(L, -2, &name_len);
         for (i = 0; i < name_len; i++)
             if (!is_tchar((unsigned char)name[i]))
-                luaL_error(L, "sturdy: header name %s in request headers is not a valid HTTP token",
+                sl_error(L, "sturdy: header name %s in request headers is not a valid HTTP token",
                            shown(L, -2));
         if (name_len == 0)
-            luaL_error(L, "sturdy: header name \"\" in request headers is not a valid HTTP token");
+            sl_error(L, "sturdy: header name \"\" in request headers is not a valid HTTP token");
         if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-            luaL_error(L, "sturdy: header '%s' in request headers must be a string, got %s", name,
+            sl_error(L, "sturdy: header '%s' in request headers must be a string, got %s", name,
                        luaL_typename(L, -1));
         lua_pushvalue(L, -1); /* tolstring must not turn the value into a string in the table */
         value = lua_tolstring(L, -1, &value_len);
         if (n >= SL_MAX_HEADERS - 8)
-            luaL_error(L, "sturdy: too many request headers");
+            sl_error(L, "sturdy: too many request headers");
         offsets[n++] = scratch->len;
         if (!st_buf_reserve(scratch, name_len + value_len + 3))
-            luaL_error(L, "sturdy: out of memory");
+            sl_error(L, "sturdy: out of memory");
         memcpy(scratch->data + scratch->len, name, name_len);
         memcpy(scratch->data + scratch->len + name_len, ": ", 2);
         memcpy(scratch->data + scratch->len + name_len + 2, value, value_len);
@@ -362,7 +365,7 @@ static size_t append_key(lua_State *L, const fields *f, const sl_client *c, st_b
         size_t len;
         const char *k = lua_tolstring(L, f->key, &len);
         if (has_control(k, len, 1))
-            luaL_error(L, "sturdy: request 'key' contains a control character or NUL byte");
+            sl_error(L, "sturdy: request 'key' contains a control character or NUL byte");
         host = k;
         hlen = len;
     } else {
@@ -374,13 +377,16 @@ static size_t append_key(lua_State *L, const fields *f, const sl_client *c, st_b
         }
         if (f->json) {
             lua_getfield(L, f->json, "model");
-            if (lua_type(L, -1) == LUA_TSTRING)
+            if (lua_type(L, -1) == LUA_TSTRING) {
                 model = lua_tolstring(L, -1, &mlen);
+                if (has_control(model, mlen, 1)) /* a NUL would cut the key short */
+                    sl_error(L, "sturdy: request json 'model' contains a control character or NUL byte");
+            }
             lua_pop(L, 1); /* the json table holds the string */
         }
     }
     if (!st_buf_reserve(scratch, hlen + mlen + 2))
-        luaL_error(L, "sturdy: out of memory");
+        sl_error(L, "sturdy: out of memory");
     memcpy(scratch->data + scratch->len, host, hlen);
     scratch->len += hlen;
     if (model) {
@@ -396,7 +402,7 @@ static void read_fields(lua_State *L, int idx, fields *f)
 {
     memset(f, 0, sizeof *f);
     if (lua_type(L, idx) != LUA_TTABLE)
-        luaL_error(L, "sturdy: request must be a table, got %s", luaL_typename(L, idx));
+        sl_error(L, "sturdy: request must be a table, got %s", luaL_typename(L, idx));
     luaL_checkstack(L, 40, "sturdy: request");
     /* each field's value is left on the stack, so its index stays valid */
     lua_pushnil(L);
@@ -405,7 +411,7 @@ static void read_fields(lua_State *L, int idx, fields *f)
         const char *k;
         int *slot;
         if (lua_type(L, -2) != LUA_TSTRING)
-            luaL_error(L, "sturdy: unknown option '%s' in request", luaL_typename(L, -2));
+            sl_error(L, "sturdy: unknown option '%s' in request", luaL_typename(L, -2));
         k = lua_tolstring(L, -2, &len);
         slot = slot_of(L, f, k, len);
         *slot = lua_gettop(L);
@@ -465,20 +471,20 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
         url = lua_tolstring(L, f.url, &url_len);
         if (!((url_len > 7 && memcmp(url, "http://", 7) == 0 && url[7] != '/')
               || (url_len > 8 && memcmp(url, "https://", 8) == 0 && url[8] != '/')))
-            luaL_error(L, "sturdy: request 'url' must start with http:// or https://, got %s", shown(L, f.url));
+            sl_error(L, "sturdy: request 'url' must start with http:// or https://, got %s", shown(L, f.url));
     } else {
         size_t plen = 1;
         const char *path = "/";
         if (c->base_url == NULL)
-            luaL_error(L, "sturdy: request needs 'url', or 'path' with a client base_url");
+            sl_error(L, "sturdy: request needs 'url', or 'path' with a client base_url");
         if (f.path) {
             path = lua_tolstring(L, f.path, &plen);
             if (plen == 0 || path[0] != '/')
-                luaL_error(L, "sturdy: request 'path' must start with '/', got %s", shown(L, f.path));
+                sl_error(L, "sturdy: request 'path' must start with '/', got %s", shown(L, f.path));
         }
         url_off = scratch->len;
         if (!st_buf_reserve(scratch, c->base_len + plen + 1))
-            luaL_error(L, "sturdy: out of memory");
+            sl_error(L, "sturdy: out of memory");
         memcpy(scratch->data + scratch->len, c->base_url, c->base_len);
         memcpy(scratch->data + scratch->len + c->base_len, path, plen);
         scratch->len += c->base_len + plen;
@@ -486,16 +492,16 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
         url_len = c->base_len + plen;
     }
     if (has_control(f.url ? url : scratch->data + url_off, url_len, 0))
-        luaL_error(L, "sturdy: request url or path contains a control character, space or NUL byte");
+        sl_error(L, "sturdy: request url or path contains a control character, space or NUL byte");
 
     /* body: a string, or the JSON encoded by the caller */
     if (f.body && f.json)
-        luaL_error(L, "sturdy: request takes 'body' or 'json', not both");
+        sl_error(L, "sturdy: request takes 'body' or 'json', not both");
     if (f.body)
         out->body = lua_tolstring(L, f.body, &out->body_len);
     else if (f.json) {
         if (body_idx == 0 || lua_type(L, body_idx) != LUA_TSTRING)
-            luaL_error(L, "sturdy: request 'json' was not encoded");
+            sl_error(L, "sturdy: request 'json' was not encoded");
         out->body = lua_tolstring(L, body_idx, &out->body_len);
     }
 
@@ -506,7 +512,7 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
             if (!(m[i] >= 'A' && m[i] <= 'Z'))
                 break;
         if (len == 0 || i < len)
-            luaL_error(L, "sturdy: request 'method' must be an upper-case HTTP method, got %s", shown(L, f.method));
+            sl_error(L, "sturdy: request 'method' must be an upper-case HTTP method, got %s", shown(L, f.method));
         out->method = m;
     } else {
         out->method = out->body ? "POST" : "GET";
@@ -536,15 +542,15 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
         for (i = 0; i < 3 && strcmp(p, names[i]) != 0; i++)
             ;
         if (i == 3)
-            luaL_error(L, "sturdy: request 'priority' must be high, normal or low, got %s", shown(L, f.priority));
+            sl_error(L, "sturdy: request 'priority' must be high, normal or low, got %s", shown(L, f.priority));
         out->priority = (int)i;
     }
     if (f.commit) {
         const char *m = lua_tostring(L, f.commit);
         if (strcmp(m, "auto") != 0 && strcmp(m, "manual") != 0)
-            luaL_error(L, "sturdy: request 'commit' must be auto or manual, got %s", shown(L, f.commit));
+            sl_error(L, "sturdy: request 'commit' must be auto or manual, got %s", shown(L, f.commit));
         if (!f.on_data)
-            luaL_error(L, "sturdy: request 'commit' needs on_data");
+            sl_error(L, "sturdy: request 'commit' needs on_data");
     }
     if (f.on_data)
         out->stream = f.commit && strcmp(lua_tostring(L, f.commit), "manual") == 0 ? SL_STREAM_MANUAL
@@ -558,7 +564,7 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
         size_t len;
         out->tag = lua_tolstring(L, f.tag, &len);
         if (len == 0 || len > 256 || has_control(out->tag, len, 1))
-            luaL_error(L, "sturdy: request 'tag' must be 1 to 256 bytes without control characters or NUL, got %s",
+            sl_error(L, "sturdy: request 'tag' must be 1 to 256 bytes without control characters or NUL, got %s",
                        shown(L, f.tag));
     }
 

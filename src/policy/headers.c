@@ -133,8 +133,9 @@ int st_headers_add_line(st_headers *h, const char *line, size_t len)
     while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
         end--;
     value_len = (size_t)(end - value);
-    if (memchr(value, '\0', value_len) != NULL)
-        return ST_HEADERS_MALFORMED;
+    for (i = 0; i < value_len; i++)
+        if (value[i] == '\0' || value[i] == '\r' || value[i] == '\n')
+            return ST_HEADERS_MALFORMED;
     if (h->block.len > max || name_len + value_len + 2 > max - h->block.len)
         return ST_HEADERS_TOO_LARGE;
     if (!st_buf_reserve(&h->block, name_len + value_len + 2))

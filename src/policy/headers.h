@@ -10,7 +10,8 @@
  * must be a token (RFC 9110 tchar). A line without a colon, an obsolete folded
  * line (starting with SP or HTAB), an empty name or one with non-token bytes is
  * rejected (ST_HEADERS_MALFORMED) and not stored; the caller decides whether that
- * ends the response. A NUL inside a value is rejected too: values are C strings.
+ * ends the response. A NUL inside a value is rejected too (values are C strings),
+ * and so is a CR or LF (a value never holds a line break, whoever reads it).
  * The block never exceeds max_bytes (stored name + value + 2 per header);
  * a line that would pass it is ST_HEADERS_TOO_LARGE and is not stored.
  *

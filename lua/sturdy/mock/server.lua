@@ -392,7 +392,7 @@ local KEYWORDS = {
 
 local NUMERIC_PARAMS = {
   delay = true, ["retry-after-ms"] = true, drip = true, stall = true, size = true,
-  pieces = true, chunked = true, after_delta = true, status = true, slow = true, slow_share = true,
+  pieces = true, chunked = true, after_delta = true, status = true, line = true, slow = true, slow_share = true,
   limits = true,
 }
 
@@ -800,10 +800,15 @@ local function reply_raw(parts)
 end
 
 -- A 200 whose head (status line and header lines) is about `size` bytes:
--- x-pad-N header lines of 1 KiB, then a 2-byte JSON body.
+-- x-pad-N header lines of 1 KiB (line=1: one x-pad line of `size` bytes),
+-- then a 2-byte JSON body.
 local function reply_big_head(step)
   local size = floor(step.params.size or DEFAULT_BIG_HEAD)
   local parts = { "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" }
+  if step.params.line and step.params.line > 0 then
+    parts[2] = "x-pad: " .. string.rep("a", size) .. "\r\ncontent-length: 2\r\n\r\n{}"
+    return reply_raw(parts)
+  end
   local used, n, batch = #parts[1], 0, {}
   local pad = string.rep("a", 1000)
   while used < size do
