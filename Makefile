@@ -8,6 +8,7 @@
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make bench-metrics   the cost of rendering the metrics of 50 upstream keys
+#   make bench-features  CPU per call of adaptive concurrency, spend caps and hedging, off and on
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make fidelity        the official SDKs against the mock (installs them with npm)
@@ -68,7 +69,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics bench-features
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -193,6 +194,11 @@ bench-metrics: deps $(CORE_SO) $(POLICY_SO)
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/metrics.lua
 
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
+# CPU per provider call with adaptive concurrency, spend caps and hedging off and on
+bench-features: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/features.lua
+
 bench-cosocket: deps ngx-policy
 	$(LUA) bench/cosocket.lua
 
