@@ -6,7 +6,7 @@
 local sturdy = require "sturdy"
 local mock = require "spec.support.mock"
 
-local CALLS = 300
+local CALLS = 600
 
 describe("adaptive concurrency", function()
   local m

@@ -451,12 +451,46 @@ function Client:_dispatch()
   return errors
 end
 
--- Runs the timers that are due (see Client:after), oldest first; one that a
--- timer adds runs on a later turn.
+-- Timers (see Client:after) wait in a binary min-heap on (due, seq), so the
+-- earliest is timers[1]; a cancelled one stays until it comes up.
+local function timer_before(a, b)
+  return a.due < b.due or (a.due == b.due and a.seq < b.seq)
+end
+
+local function heap_push(h, x)
+  local i = #h + 1
+  h[i] = x
+  while i > 1 do
+    local p = (i - i % 2) / 2
+    if not timer_before(h[i], h[p]) then break end
+    h[i], h[p] = h[p], h[i]
+    i = p
+  end
+end
+
+local function heap_pop(h)
+  local top, n = h[1], #h
+  h[1] = h[n]
+  h[n] = nil
+  n = n - 1
+  local i = 1
+  while true do
+    local l, r, m = 2 * i, 2 * i + 1, i
+    if l <= n and timer_before(h[l], h[m]) then m = l end
+    if r <= n and timer_before(h[r], h[m]) then m = r end
+    if m == i then break end
+    h[i], h[m] = h[m], h[i]
+    i = m
+  end
+  return top
+end
+
+-- Runs the timers that are due, earliest first; one that a timer adds runs
+-- on a later turn.
 local function fire_timers(self, errors)
   local timers, t = self._timers, now()
   local due = {}
-  while timers[1] and timers[1].due <= t do due[#due + 1] = table.remove(timers, 1) end
+  while timers[1] and timers[1].due <= t do due[#due + 1] = heap_pop(timers) end
   if not timers[1] then self._timers = nil end
   for _, timer in ipairs(due) do
     if not timer.cancelled then
@@ -502,12 +536,11 @@ function Client:after(seconds, fn)
   end
   if type(fn) ~= "function" then fail("after takes a function, got %s", type(fn)) end
   open_engine(self)
-  local timer = setmetatable({ due = now() + seconds, fn = fn }, Timer)
+  self._timer_seq = (self._timer_seq or 0) + 1
+  local timer = setmetatable({ due = now() + seconds, fn = fn, seq = self._timer_seq }, Timer)
   local timers = self._timers or {}
   self._timers = timers
-  local i = #timers
-  while i > 0 and timers[i].due > timer.due do i = i - 1 end
-  table.insert(timers, i + 1, timer)
+  heap_push(timers, timer)
   return timer
 end
 
