@@ -198,6 +198,17 @@ describe("spend caps", function()
     end
   end)
 
+  it("survives a warning hook that closes the client", function()
+    local closed
+    local c
+    c = claude { budget = { usd_per_day = 1, warn = 0.000001 },
+                 on_event = function(ev) if ev.type == "budget_warning" then c.client:close(); closed = true end end }
+    local r = assert(c:messages(PARAMS))
+    assert.is_true(closed)
+    assert.is_number(r.cost)
+    assert.has_error(function() c:messages(PARAMS) end, "sturdy: the client is closed")
+  end)
+
   it("charges a raw call's reservation in full when nobody settles it in time", function()
     local client = sturdy.client { base_url = m.http_url, budget = { usd_per_hour = 1, settle_within = 0.3 } }
     local res = assert(client:request { path = "/echo", reserve = { usd = 0.25, tokens = 100 } })

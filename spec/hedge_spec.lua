@@ -240,6 +240,30 @@ describe("hedging", function()
     c.client:close()
   end)
 
+  it("ends cleanly when the client is closed while a hedge is pending or running", function()
+    -- closed by a timer of the caller's own while a hedged call waits
+    local c = claude({ hedge = { after = 0.05, max_ratio = 1 } },
+                     { headers = { ["x-mock-scenario"] = "close1", ["x-mock-steps"] = "200;delay=500" } })
+    c.client:after(0.1, function() c.client:close() end)
+    local r, err = c:messages(PARAMS)
+    assert.is_nil(r)
+    assert.equal("canceled", err.kind)
+    -- closed from a stream's event while its hedge leg runs
+    local c2 = claude({ hedge = { after = 0.02, max_ratio = 1 } },
+                      { headers = { ["x-mock-scenario"] = "close2", ["x-mock-steps"] = "200;drip=30,200;drip=30" } })
+    local ids = {}
+    local s = c2:stream(PARAMS, { on_event = function(ev)
+      if ev.type == "message_start" then ids[#ids + 1] = ev.data.message.id end
+      c2.client:close()
+    end })
+    local t = now() + 1
+    while not s.done and now() < t do pcall(c2.client.poll, c2.client, 0.02) end
+    assert.is_true(s.done)
+    assert.equal(1, #ids) -- what the piece in hand held, from one leg
+    local _, serr = s:result()
+    assert.equal("canceled", serr.kind)
+  end)
+
   it("refuses bad hedge settings, naming them", function()
     assert.has_error(function() claude { hedge = { after = "p101" } } end,
       'sturdy: option \'after\' in anthropic.new.hedge must be seconds or a quantile from "p50" to "p99.9", got "p101"')

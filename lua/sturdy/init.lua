@@ -876,12 +876,12 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   if cost ~= nil then check_amount(cost, "cost") end
   if reply ~= nil and type(reply) ~= "table" then fail("record_usage takes reply as a table, got %s", type(reply)) end
   reply = reply or {}
+  local events -- budget warnings, heard last: a hook may close the client
   if self._budget then
     local tokens = usage.input + usage.output + usage.cache_read + usage.cache_write
-    local settled, events = false, nil
+    local settled = false
     if reply.hold then settled, events = engine:settle(reply.hold, cost or 0, tokens) end
     if not settled and not reply.hold then events = engine:charge(key, reply.tag, cost or 0, tokens) end
-    if events then budget_events(self, events) end
   end
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
@@ -907,6 +907,7 @@ function Client:record_usage(key, usage, estimated, cost, reply)
                     stop_reason = reply.stop_reason, request_id = reply.request_id, response = reply.response,
                     tag = reply.tag, lost = reply.lost })
   end
+  if events and events[1] then budget_events(self, events) end
 end
 
 --- Hands a record to the client's observers, as its own records are: for the
