@@ -5,12 +5,15 @@
 #   make test-all        the suite on Lua 5.1, 5.2, 5.3, 5.4 and LuaJIT
 #   make test-asan       the suite with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo            the main job against the bundled mock API
+#   make demo-openresty  examples/openresty/nginx.conf (two workers) against the mock, driven with wrk
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make bench-metrics   the cost of rendering the metrics of 50 upstream keys
 #   make bench-features  CPU per call of adaptive concurrency, spend caps and hedging, off and on
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
+#   make bench-fallback  a fallback chain's CPU per call next to a direct provider call
+#   make bench-openresty the ngx transport: a slow API, overhead against proxy_pass, two workers
 #   make fidelity        the official SDKs against the mock (installs them with npm)
 #   make fuzz            the parsers under libFuzzer, 60 s per target (fuzz/README.md)
 #   make soak            mixed mock faults at concurrency 64 for 600 s (bench/README.md)
@@ -52,9 +55,9 @@ POLICY_SRC := $(wildcard src/policy/*.c)
 CURL_SRC := $(filter-out src/curl/diagnose.c,$(wildcard src/curl/*.c))
 CORE_SRC := $(CURL_SRC) src/lua/core.c src/lua/convert.c src/lua/request.c $(POLICY_SRC)
 NETDIAG_SRC := src/curl/diagnose.c src/lua/netdiag.c src/policy/httpdate.c
-POLICY_LIB_SRC := src/lua/policy.c src/lua/convert.c $(POLICY_SRC)
+POLICY_LIB_SRC := src/lua/policy.c src/lua/decider.c src/lua/convert.c src/lua/request.c $(POLICY_SRC)
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
-C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256 test_adaptive test_spend
+C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256 test_adaptive test_spend test_upstream
 HEADERS := $(wildcard src/*/*.h)
 C_TESTS += test_decide test_admission
 C_TESTS += test_counts
@@ -69,7 +72,11 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
+<<<<<<< HEAD
 .PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics bench-features
+=======
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics demo-openresty bench-openresty
+>>>>>>> main
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -183,6 +190,12 @@ bench: deps $(CORE_SO) $(POLICY_SO)
 	@sh bench/run.sh $(LUA) $(BUILD)
 	@$(MAKE) --no-print-directory bench-cache
 
+# A fallback chain's own cost per call, beside the same call made on the provider
+.PHONY: bench-fallback
+bench-fallback: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/fallback.lua
+
 # The cache's memory backend: hit cost and lookups from 1e3 to 1e6 entries
 bench-cache: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
@@ -201,6 +214,15 @@ bench-features: deps $(CORE_SO) $(POLICY_SO)
 
 bench-cosocket: deps ngx-policy
 	$(LUA) bench/cosocket.lua
+
+# The OpenResty example (two workers) against the mock: well, rate limited, down
+demo-openresty: deps ngx-policy
+	LUA_PATH='lua/?.lua;lua/?/init.lua;;' $(LUA) examples/openresty/demo.lua
+
+# The ngx transport's figures: a slow API on one worker, overhead against
+# proxy_pass, two workers against a down API and against a rate limit
+bench-openresty: deps ngx-policy
+	LUA_PATH='lua/?.lua;lua/?/init.lua;./?.lua;;' $(LUA) bench/openresty.lua
 
 # The official Anthropic and OpenAI SDKs (from npm) accept the mock's replies and streams
 fidelity: deps

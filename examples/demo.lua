@@ -1,13 +1,17 @@
--- The main job: a batch of Anthropic and OpenAI calls against an API that
--- misbehaves the way real ones do — rate limits with reset headers, a burst
--- of 529 overloads on one model, a slow tail, a dropped stream — then one
--- answer streamed to the terminal, and a report of what sturdy did about it.
+-- The main job: 200 calls, in the Anthropic and OpenAI shapes, through a
+-- fallback chain (Sonnet, then Haiku, then an OpenAI model) behind a cache,
+-- against an API that misbehaves the way real ones do — an outage of the
+-- primary model, rate limits with reset headers, server errors, a slow tail —
+-- then one answer streamed to the terminal, and a report of what sturdy did.
 --
 --   make demo                                     against the bundled mock API
 --   STURDY_LIVE=1 ANTHROPIC_API_KEY=... lua examples/demo.lua   against the real API
+--                                                 (OPENAI_API_KEY adds the OpenAI target)
 local sturdy = require "sturdy"
 local anthropic = require "sturdy.anthropic"
 local openai = require "sturdy.openai"
+local fallback = require "sturdy.fallback"
+local sturdy_cache = require "sturdy.cache"
 local cjson = require "cjson"
 
 local live = os.getenv("STURDY_LIVE") == "1" and os.getenv("ANTHROPIC_API_KEY")
@@ -28,6 +32,7 @@ local client = sturdy.client {
   retry = { attempts = 4, base = { overloaded = 0.2, throttled = 0.25, transient = 0.05, timeout = 0.1 } },
   breaker = { window = 10, min_calls = 8, open_for = 1, max_open_for = 2, probes = 1 },
   limits = { concurrency = 16 },
+  yield = coroutine.yield, -- the calls run in coroutines: a waiting call lets the others go on
   on_retry = function(info)
     retries[info.class] = (retries[info.class] or 0) + 1
     if info.status == 429 then throttled_seen = throttled_seen + 1 end
@@ -43,62 +48,69 @@ local function mock(method, path, json)
   return cjson.decode(res.body)
 end
 
-local claude = anthropic.new { client = client, api_key = live or "sk-mock-demo", model = "claude-sonnet-4-5" }
-local gpt = openai.new { client = client, api_key = "sk-mock-demo", model = "gpt-4o-mini" }
+local function steps(script, scenario)
+  if live then return nil end
+  return { ["x-mock-steps"] = script, ["x-mock-steps-sep"] = "|", ["x-mock-scenario"] = scenario }
+end
+
+---------------------------------------------------------------------------
+-- The chain and the cache
+---------------------------------------------------------------------------
+
+local api_key = live or "sk-mock-demo"
+local sonnet = anthropic.new { client = client, api_key = api_key, model = "claude-sonnet-4-5" }
+local haiku = anthropic.new { client = client, api_key = api_key, model = "claude-haiku-4-5" }
+local openai_key = live and os.getenv("OPENAI_API_KEY")
+local gpt = (not live or openai_key) and openai.new {
+  client = client, api_key = openai_key or "sk-mock-demo", model = "gpt-4o-mini",
+  base_url = live and "https://api.openai.com" or nil,
+}
+
+-- the primary has an outage: its first 20 requests are overloaded
+local OUTAGE = ("529|"):rep(20) .. "200"
+local targets = {
+  { provider = sonnet, name = "sonnet", attempts = 2, headers = steps(OUTAGE, "sonnet-outage") },
+  { provider = haiku, name = "haiku", attempts = 2 },
+  gpt and { provider = gpt, name = "gpt" } or nil,
+}
+local chain = fallback {
+  targets = targets,
+  wait_for_cooldown = true, timeout = 20, yield = coroutine.yield,
+  degraded = "(every model is busy right now; please ask again in a minute)",
+}
+local cache = sturdy_cache { ttl = 600, stale_if_error = 3600, yield = coroutine.yield }
+local cached = cache:wrap(chain)
 
 ---------------------------------------------------------------------------
 -- The calls, and the trouble the mock injects into them
 ---------------------------------------------------------------------------
 
-local function steps(script, scenario)
-  if live then return {} end
-  return { ["x-mock-steps"] = script, ["x-mock-steps-sep"] = "|", ["x-mock-scenario"] = scenario }
-end
-
 local prompts = { "a haiku about retries", "why jitter matters", "what a 529 means", "pacing under a rate limit",
                   "the cost of a slow tail", "circuit breakers in one line" }
-local calls, finishers = {}, {}
-local function add(p, params, opts)
-  local req, finish = p:prepare(params, opts)
-  if req then
-    calls[#calls + 1] = req
-    finishers[#calls] = finish
-  end
-end
+-- questions many users ask, word for word: answered once, then from the cache
+local faq = { "What is sturdy?", "How do I install it?", "Does it stream?", "Which providers?" }
 
+local calls = {}
 local n = live and 6 or 200
 for i = 1, n do
   local prompt = prompts[i % #prompts + 1] .. " #" .. i
-  local ask = { max_tokens = 48, messages = { { role = "user", content = prompt } } }
-  if live then
-    add(claude, { model = "claude-haiku-4-5", max_tokens = 48, messages = ask.messages })
-  elseif i % 10 == 0 then
-    -- one model has an outage: its first 14 attempts are overloaded
-    local outage = "529|529|529|529|529|529|529|529|529|529|200"
-    local p = { model = "claude-opus-4-1", max_tokens = 48, messages = ask.messages }
-    local req, finish = claude:prepare(p)
-    req.headers["x-mock-steps"], req.headers["x-mock-steps-sep"] = outage, "|"
-    req.headers["x-mock-scenario"] = "opus-outage"
-    calls[#calls + 1], finishers[#calls + 1] = req, finish
-  elseif i % 2 == 0 then
-    local req, finish = gpt:prepare { max_tokens = 48, messages = ask.messages }
-    if i % 7 == 0 then -- a server error, retried
-      req.headers["x-mock-steps"], req.headers["x-mock-steps-sep"] = "500|200", "|"
-      req.headers["x-mock-scenario"] = "g" .. i
-    end
-    calls[#calls + 1], finishers[#calls + 1] = req, finish
-  else
-    local req, finish = claude:prepare(ask)
-    if i % 9 == 1 then -- the slow tail
-      req.headers["x-mock-steps"] = "200;delay=" .. (600 + (i * 37) % 900)
-      req.headers["x-mock-scenario"] = "slow" .. i
-    end
-    calls[#calls + 1], finishers[#calls + 1] = req, finish
+  local call = { method = "messages", params = { max_tokens = 48, messages = { { role = "user", content = prompt } } } }
+  if i % 5 == 0 then
+    local question = faq[(i / 5) % #faq + 1]
+    call.params = { max_tokens = 48, temperature = 0, messages = { { role = "user", content = question } } }
+  elseif i % 4 == 0 then -- the OpenAI shape: translated for whichever target serves it
+    call.method = "chat"
+    call.params = { max_completion_tokens = 48, messages = { { role = "user", content = prompt } } }
+  elseif i % 9 == 1 then -- the slow tail
+    call.opts = { headers = steps("200;delay=" .. (600 + (i * 37) % 900), "slow" .. i) }
+  elseif i % 7 == 0 then -- a server error, retried
+    call.opts = { headers = steps("500|200", "e" .. i) }
   end
+  calls[i] = call
 end
 
 ---------------------------------------------------------------------------
--- Run
+-- Run: 48 coroutines take the calls in turn; the loop drives the client
 ---------------------------------------------------------------------------
 
 local started = sturdy.monotime()
@@ -107,30 +119,68 @@ if not live then
   -- the provider's own limit, which sturdy is not told: it learns it from headers
   mock("POST", "/_mock/config", { rate_limit = { rpm = 2400, burst = 30 } })
 end
-print(("== sturdy demo: %d calls to %s%s"):format(#calls, live and "the Anthropic API" or "the bundled mock API",
-  live and "" or " (Anthropic and OpenAI shapes)"))
-local results = client:batch(calls, { concurrency = 48, progress = true })
+print(("== sturdy demo: %d calls to %s through %s, behind a cache"):format(#calls,
+  live and "the real APIs" or "the bundled mock API", tostring(chain):gsub("^sturdy%.fallback ", "the chain ")))
+
+local results, next_call = {}, 0
+local function worker()
+  while next_call < #calls do
+    next_call = next_call + 1
+    local i, call = next_call, calls[next_call]
+    local r, err = cached[call.method](cached, call.params, call.opts)
+    results[i] = r or err
+  end
+end
+local workers = {}
+for w = 1, live and 2 or 48 do workers[w] = coroutine.create(worker) end
+repeat
+  local alive = 0
+  for _, co in ipairs(workers) do
+    if coroutine.status(co) ~= "dead" then
+      assert(coroutine.resume(co))
+      alive = alive + 1
+    end
+  end
+  if alive > 0 then client:poll(0.005) end
+until alive == 0
 local batch_time = sturdy.monotime() - started
 
-local ok, failed_kinds, final_429 = 0, {}, 0
-for i, r in ipairs(results) do
-  if sturdy.is_error(r) then
-    failed_kinds[r.kind] = (failed_kinds[r.kind] or 0) + 1
-    if r.status == 429 then final_429 = final_429 + 1 end
-  else
-    local out, err = finishers[i](r)
-    if out then ok = ok + 1 else failed_kinds[err.kind] = (failed_kinds[err.kind] or 0) + 1 end
+-- 429s that ended a target's call were not retried, so on_retry never heard
+-- of them: the chain's story of each call that went upstream tells them
+local final_429, told = 0, {}
+local function count_429(fallbacks)
+  if not fallbacks or told[fallbacks] then return end -- calls that shared one upstream call share its story
+  told[fallbacks] = true
+  for _, f in ipairs(fallbacks) do
+    if f.status == 429 then final_429 = final_429 + 1 end
   end
 end
 
--- the model with the outage: its breaker let only probes through; a call every
--- quarter second shows when it is back
-local outage_over
+local answered, degraded, failed_kinds, how = 0, 0, {}, { hit = 0, miss = 0, bypass = 0, stale = 0 }
+for _, r in ipairs(results) do
+  if sturdy.is_error(r) then
+    failed_kinds[r.kind] = (failed_kinds[r.kind] or 0) + 1
+    count_429(r.fallbacks)
+  else
+    if r.degraded then degraded = degraded + 1 else answered = answered + 1 end
+    how[r.cache] = (how[r.cache] or 0) + 1
+    if r.cache == "stale" then count_429(r.stale_error.fallbacks) end
+    if r.cache ~= "hit" and r.cache ~= "stale" then count_429(r.fallbacks) end
+  end
+end
+
+-- after the batch: a call every quarter second shows when the primary is back
+local outage_over, direct_attempts = nil, 0
 if not live then
   local t0 = sturdy.monotime()
   repeat
-    local r = claude:messages { model = "claude-opus-4-1", max_tokens = 8,
-                                messages = { { role = "user", content = "up?" } } }
+    local r, err = sonnet:messages({ max_tokens = 8, messages = { { role = "user", content = "up?" } } },
+                                   { headers = steps(OUTAGE, "sonnet-outage"), attempts = 1 })
+    local used = (r or err).attempts
+    for _, a in ipairs(used) do
+      if a.status then direct_attempts = direct_attempts + 1 end
+    end
+    if err and err.status == 429 then final_429 = final_429 + 1 end
     if r then outage_over = sturdy.monotime() - t0 else client:poll(0.25) end
   until outage_over or sturdy.monotime() - t0 > 10
 end
@@ -141,7 +191,7 @@ print("\n== streaming one answer (its first connection is dropped; sturdy retrie
 io.write("   ")
 local stream_client = sturdy.client { base_url = live and "https://api.anthropic.com" or mock_url,
                                       retry = { base = { transient = 0.05 } } }
-local streamer = anthropic.new { client = stream_client, api_key = live or "sk-mock-demo",
+local streamer = anthropic.new { client = stream_client, api_key = api_key,
                                  model = live and "claude-haiku-4-5" or "claude-sonnet-4-5" }
 local stream = streamer:stream(
   { max_tokens = 64, messages = { { role = "user", content = "one sturdy sentence, streamed" } } },
@@ -170,8 +220,19 @@ print(("\n== report (%.1f s for the batch)"):format(batch_time))
 local failed = {}
 for kind, count in pairs(failed_kinds) do failed[#failed + 1] = kind .. " " .. count end
 table.sort(failed)
-print(("calls:        %d of %d succeeded%s"):format(ok, #calls,
-  #failed > 0 and ("; failed: " .. table.concat(failed, ", ")) or ""))
+print(("calls:        %d of %d answered, %d marked degraded%s; %d from the cache"):format(answered, #calls, degraded,
+  #failed > 0 and ("; failed: " .. table.concat(failed, ", ")) or "", how.hit + how.stale))
+local cs = chain:stats()
+print("chain:        target     calls  answered  fell back  skipped  attempts")
+for _, name in ipairs(chain:targets()) do
+  local t = cs.targets[name]
+  print(("              %-9s %6d %9d %10d %8d %9d"):format(name, t.calls, t.successes, t.fallbacks, t.skipped,
+    t.attempts))
+end
+print(("              %d calls reached the chain, %d waited for a cooldown"):format(cs.calls, cs.waits))
+local c = cache:stats()
+print(("cache:        %d hits (%d shared a call in flight), %d misses, %d passed through (temperature above 0)")
+  :format(c.hits, c.coalesced, c.misses, c.bypass))
 local by_class, total_retries = {}, 0
 for class, count in pairs(retries) do
   by_class[#by_class + 1] = class .. " " .. count
@@ -185,7 +246,7 @@ print(("429s:         %d received (each paused its key until its reset); %d call
   .. " instead of sent into a 429"):format(throttled_seen + final_429, paced))
 print(("breaker:      %s"):format(#transitions > 0 and table.concat(transitions, "; ") or "no transitions"))
 if outage_over and outage_over > 0.05 then
-  print(("              claude-opus-4-1 answered again %.1f s after the batch"):format(outage_over))
+  print(("              claude-sonnet-4-5 answered again %.1f s after the batch"):format(outage_over))
 end
 print("latency:      key                                        calls     p50      p95      p99")
 table.sort(stats.keys)
@@ -201,11 +262,16 @@ print(("tokens:       %d in, %d out over %d replies; cost $%.4f"):format(u.input
 
 if not live then
   local counters = mock("GET", "/_mock/counters")
-  local seen_429 = throttled_seen + final_429
   local sent = stats.attempts + stream_client:stats().attempts
-  local agree = counters.requests == sent and counters.rate_limited == seen_429
-  print(("mock:         received %d requests (sturdy sent %d attempts), answered %d with 429 (sturdy saw %d): %s")
-    :format(counters.requests, sent, counters.rate_limited, seen_429, agree and "agree" or "DISAGREE"))
+  local outage = counters.scenarios["sonnet-outage"] or { count = 0 }
+  local sonnet_sent = cs.targets.sonnet.attempts + direct_attempts
+  local seen_429 = throttled_seen + final_429
+  local agree = counters.requests == sent and counters.rate_limited == seen_429 and outage.count == sonnet_sent
+    and answered + degraded == #calls
+  print(("mock:         received %d requests (sturdy sent %d attempts), answered %d with 429 (sturdy saw %d),"
+    .. " %d for sonnet (the chain sent %d, the probes after the batch %d): %s")
+    :format(counters.requests, sent, counters.rate_limited, seen_429, outage.count, cs.targets.sonnet.attempts,
+            direct_attempts, agree and "agree" or "DISAGREE"))
   mock("POST", "/_mock/config", { rate_limit = false })
   control:close()
   client:close()

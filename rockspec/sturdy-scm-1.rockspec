@@ -38,7 +38,10 @@ build = {
       ["sturdy.options"] = "lua/sturdy/options.lua",
       ["sturdy.partial_json"] = "lua/sturdy/partial_json.lua",
       ["sturdy.cosocket"] = "lua/sturdy/cosocket.lua",
+      ["sturdy.ngx"] = "lua/sturdy/ngx.lua",
       ["sturdy.redis"] = "lua/sturdy/redis.lua",
+      ["sturdy.fallback"] = "lua/sturdy/fallback.lua",
+      ["sturdy.translate"] = "lua/sturdy/translate.lua",
       ["sturdy.cache"] = "lua/sturdy/cache.lua",
       ["sturdy.cache.memory"] = "lua/sturdy/cache/memory.lua",
       ["sturdy.cache.redis"] = "lua/sturdy/cache/redis.lua",
@@ -68,7 +71,7 @@ build = {
       },
       ["sturdy.policy"] = {
          sources = {
-            "src/lua/policy.c", "src/lua/convert.c",
+            "src/lua/policy.c", "src/lua/decider.c", "src/lua/convert.c", "src/lua/request.c",
             "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",

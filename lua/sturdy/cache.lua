@@ -658,6 +658,11 @@ function Cached:_call(method, params, opts)
       local r = deep_copy(flight.result)
       r.cache = "hit"
       return r
+    elseif flight.degraded then
+      cache:_count(self:_label(nil, model), "misses")
+      local r = deep_copy(flight.degraded)
+      r.cache = "miss"
+      return r
     end
     cache:_count(self:_label(nil, model), "misses")
     return nil, flight.err
@@ -697,7 +702,7 @@ function Cached:_call(method, params, opts)
     error(r, 0)
   end
   now = cache.clock()
-  if type(r) == "table" then
+  if type(r) == "table" and not r.degraded then
     local label = self:_label(r, model)
     flight.bytes = cache:_write(key, exact, label, r, nil, now)
     if locked then backend:unlock(key) end
@@ -708,6 +713,10 @@ function Cached:_call(method, params, opts)
     return r
   end
   if locked then backend:unlock(key) end
+  -- a chain's degraded answer is its last resort: never stored, and a stale
+  -- answer is better
+  local degraded = type(r) == "table" and r or nil
+  if degraded then err = r.error end
   flight.err = err
   if cache:_stale_usable(env, err, now) then
     flight.stale = deep_copy(env)
@@ -717,8 +726,13 @@ function Cached:_call(method, params, opts)
     stale.stale_error = err
     return stale
   end
+  if degraded then flight.degraded = deep_copy(degraded) end
   land()
   cache:_count(self:_label(nil, model), "misses")
+  if degraded then
+    degraded.cache = "miss"
+    return degraded
+  end
   return nil, err
 end
 
@@ -879,6 +893,15 @@ local function finish_flight(cached, flight)
   local r, rerr = up:result()
   if type(r) ~= "table" then
     each_subscriber(flight, function(s) s:_end(nil, rerr) end)
+    return
+  end
+  if r.degraded then -- a chain's last resort, its events already delivered: never stored
+    each_subscriber(flight, function(s)
+      cache:_count(cached:_label(nil, flight.model), "misses")
+      local mine = deep_copy(r)
+      mine.cache = "miss"
+      s:_end(mine)
+    end)
     return
   end
   local label = cached:_label(r, flight.model)

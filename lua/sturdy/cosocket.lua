@@ -332,7 +332,7 @@ end
 
 local function give_head(call)
   local head = call.head
-  if head then
+  if head and not call.own_head then
     call.head = nil
     local heads = call.client.heads
     heads[#heads + 1] = head
@@ -797,7 +797,7 @@ end
 
 local REQUEST_FIELDS = {
   url = true, method = true, headers = true, body = true, timeout = true, deadline = true,
-  max_response = true, on_chunk = true, server_name = true,
+  max_response = true, on_chunk = true, server_name = true, head = true,
 }
 
 local MAX_CACHED_TARGETS = 256
@@ -844,7 +844,8 @@ local function new_call(self, req, target)
     client = self, timeouts = timeouts, started = started, deadline = deadline,
     connect_end = timeouts.connect and started + timeouts.connect or nil,
     max_response = req.max_response and check_size(req.max_response, "max_response") or self.max_response,
-    max_head = self.max_head, head = take_head(self), pool_name = target.pool_name,
+    max_head = self.max_head, head = req.head or take_head(self), own_head = req.head ~= nil,
+    pool_name = target.pool_name,
     proxy = target.proxy, keepalive = self.keepalive, pool_idle_ms = self.pool_idle_ms, pool_size = self.pool_size,
     timings = { dns = 0, connect = 0, tls = 0, ttfb = 0, total = 0 },
     buf = "", pos = 1, received = 0, got_bytes = false, step = "starting",
@@ -873,11 +874,16 @@ end
 
 --- client:open(req) -> res after the head, or nil, err. The body is read
 -- with res:read(); res:close() abandons it.
--- req: url, method, headers, body, timeout, deadline, max_response, server_name.
+-- req: url, method, headers, body, timeout, deadline, max_response, server_name,
+-- head (a policy.head the response head is read into, which the caller keeps;
+-- by default one of the client's own).
 function Client:open(req)
   if type(req) ~= "table" then fail("request must be a table, got %s", type(req)) end
   for k in pairs(req) do
     if not REQUEST_FIELDS[k] then fail("unknown request field '%s'", tostring(k)) end
+  end
+  if req.head ~= nil and type(req.head) ~= "userdata" then
+    fail("head must be a policy.head(), got %s", type(req.head))
   end
   if type(req.url) ~= "string" then fail("request url must be a string, got %s", type(req.url)) end
   local phase = ngx.get_phase()

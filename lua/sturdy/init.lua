@@ -230,6 +230,7 @@ function sturdy.client(cfg)
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
+    _limits = { attempts = compiled.retry.attempts, total_ms = compiled.client.timeout_ms.total },
     base_url = base_url and strip_userinfo(base_url),
     key = cfg.key or host_of(base_url),
     max_response = cfg.max_response,
@@ -241,6 +242,10 @@ function sturdy.client(cfg)
     _budget = cfg.budget ~= nil,          -- spend caps: record_usage settles and charges
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
+  if cfg.budget and not self._engine.settle then
+    self._engine:close()
+    fail("option 'budget' needs the curl transport (the ngx transport does not reserve spend yet)")
+  end
   if cfg.logger or cfg.on_span_start or cfg.on_span_end or cfg.alerts or (cfg.on_alert and cfg.budget) then
     require("sturdy.telemetry").attach(self, cfg) -- logs, spans, alerts: observers
   end
@@ -259,6 +264,14 @@ end
 -- another. (A client `key` option also keys absolute URLs.)
 function Client:key_for(req)
   return open_engine(self):key_for(req)
+end
+
+--- What one call of this client may use unless it says otherwise:
+-- `attempts` (retry.attempts) and `total` (timeout.total in seconds, nil when
+-- false). Fallback chains bound each target's call by these.
+function Client:call_limits()
+  local l = self._limits
+  return { attempts = l.attempts, total = l.total_ms > 0 and l.total_ms / 1000 or nil }
 end
 
 -- The JSON body of a request, encoded; nil when it has none.
@@ -307,12 +320,38 @@ local function observe(self, record)
   end
 end
 
+-- What observers see of a request: its fields, but header values that are
+-- secrets masked; the values themselves only through the record's
+-- secrets() (for scrubbing), never as data an observer could keep or print.
+local telemetry_secrets = require("sturdy.telemetry").secrets_of
+
+local function request_view(req)
+  local view = {}
+  for k, v in pairs(req) do view[k] = v end
+  local headers = req.headers
+  if type(headers) ~= "table" then return view, nil end
+  local secrets = telemetry_secrets(headers)
+  if #secrets == 0 then return view, nil end
+  local masked = {}
+  for name, v in pairs(headers) do
+    local value = tostring(v)
+    for i = 1, #secrets do
+      if value:find(secrets[i], 1, true) then value = "[redacted]"; break end
+    end
+    masked[name] = value
+  end
+  view.headers = masked
+  return view, function() return telemetry_secrets(headers) end
+end
+
 -- The record of a call's start: observers may put headers to send in
 -- record.headers (trace context); the request is then a copy with them.
 local function announce(self, engine, h, req)
   if type(req) ~= "table" then return req end -- the core names the problem
   local ok, key = pcall(engine.key_for, engine, req)
-  local record = { type = "start", handle = h, key = ok and key or nil, request = req }
+  local view, secrets = request_view(req)
+  local record = { type = "start", handle = h, key = ok and key or nil, request = view, secrets = secrets,
+                   about = require("sturdy.provider").about(req) }
   observe(self, record)
   local extra = record.headers
   if type(extra) ~= "table" or next(extra) == nil then return req end
@@ -657,7 +696,11 @@ end
 -- hedge_admit, or nil when this call is not to be hedged (the decision core's
 -- st_hedge_plan). policy: { after = ms | nil (a quantile), quantile, max_ratio }.
 function Handle:hedge_plan(hp)
-  if not self._done and self._request then return self._request:hedge_plan(hp) end
+  if self._done or not self._request then return nil end
+  if not self._request.hedge_plan then
+    fail("hedging needs the curl transport (the ngx transport does not hedge yet)")
+  end
+  return self._request:hedge_plan(hp)
 end
 
 --- For hedging: may a hedge of this call go to key (nil: its own) now? true
@@ -939,7 +982,7 @@ function Client:stats(key)
   end
   local s = engine:stats()
   s.keys = engine:keys()
-  s.budget = engine:budget()
+  if engine.budget then s.budget = engine:budget() end
   if self._usage then
     local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0,
                     hedges_lost = 0, hedge_cost = 0 }
@@ -1000,5 +1043,6 @@ function sturdy.diagnose(url, opts) return require("sturdy.diagnose").run(url, o
 return setmetatable(sturdy, { __index = function(_, k)
   -- helpers loaded on first use, so `require "sturdy"` does not pay for them
   if k == "options" then return options end
+  if k == "fallback" or k == "cache" then return require("sturdy." .. k) end
   return nil
 end })

@@ -434,7 +434,7 @@ function Registry:observer()
     if t == "start" then
       local req = rec.request
       if type(req) == "table" then
-        local about = about_of(req)
+        local about = rec.about or about_of(req)
         local json = type(req.json) == "table" and req.json
         local model = about and about.model or (json and type(json.model) == "string" and json.model or nil)
         if about or model or req.on_data then

@@ -294,7 +294,7 @@ local CLIENT = { fields = {
   on_retry = { "function" }, on_error = { "function" }, on_event = { "function" }, yield = { "function" },
   transport = { "enum", values = "transport" },
   observe = { "function" },
-  shared_dict = { "string" },
+  shared_dict = { "string", to = "transport.shared_dict" },
   -- telemetry (sturdy.log, sturdy.trace, sturdy.alerts): observers the client attaches
   logger = { "writer", names = { json = true, ngx = true } },
   log_level = { "enum", values = "log_level" },

@@ -253,7 +253,7 @@ function provider.define(class, spec)
   end
 
   -- The request for params; the options a call may add: key, priority, timeout,
-  -- headers, tag (for the spend caps), hedge.
+  -- headers, attempts, tag (for the spend caps), hedge.
   function class:_request(params, opts)
     if type(params) ~= "table" then
       fail("%s takes a table of request parameters, got %s", spec.call, type(params))
@@ -277,7 +277,8 @@ function provider.define(class, spec)
     end
     local req = {
       method = "POST", json = body, headers = headers,
-      tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout, tag = opts.tag,
+      tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
+      attempts = opts.attempts, tag = opts.tag,
     }
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)

@@ -160,9 +160,9 @@ function telemetry.calls(handlers)
     if t == "start" then
       local req = rec.request
       local call = {
-        key = rec.key, about = about_of(req), streamed = type(req) == "table" and req.on_data ~= nil,
+        key = rec.key, about = rec.about or about_of(req), streamed = type(req) == "table" and req.on_data ~= nil,
         t0 = monotime(), wall0 = walltime(), start = rec,
-        secrets = type(req) == "table" and telemetry.secrets_of(req.headers) or {},
+        secrets = rec.secrets and rec.secrets() or {},
       }
       by_handle[rec.handle] = call
       if on_start then on_start(call, rec) end

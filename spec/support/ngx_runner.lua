@@ -207,7 +207,7 @@ ${shared_dicts}${resolver}${trusted}
 
 ${http}
   server {
-    listen 127.0.0.1:${port};
+    listen 127.0.0.1:${port}${listen_options};
     server_name localhost;
 
     location = /_run/content {
@@ -372,6 +372,8 @@ function M.start(opts)
       shared_dicts = dicts, resolver = resolver, trusted = trusted,
       http = opts.http or "", server = opts.server or "",
       port = port,
+      -- with several workers, reuseport spreads connections over all of them
+      listen_options = (opts.workers or 1) > 1 and " reuseport" or "",
       owner_pid = owner_pid or "nil",
       owner_start = owner_start and ('"' .. owner_start .. '"') or "nil",
     }))

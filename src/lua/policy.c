@@ -1,7 +1,8 @@
 /* sturdy.policy: the parts of sturdy every transport shares, without libcurl:
  * the SSE parser, the HTTP response-head parser, SHA-256 (cache keys), the
- * options' enums and defaults, the monotonic and wall clocks, and windows
- * (sliding sums, latency percentiles) on a clock the caller passes in.
+ * options' enums and defaults, the monotonic and wall clocks, windows
+ * (sliding sums, latency percentiles) on a clock the caller passes in, and the
+ * decision core with the request reader for transports written in Lua (decider.c).
  * Value conversion only; the logic lives in src/policy. */
 #define _POSIX_C_SOURCE 200809L
 
@@ -10,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -17,13 +19,15 @@
 #include "compat.h"
 #include "convert.h"
 #include "counts.h"
+#include "decider.h"
+#include "head.h"
 #include "headers.h"
 #include "latency.h"
 #include "sha256.h"
 #include "sse.h"
 
 #define SSE_MT "sturdy.sse"
-#define HEAD_MT "sturdy.head"
+#define HEAD_MT SL_HEAD_MT
 #define COUNTS_MT "sturdy.counts"
 #define LATENCY_MT "sturdy.latency"
 
@@ -52,9 +56,7 @@ static int l_status_line(lua_State *L)
     return 2;
 }
 
-typedef struct l_head {
-    st_headers h;
-} l_head;
+typedef sl_head l_head;
 
 /* policy.head([max_bytes]) -> a response head being read line by line */
 static int l_head_new(lua_State *L)
@@ -462,6 +464,28 @@ static int l_defaults(lua_State *L)
     return 1;
 }
 
+/* policy.sleep(seconds): blocks the thread that long (at most a day), for
+ * waits where nothing else can wait (a chain waiting for a cooldown while its
+ * client is idle: client:poll returns at once then). Never inside nginx:
+ * ngx.sleep yields instead. */
+static int l_sleep(lua_State *L)
+{
+    lua_Number s = luaL_checknumber(L, 1);
+    struct timespec ts;
+
+    if (!(s >= 0))
+        return luaL_error(L, "sturdy: sleep takes seconds >= 0, got %f", (double)s);
+    if (s > 86400)
+        s = 86400;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec > 999999999L)
+        ts.tv_nsec = 999999999L;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+    return 0;
+}
+
 /* policy.isatty(fd) -> whether fd is a terminal (progress lines) */
 static int l_isatty(lua_State *L)
 {
@@ -471,6 +495,7 @@ static int l_isatty(lua_State *L)
 
 static const luaL_Reg policy_functions[] = {
     { "isatty", l_isatty },
+    { "sleep", l_sleep },
     { "enums", l_enums },
     { "defaults", l_defaults },
     { "sse", l_sse_new },
@@ -505,5 +530,6 @@ ST_EXPORT int luaopen_sturdy_policy(lua_State *L)
     new_class(L, COUNTS_MT, l_counts_gc, counts_methods);
     new_class(L, LATENCY_MT, l_latency_gc, latency_methods);
     luaL_newlib(L, policy_functions);
+    sl_open_decider(L);
     return 1;
 }

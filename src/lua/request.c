@@ -129,6 +129,140 @@ size_t sl_check_header_line(lua_State *L, const char *line, size_t len, const ch
     return name_len;
 }
 
+/* ---- client header lines -------------------------------------------------- */
+
+static char *dup_mem(const char *p, size_t n, int lower)
+{
+    char *d = malloc(n + 1);
+    size_t i;
+    if (d == NULL)
+        return NULL;
+    for (i = 0; i < n; i++)
+        d[i] = (char)(lower && p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
+    d[n] = '\0';
+    return d;
+}
+
+void sl_lines_read(lua_State *L, int t, sl_lines *out)
+{
+    size_t n, i;
+
+    t = lua_absindex(L, t);
+    if (lua_isnil(L, t))
+        return;
+    luaL_checktype(L, t, LUA_TTABLE);
+    n = lua_rawlen(L, t);
+    if (n > SL_MAX_HEADERS)
+        luaL_error(L, "sturdy: too many client headers (%d at most)", SL_MAX_HEADERS);
+    out->lines = calloc(n ? n : 1, sizeof *out->lines);
+    out->names = calloc(n ? n : 1, sizeof *out->names);
+    if (out->lines == NULL || out->names == NULL)
+        luaL_error(L, "sturdy: out of memory");
+    for (i = 0; i < n; i++) {
+        size_t len, name_len;
+        const char *line;
+        lua_rawgeti(L, t, (int)i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
+        line = lua_tolstring(L, -1, &len);
+        name_len = sl_check_header_line(L, line, len, "client headers");
+        out->lines[i] = dup_mem(line, len, 0);
+        out->names[i] = dup_mem(line, name_len, 1);
+        if (out->lines[i] == NULL || out->names[i] == NULL) {
+            free(out->lines[i]);
+            free(out->names[i]);
+            out->lines[i] = out->names[i] = NULL;
+            luaL_error(L, "sturdy: out of memory");
+        }
+        out->n = i + 1;
+        lua_pop(L, 1);
+    }
+}
+
+void sl_lines_free(sl_lines *l)
+{
+    size_t i;
+    for (i = 0; i < l->n; i++) {
+        memset(l->lines[i], 0, strlen(l->lines[i])); /* they may hold keys */
+        free(l->lines[i]);
+        free(l->names[i]);
+    }
+    free(l->lines);
+    free(l->names);
+    memset(l, 0, sizeof *l);
+}
+
+const char *sl_line_secret(const char *line, size_t *len)
+{
+    static const char *const names[] = { "authorization", "proxy-authorization", "x-api-key", "api-key",
+                                         "x-goog-api-key", "cookie", NULL };
+    const char *colon = strchr(line, ':'), *v;
+    size_t i, name_len;
+
+    if (colon == NULL)
+        return NULL;
+    name_len = (size_t)(colon - line);
+    for (i = 0; names[i]; i++)
+        if (strlen(names[i]) == name_len && strncasecmp(line, names[i], name_len) == 0)
+            break;
+    if (names[i] == NULL)
+        return NULL;
+    v = colon + 1;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (strncasecmp(v, "Bearer ", 7) == 0)
+        v += 7;
+    *len = strlen(v);
+    return *len ? v : NULL;
+}
+
+const char *sl_url_userinfo(const char *url, size_t *len)
+{
+    const char *start = strstr(url, "://"), *end;
+    if (start == NULL)
+        return NULL;
+    start += 3;
+    end = start + strcspn(start, "/?#@");
+    if (*end != '@' || end == start)
+        return NULL;
+    *len = (size_t)(end - start);
+    return start;
+}
+
+/* Is lname (lowercase) among the request's own header names? */
+static int overridden(const char *const *own, size_t n, const char *lname)
+{
+    size_t i, len = strlen(lname);
+    for (i = 0; i < n; i++)
+        if (strncasecmp(own[i], lname, len) == 0 && own[i][len] == ':')
+            return 1;
+    return 0;
+}
+
+size_t sl_assemble_headers(lua_State *L, const sl_lines *client, const sl_request *req, const char **out)
+{
+    size_t n = 0, k;
+    int has_type = 0;
+
+    if (req->nlines + client->n + 2 > SL_MAX_HEADERS)
+        luaL_error(L, "sturdy: too many headers (%d at most)", SL_MAX_HEADERS - 2);
+    for (k = 0; k < req->nlines; k++) {
+        out[n++] = req->lines[k];
+        if (strncasecmp(req->lines[k], "content-type:", 13) == 0)
+            has_type = 1;
+    }
+    for (k = 0; k < client->n; k++) {
+        if (req->nlines && overridden(req->lines, req->nlines, client->names[k]))
+            continue;
+        if (strcmp(client->names[k], "content-type") == 0)
+            has_type = 1;
+        out[n++] = client->lines[k];
+    }
+    if (req->body != NULL && !has_type)
+        out[n++] = "Content-Type: application/json";
+    return n;
+}
+
 /* ---- clients -------------------------------------------------------------- */
 
 static char *dup_field(lua_State *L, int t, const char *field)

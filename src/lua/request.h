@@ -59,6 +59,32 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
 /* The upstream key of the request table at idx (see sl_request_read); pushes it. */
 void sl_push_request_key(lua_State *L, int idx, const sl_client *c);
 
+/* A client's own header lines, checked once and kept in C: they often carry keys. */
+typedef struct sl_lines {
+    char **lines;            /* "Name: value" */
+    char **names;            /* their names, lowercase */
+    size_t n;
+} sl_lines;
+
+/* Reads the list of "Name: value" strings at index t (nil: none) into out, which
+ * must be zeroed; raises naming the problem (what is read so far stays in out). */
+void sl_lines_read(lua_State *L, int t, sl_lines *out);
+/* Frees the lines, wiping them first. */
+void sl_lines_free(sl_lines *l);
+
+/* The header lines a request sends: its own, then the client's it does not
+ * override (by name, any case), then "Content-Type: application/json" for a body
+ * that names none. out has room for SL_MAX_HEADERS; at least one slot stays free
+ * for the transport. Raises when they do not fit. Returns how many. */
+size_t sl_assemble_headers(lua_State *L, const sl_lines *client, const sl_request *req, const char **out);
+
+/* The secret in a header line: the value of Authorization, Proxy-Authorization,
+ * x-api-key, api-key, x-goog-api-key or Cookie (without "Bearer "), or NULL.
+ * *len is its length. Errors show it masked. */
+const char *sl_line_secret(const char *line, size_t *len);
+/* The userinfo of "scheme://user:password@host/...", a credential; NULL if none. */
+const char *sl_url_userinfo(const char *url, size_t *len);
+
 /* Checks a "Name: value" line: a token name, no CR, LF or NUL, not a header that
  * frames the message (those belong to the transport). Returns the name's length.
  * Never echoes the value: it may be a secret. */

@@ -122,3 +122,145 @@ void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us
     if (u->ttfb)
         st_latency_record(u->ttfb, now_ms, ttfb_us);
 }
+
+/* ---- the shared part as a blob -------------------------------------------- */
+
+static const char BLOB_MAGIC[4] = { 's', 't', 'U', '1' };
+
+typedef struct blob_head {
+    uint32_t stamp;
+    char magic[4];
+    uint32_t version, breaker_size, limiter_size, budget_size;
+    uint64_t fingerprint;
+} blob_head;
+
+#define BLOB_PAYLOAD (sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1 + sizeof(uint32_t))
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    size_t i;
+    for (i = 0; i < n; i++)
+        h = (h ^ b[i]) * UINT64_C(0x100000001b3);
+    return h;
+}
+
+/* Each field on its own, so padding bytes never reach the hash. */
+#define FNV_FIELD(h, x) ((h) = fnv((h), &(x), sizeof(x)))
+
+uint64_t st_upstream_fingerprint(const st_upstream *u)
+{
+    const st_breaker_config *c = &u->breaker.cfg;
+    uint32_t mode = (uint32_t)u->breaker.mode, enabled = (uint32_t)u->breaker_enabled;
+    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    int i;
+
+    FNV_FIELD(h, enabled);
+    FNV_FIELD(h, mode);
+    FNV_FIELD(h, c->window_ms);
+    FNV_FIELD(h, c->buckets);
+    FNV_FIELD(h, c->min_calls);
+    FNV_FIELD(h, c->failure_rate);
+    FNV_FIELD(h, c->slow_call_ms);
+    FNV_FIELD(h, c->slow_rate);
+    FNV_FIELD(h, c->open_ms);
+    FNV_FIELD(h, c->max_open_ms);
+    FNV_FIELD(h, c->probes);
+    FNV_FIELD(h, c->probe_timeout_ms);
+    FNV_FIELD(h, c->failure_classes);
+    for (i = 0; i < ST_DIM_COUNT; i++)
+        FNV_FIELD(h, u->limiter.configured[i]);
+    FNV_FIELD(h, u->limiter.burst_seconds);
+    FNV_FIELD(h, u->budget.ratio);
+    FNV_FIELD(h, u->budget.min_per_s);
+    FNV_FIELD(h, u->budget.slot_ms);
+    return h;
+}
+
+size_t st_upstream_blob_size(void)
+{
+    return sizeof(blob_head) + BLOB_PAYLOAD;
+}
+
+size_t st_upstream_save(const st_upstream *u, uint32_t stamp, void *out, size_t cap)
+{
+    unsigned char *p = out;
+    blob_head h;
+
+    if (cap < st_upstream_blob_size())
+        return 0;
+    memset(&h, 0, sizeof h);
+    h.stamp = stamp;
+    memcpy(h.magic, BLOB_MAGIC, sizeof h.magic);
+    h.version = ST_UPSTREAM_BLOB_VERSION;
+    h.breaker_size = (uint32_t)sizeof(st_breaker);
+    h.limiter_size = (uint32_t)sizeof(st_limiter);
+    h.budget_size = (uint32_t)sizeof(st_budget);
+    h.fingerprint = st_upstream_fingerprint(u);
+    memcpy(p, &h, sizeof h);
+    p += sizeof h;
+    memcpy(p, &u->breaker, sizeof u->breaker);
+    p += sizeof u->breaker;
+    memcpy(p, &u->limiter, sizeof u->limiter);
+    p += sizeof u->limiter;
+    memcpy(p, &u->budget, sizeof u->budget);
+    p += sizeof u->budget;
+    *p++ = (unsigned char)(u->replied != 0);
+    memcpy(p, &stamp, sizeof stamp);
+    return st_upstream_blob_size();
+}
+
+/* Values a blob of the right layout and settings must still hold to be used. */
+static int blob_sane(const st_upstream *u, const st_breaker *b, const st_budget *g)
+{
+    const st_breaker *mine = &u->breaker;
+    unsigned i, out = 0;
+
+    if ((unsigned)b->state > ST_BREAKER_HALF_OPEN || (unsigned)b->mode > ST_BREAKER_METRICS_ONLY
+        || b->cfg.buckets != mine->cfg.buckets || b->bucket_ms != mine->bucket_ms
+        || b->head_k >= b->cfg.buckets || b->cfg.probes != mine->cfg.probes
+        || b->probes_out > b->cfg.probes || b->probes_ok > b->cfg.probes)
+        return 0;
+    for (i = 0; i < ST_BREAKER_MAX_PROBES; i++)
+        out += b->probe_tok[i] != 0;
+    if (out != b->probes_out)
+        return 0;
+    return g->slot_ms == u->budget.slot_ms;
+}
+
+int st_upstream_load(st_upstream *u, const void *blob, size_t len)
+{
+    const unsigned char *p = blob;
+    blob_head h;
+    st_breaker b;
+    st_limiter l;
+    st_budget g;
+
+    if (blob == NULL || len != st_upstream_blob_size())
+        return ST_BLOB_SIZE;
+    memcpy(&h, p, sizeof h);
+    if (memcmp(h.magic, BLOB_MAGIC, sizeof h.magic) != 0)
+        return ST_BLOB_MAGIC;
+    if (h.version != ST_UPSTREAM_BLOB_VERSION)
+        return ST_BLOB_VERSION;
+    if (h.breaker_size != sizeof b || h.limiter_size != sizeof l || h.budget_size != sizeof g)
+        return ST_BLOB_LAYOUT;
+    if (h.fingerprint != st_upstream_fingerprint(u))
+        return ST_BLOB_CONFIG;
+    p += sizeof h;
+    memcpy(&b, p, sizeof b);
+    p += sizeof b;
+    memcpy(&l, p, sizeof l);
+    p += sizeof l;
+    memcpy(&g, p, sizeof g);
+    p += sizeof g;
+    if (!blob_sane(u, &b, &g) || *p > 1)
+        return ST_BLOB_INVALID;
+    /* the settings stay this process's own (the fingerprint says they agree) */
+    b.cfg = u->breaker.cfg;
+    u->breaker = b;
+    u->limiter = l;
+    u->budget = g;
+    u->replied = *p;
+    return ST_BLOB_OK;
+}

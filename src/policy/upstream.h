@@ -84,4 +84,47 @@ void st_upstream_dequeue(st_upstream *u, st_qnode *n);
 /* Records one finished attempt's time to first byte and total time (µs). */
 void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us, uint64_t total_us);
 
+/* The shared part of an upstream as a blob, for processes that decide about the
+ * same key together (the workers of one nginx keep it in an ngx.shared dict): the
+ * breaker (state, window, open time, probe permits), the rate limiter (limits,
+ * GCRA debt per dimension, holds, pause), the retry budget, and whether a response
+ * has come back (slow start). Latency windows, the in-flight count, the queue and
+ * the counters stay with each process.
+ *
+ * Format, version ST_UPSTREAM_BLOB_VERSION, exactly st_upstream_blob_size() bytes:
+ *   stamp                       uint32, the caller's (see below)
+ *   "stU1"                      4 bytes
+ *   version                     uint32
+ *   sizeof st_breaker, sizeof st_limiter, sizeof st_budget   uint32 each
+ *   config fingerprint          uint64 (st_upstream_fingerprint)
+ *   st_breaker, st_limiter, st_budget as in memory, one byte `replied`,
+ *   stamp again                 uint32
+ * in the byte order and layout of the process that wrote it: a blob is for
+ * processes of one build on one machine, never for storage or the network.
+ * The stamp (a save counter, say) opens and closes the blob so that successive
+ * blobs differ in their first and last bytes: Lua interns a long string by a
+ * hash of a few of its bytes, and blobs alike there would all share one hash
+ * chain, making each new one cost a comparison with every other alive.
+ *
+ * st_upstream_load refuses, leaving u unchanged, a blob of another length, magic,
+ * version or struct size (another build: after a binary upgrade the old workers'
+ * state is not read), of another fingerprint (made under other settings: the
+ * breaker, limits, burst, budget or mode differ, so its windows and debts mean
+ * something else), or one whose values are out of range (a state or mode outside
+ * its enum, a bucket index beyond the window, more probes out than permits).
+ * Times in it are monotonic ms, which all processes of one machine share. */
+#define ST_UPSTREAM_BLOB_VERSION 1
+
+enum {
+    ST_BLOB_OK = 0, ST_BLOB_SIZE, ST_BLOB_MAGIC, ST_BLOB_VERSION, ST_BLOB_LAYOUT, ST_BLOB_CONFIG, ST_BLOB_INVALID
+};
+
+/* FNV-1a over the settings the shared state depends on (see above). */
+uint64_t st_upstream_fingerprint(const st_upstream *u);
+size_t st_upstream_blob_size(void);
+/* Writes the blob into out; returns its size, or 0 when cap is too small. */
+size_t st_upstream_save(const st_upstream *u, uint32_t stamp, void *out, size_t cap);
+/* Replaces u's shared part with the blob's. Returns ST_BLOB_OK or why it was refused. */
+int st_upstream_load(st_upstream *u, const void *blob, size_t len);
+
 #endif

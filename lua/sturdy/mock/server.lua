@@ -186,14 +186,22 @@ local function anthropic_error(status, request_id, message)
   })
 end
 
-local function openai_error(status, message)
+local function openai_error(status, message, code)
   local e = OPENAI_ERRORS[status]
     or (status >= 500 and { "server_error", "server_error", "The server had an error." })
     or { "invalid_request_error", "invalid_request", "Invalid request." }
   return encode({
-    error = { message = message or e[3], type = e[1], param = cjson.null, code = e[2] },
+    error = { message = message or e[3], type = e[1], param = cjson.null, code = code or e[2] },
   })
 end
+
+-- The providers' own words for a prompt above the model's context window.
+local CONTEXT_ERRORS = {
+  anthropic = { message = "prompt is too long: 210345 tokens > 200000 maximum" },
+  openai = { message = "This model's maximum context length is 128000 tokens. However, your messages resulted "
+                       .. "in 130412 tokens. Please reduce the length of the messages.",
+             code = "context_length_exceeded" },
+}
 
 local function provider_for(uri)
   if uri:find("/chat/completions$") then
@@ -223,14 +231,14 @@ end
 
 -- Returns allowed, view where view = { limit, remaining, reset (s until full),
 -- retry_after (s until one token, only when refused) }; nil view when off.
--- One bucket per model named in the request body, as providers limit per
--- model; each starts full under the configuration in force.
-local function limiter_take(t, model)
+-- One bucket per API key and model named in the request, as providers limit
+-- per organisation and model; each starts full under the configuration in force.
+local function limiter_take(t, model, api_key)
   local cfg = limiter_get()
   if not cfg then
     return true, nil
   end
-  local key = "rl:" .. tostring(cfg.last) .. ":" .. (model or "")
+  local key = "rl:" .. tostring(cfg.last) .. ":" .. ngx.md5(api_key or "") .. ":" .. (model or "")
   local raw = dict():get(key)
   local rl = raw and cjson.decode(raw) or { rpm = cfg.rpm, burst = cfg.burst, tokens = cfg.burst, last = t }
   local rate = limiter_refill(rl, t)
@@ -348,8 +356,16 @@ local function scenario_next(id)
   return sc.count + 1, sc
 end
 
+-- The lists keep the first SCENARIO_LIST_MAX requests, so a long benchmark
+-- run in one scenario costs each request the same; count stays exact.
+local SCENARIO_LIST_MAX = 256
+
 local function scenario_record(id, sc, t, step_text, status)
   sc.count = sc.count + 1
+  if #sc.times >= SCENARIO_LIST_MAX then
+    dict():set("sc:" .. id, encode(sc))
+    return
+  end
   sc.times[#sc.times + 1] = t
   sc.statuses[#sc.statuses + 1] = status
   sc.steps[#sc.steps + 1] = step_text
@@ -385,7 +401,7 @@ end
 -- Step language: "WHAT;param=value;..." separated by "," (or x-mock-steps-sep).
 
 local KEYWORDS = {
-  drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true,
+  drop = true, drop_mid = true, stall_mid = true, malformed = true, html = true, context = true, refusal = true,
   huge = true, truncated = true, stream_error = true, replay = true, garbage = true, big_head = true,
   shape = true,
 }
@@ -521,6 +537,11 @@ local function anthropic_bodies(req, request_id)
     content = { { type = "text", text = text } },
     stop_reason = "end_turn", stop_sequence = cjson.null, usage = usage,
   })
+  -- declined by the safety classifiers: no content, stop_reason "refusal"
+  r.refusal_json = encode({
+    id = id, type = "message", role = "assistant", model = model, content = EMPTY_ARRAY,
+    stop_reason = "refusal", stop_sequence = cjson.null, usage = usage,
+  })
 
   local function ev(name, data)
     return "event: " .. name .. "\ndata: " .. encode(data) .. "\n\n"
@@ -573,6 +594,13 @@ local function openai_bodies(req, request_id)
     id = id, object = "chat.completion", created = created, model = model,
     choices = { { index = 0, message = { role = "assistant", content = text, refusal = cjson.null },
                   logprobs = cjson.null, finish_reason = "stop" } },
+    usage = usage, service_tier = "default", system_fingerprint = "fp_mock",
+  })
+  -- held back by the content filter: no content, finish_reason "content_filter"
+  r.refusal_json = encode({
+    id = id, object = "chat.completion", created = created, model = model,
+    choices = { { index = 0, message = { role = "assistant", content = cjson.null, refusal = cjson.null },
+                  logprobs = cjson.null, finish_reason = "content_filter" } },
     usage = usage, service_tier = "default", system_fingerprint = "fp_mock",
   })
 
@@ -782,6 +810,18 @@ local function reply_huge(step)
     left = left - n
   end
   send_parts({ suffix }, p.drip)
+  return ngx.exit(ngx.OK)
+end
+
+-- A 400 in the provider's words for a prompt above the context window.
+local function reply_context_error(provider, request_id)
+  local e = CONTEXT_ERRORS[provider] or CONTEXT_ERRORS.anthropic
+  local body = provider == "openai" and openai_error(400, e.message, e.code)
+    or anthropic_error(400, request_id, e.message)
+  ngx.status = 400
+  ngx.header["content-type"] = "application/json"
+  ngx.header["content-length"] = #body
+  ngx.print(body)
   return ngx.exit(ngx.OK)
 end
 
@@ -1027,6 +1067,11 @@ local function run_step(step, provider, request_id, view, t)
     return reply_raw({ GARBAGE_REPLY })
   elseif kw == "big_head" then
     return reply_big_head(step)
+  elseif kw == "context" then
+    if provider ~= "generic" then
+      set_ratelimit_headers(provider, view, t)
+    end
+    return reply_context_error(provider, request_id)
   end
 
   local body = read_body()
@@ -1051,7 +1096,7 @@ local function run_step(step, provider, request_id, view, t)
   if req.stream == true or kw == "truncated" or kw == "stream_error" then
     return reply_stream(bodies, step)
   end
-  return reply_json(200, bodies.json, step)
+  return reply_json(200, kw == "refusal" and bodies.refusal_json or bodies.json, step)
 end
 
 function M.handle()
@@ -1090,7 +1135,8 @@ function M.handle()
   if uri:sub(1, 4) == "/v1/" then
     local allowed
     local body_data = ngx.req.get_body_data()
-    allowed, view = limiter_take(t, body_data and body_data:match('"model"%s*:%s*"([^"]*)"'))
+    local api_key = header_value(headers, "x-api-key") or header_value(headers, "authorization")
+    allowed, view = limiter_take(t, body_data and body_data:match('"model"%s*:%s*"([^"]*)"'), api_key)
     if not allowed then
       dict():incr("rate_limited", 1, 0)
       if sc then
