@@ -72,11 +72,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-<<<<<<< HEAD
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics bench-features
-=======
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics demo-openresty bench-openresty
->>>>>>> main
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics demo-openresty bench-openresty bench-features
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 

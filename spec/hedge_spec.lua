@@ -5,6 +5,7 @@
 -- and the deadline.
 local sturdy = require "sturdy"
 local anthropic = require "sturdy.anthropic"
+local fallback = require "sturdy.fallback"
 local mock = require "spec.support.mock"
 
 local now = sturdy.monotime
@@ -262,6 +263,98 @@ describe("hedging", function()
     assert.equal(1, #ids) -- what the piece in hand held, from one leg
     local _, serr = s:result()
     assert.equal("canceled", serr.kind)
+  end)
+
+  describe("in a fallback chain", function()
+    local function chain_of(targets, h)
+      return fallback { targets = targets, hedge = h or { after = 0.05, max_ratio = 1 } }
+    end
+
+    it("hedges a late first byte on the chain's next target; the first reply wins", function()
+      local c = sturdy.client { base_url = m.http_url }
+      local sonnet = anthropic.new { client = c, api_key = "sk-test", model = "claude-sonnet-4-5" }
+      local haiku = anthropic.new { client = c, api_key = "sk-test", model = "claude-haiku-4-5" }
+      local chain = chain_of {
+        { provider = sonnet, name = "sonnet", headers = mock.steps("c-primary", "200;delay=800") },
+        { provider = haiku, name = "haiku", headers = mock.steps("c-second", "200;delay=5") },
+      }
+      local t0 = now()
+      local r = assert(chain:messages(PARAMS))
+      assert.is_true(now() - t0 < 0.5)
+      assert.equal("haiku", r.served_by)
+      assert.is_true(r.hedged)
+      assert.is_true(r.hedge_won)
+      assert.equal("haiku", r.hedged_to)
+      assert.equal(1, m:scenario("c-primary").count)
+      assert.equal(1, m:scenario("c-second").count)
+      -- the primary, cancelled in flight, cost its input: on its key, and in the call's cost
+      local skey = c:key_for(sonnet:_request(PARAMS))
+      local us = c:stats(skey).usage
+      assert.equal(1, us.hedges_lost)
+      local p = require("sturdy.prices").lookup("claude-haiku-4-5")
+      assert.near(r.usage.input * p.input / 1e6 + r.usage.output * p.output / 1e6 + us.hedge_cost, r.cost, 1e-12)
+      local st = chain:stats()
+      assert.equal(1, st.targets.sonnet.calls)
+      assert.equal(1, st.targets.haiku.calls)
+      assert.equal(1, st.targets.haiku.successes)
+      c:close()
+    end)
+
+    it("keeps the primary's reply when it comes first, and falls through past a failed hedge", function()
+      local c = sturdy.client { base_url = m.http_url, retry = { attempts = 1 } }
+      local sonnet = anthropic.new { client = c, api_key = "sk-test", model = "claude-sonnet-4-5" }
+      local haiku = anthropic.new { client = c, api_key = "sk-test", model = "claude-haiku-4-5" }
+      local chain = chain_of {
+        { provider = sonnet, name = "sonnet", headers = mock.steps("k-primary", "200;delay=200") },
+        { provider = haiku, name = "haiku", headers = mock.steps("k-second", "200;delay=900") },
+      }
+      local r = assert(chain:messages(PARAMS))
+      assert.equal("sonnet", r.served_by)
+      assert.is_true(r.hedged)
+      assert.is_false(r.hedge_won)
+      local hkey = c:key_for(haiku:_request(PARAMS))
+      assert.equal(1, c:stats(hkey).usage.hedges_lost)
+      -- the hedge fails at once; the primary fails later: the chain moves on to a third target
+      local opus = anthropic.new { client = c, api_key = "sk-test", model = "claude-opus-4-1" }
+      local chain2 = chain_of {
+        { provider = sonnet, name = "sonnet", headers = mock.steps("f-primary", "529;delay=300") },
+        { provider = haiku, name = "haiku", headers = mock.steps("f-second", "529") },
+        { provider = opus, name = "opus", headers = mock.steps("f-third", "200") },
+      }
+      r = assert(chain2:messages(PARAMS))
+      assert.equal("opus", r.served_by)
+      assert.equal(2, #r.fallbacks)
+      assert.equal(1, m:scenario("f-third").count)
+      c:close()
+    end)
+
+    it("hedges on the same target when the next one is on another client", function()
+      local c1 = sturdy.client { base_url = m.http_url }
+      local c2 = sturdy.client { base_url = m.http_url }
+      local sonnet = anthropic.new { client = c1, api_key = "sk-test", model = "claude-sonnet-4-5" }
+      local haiku = anthropic.new { client = c2, api_key = "sk-test", model = "claude-haiku-4-5" }
+      local chain = chain_of {
+        { provider = sonnet, name = "sonnet", headers = mock.steps("o-primary", "200;delay=800|200;delay=5") },
+        { provider = haiku, name = "haiku", headers = mock.steps("o-second", "200") },
+      }
+      local r = assert(chain:messages(PARAMS))
+      assert.equal("sonnet", r.served_by)
+      assert.is_true(r.hedge_won)
+      assert.equal("sonnet", r.hedged_to)
+      assert.equal(2, m:scenario("o-primary").count)
+      assert.equal(0, (m:counters().scenarios["o-second"] or { count = 0 }).count)
+      c1:close()
+      c2:close()
+    end)
+
+    it("refuses a bad hedge option", function()
+      local c = sturdy.client { base_url = m.http_url }
+      assert.has_error(function()
+        fallback { targets = { anthropic.new { client = c, api_key = "k", model = "m" } }, hedge = { after = "p1" } }
+      end, 'sturdy: option \'after\' in sturdy.fallback.hedge must be seconds or a quantile from "p50" to "p99.9", '
+           .. 'got "p1"')
+      c:close()
+    end)
   end)
 
   it("refuses bad hedge settings, naming them", function()

@@ -78,16 +78,18 @@ function hedge.request_for(req, left_ms)
   return h
 end
 
---- Sends req on client, hedged by policy (from hedge.policy), and waits for
--- the outcome as client:request does. request_for (optional, default
--- hedge.request_for) makes the hedge's request from req and the ms left. Returns res, err and what happened:
--- { hedged = true when a hedge was sent, won = "primary" | "hedge", lost =
--- true when the other leg was cancelled in flight (its input is billed) }.
--- A failure waits for the other leg; when both fail, the primary's error is
--- the call's.
-function hedge.call(client, req, policy, request_for)
+--- Races two legs of one call on client. submit_first(cb) submits the first
+-- leg (cb(res, err) when it ends) and returns its handle. When its first byte
+-- is late (the core's st_hedge_plan), try_second(first_handle, cb) is asked
+-- for the hedge: it asks first_handle:hedge_admit for the hedge's key and,
+-- when admitted, submits the second leg and returns its handle (nil: no
+-- hedge). The first leg to succeed wins and the other is cancelled
+-- (handle:lose()); a failure waits for the other leg; when both fail, the
+-- first leg's outcome is the call's. Waits as client:request does. Returns
+-- the winner's index (1 or 2) and the legs ({ handle, res, err, done, lost =
+-- true when cancelled in flight }).
+function hedge.race(client, policy, submit_first, try_second)
   local legs, state = {}, { done = false }
-  local info = { hedged = false }
   local timer
 
   local function ended(i, res, err)
@@ -98,37 +100,48 @@ function hedge.call(client, req, policy, request_for)
     if res then
       state.done, state.winner = true, i
       if other and not other.done then
-        info.lost = true
+        other.lost = true
         other.handle:lose()
       end
     elseif not other or other.done then
-      -- the hedge never went, or failed too: the primary's outcome is the call's
+      -- the hedge never went, or failed too: the first leg's outcome is the call's
       if not other and timer then timer:cancel() end
-      state.done, state.winner = true, other and 1 or i
+      state.done, state.winner = true, 1
     end
   end
 
   legs[1] = {}
-  legs[1].handle = client:submit(req, function(res, err) ended(1, res, err) end)
+  legs[1].handle = submit_first(function(res, err) ended(1, res, err) end)
   local wait = legs[1].handle:hedge_plan(policy)
   if wait then
     timer = client:after(wait / 1000, function()
       if state.done or legs[1].done or legs[1].handle:received() > 0 then return end
-      local ok, left = legs[1].handle:hedge_admit(policy)
-      if not ok then return end
-      info.hedged = true
-      legs[2] = {}
-      legs[2].handle = client:submit((request_for or hedge.request_for)(req, left),
-                                     function(res, err) ended(2, res, err) end)
+      local leg = {}
+      leg.handle = try_second(legs[1].handle, function(res, err) ended(2, res, err) end)
+      if leg.handle then legs[2] = leg end
     end)
   end
-  if not client:wait_for(function() return state.done end) then
-    -- closed while waiting: every leg ended as canceled
-    return legs[1].res, legs[1].err, info
-  end
+  client:wait_for(function() return state.done end)
   if timer then timer:cancel() end
-  local w = legs[state.winner]
-  info.won = state.winner == 2 and "hedge" or "primary"
+  return state.winner or 1, legs
+end
+
+--- Sends req on client, hedged by policy (from hedge.policy) on the same
+-- target, and waits for the outcome as client:request does. request_for
+-- (optional, default hedge.request_for) makes the hedge's request from req
+-- and the ms left. Returns res, err and what happened: { hedged = true when
+-- a hedge was sent, won = "primary" | "hedge", lost = true when the other
+-- leg was cancelled in flight (its input is billed) }.
+function hedge.call(client, req, policy, request_for)
+  local winner, legs = hedge.race(client, policy, function(cb) return client:submit(req, cb) end,
+    function(first, cb)
+      local ok, left = first:hedge_admit(policy)
+      if not ok then return nil end
+      return client:submit((request_for or hedge.request_for)(req, left), cb)
+    end)
+  local w = legs[winner]
+  local info = { hedged = legs[2] ~= nil, won = winner == 2 and "hedge" or "primary",
+                 lost = (legs[1].lost or (legs[2] and legs[2].lost)) or false }
   return w.res, w.err, info
 end
 

@@ -301,12 +301,16 @@ function provider.define(class, spec)
     return h
   end
 
-  -- A hedge leg cancelled in flight was billed for its input: its estimate at
-  -- the input price counts in the key's totals (hedges_lost, hedge_cost) and
-  -- spend, and in the call's cost. input: the provider's count when it sent
-  -- one (a stream's message_start), else nil for the estimate. Returns the cost.
-  function class:_lost(req, model, estimated, input)
-    local usage = { input = input or estimated.input, output = 0, cache_read = 0, cache_write = 0 }
+  --- Records a hedge leg of req (a request this provider prepared) that was
+  -- cancelled in flight: it was billed for its input, so its input tokens
+  -- (`input`, the provider's count when it sent one, as a stream's
+  -- message_start does; else the request's estimate) at the input price count
+  -- in the key's totals (`hedges_lost`, `hedge_cost`) and spend caps. Returns
+  -- the cost, for the call's.
+  function class:lost_leg(req, input)
+    local model = req.json and req.json.model
+    local usage = { input = input or (req.tokens and req.tokens.input) or 0, output = 0, cache_read = 0,
+                    cache_write = 0 }
     local p = price_of(self, model)
     local cost = p and usage.input * (p.input or 0) / 1e6 or 0
     self.client:record_usage(req.key, usage, nil, cost, { model = model, tag = req.tag, lost = true })
@@ -365,7 +369,7 @@ function provider.define(class, spec)
     end
     local res, err, info = hedge.call(self.client, req, policy, hedge_request)
     local lost = 0
-    if info.lost then lost = self:_lost(req, req.json.model, req.tokens) end
+    if info.lost then lost = self:lost_leg(req) end
     local r, ferr = res, err
     if res then r, ferr = finish(res) end
     local out = r or ferr
@@ -397,7 +401,7 @@ function provider.define(class, spec)
         return self:_result(doc, res, body, estimated, req)
       end, opts.on_event, policy and {
         policy = policy, request = hedge_request,
-        lost = function(input) return self:_lost(req, body.model, estimated, input) end,
+        lost = function(input) return self:lost_leg(req, input) end,
       })
     end
     if opts.on_event then return s end
