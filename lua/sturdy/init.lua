@@ -934,11 +934,10 @@ function Client:record_usage(key, usage, estimated, cost, reply)
   end
   local totals = self._usage or {}
   self._usage = totals
-  local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0,
-                             hedges_lost = 0, hedge_cost = 0 }
+  local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
   totals[key] = t
-  if reply.lost then
-    t.hedges_lost, t.hedge_cost = t.hedges_lost + 1, t.hedge_cost + (cost or 0)
+  if reply.lost then -- the hedge fields appear with the first hedge lost
+    t.hedges_lost, t.hedge_cost = (t.hedges_lost or 0) + 1, (t.hedge_cost or 0) + (cost or 0)
   else
     t.calls = t.calls + 1
   end
@@ -984,10 +983,9 @@ function Client:stats(key)
   s.keys = engine:keys()
   if engine.budget then s.budget = engine:budget() end
   if self._usage then
-    local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0,
-                    hedges_lost = 0, hedge_cost = 0 }
+    local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
     for _, u in pairs(self._usage) do
-      for k, v in pairs(u) do total[k] = total[k] + v end
+      for k, v in pairs(u) do total[k] = (total[k] or 0) + v end
     end
     s.usage = total
   end
