@@ -73,6 +73,7 @@ struct st_request {
     const char *stop;
     st_timings timings;
     int http_version;
+    uint64_t spend_id;         /* the parked spend reservation once handed out */
 };
 
 typedef struct st_notices {
@@ -1135,6 +1136,7 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     }
     st_call_init(&r->call, &e->decider, now, spec->total_ms, spec->attempts, spec->priority,
                  spec->input_tokens, spec->output_tokens);
+    st_call_spend_init(&e->decider, r->up, &r->call, spec->tag, spec->reserve_usd, spec->reserve_tokens, now);
     r->connect_ms = spec->connect_ms;
     r->first_byte_ms = spec->first_byte_ms;
     r->idle_ms = spec->idle_ms;
@@ -1176,13 +1178,24 @@ void st_engine_cancel(st_engine *e, st_request *r)
         pump(e, r->up, now); /* its place in flight is free */
 }
 
+/* The call is over for good: its spend reservation parks (billed) or goes back. */
+static void spend_end(st_engine *e, st_request *r)
+{
+    st_events ev;
+    ev.n = ev.dropped = 0;
+    r->spend_id = st_call_spend_end(&e->decider, r->up, &r->call, r->status, mono_ms(), &ev);
+    queue_events(e, &ev);
+}
+
 st_request *st_engine_take_done(st_engine *e)
 {
     st_request *r = e->done.head;
     while (r && r->userdata == NULL)
         r = r->next;
-    if (r)
+    if (r) {
         list_unlink(r);
+        spend_end(e, r);
+    }
     return r;
 }
 
@@ -1294,6 +1307,47 @@ void st_request_result(st_request *r, st_result *out)
     out->committed = r->call.committed;
     out->retryable = r->retryable;
     out->stop = r->stop;
+    out->spend_id = r->spend_id;
+}
+
+int64_t st_request_deadline_left(const st_request *r)
+{
+    int64_t left;
+    if (r->call.deadline_ms <= 0)
+        return -1;
+    left = r->call.deadline_ms - mono_ms();
+    return left > 0 ? left : 0;
+}
+
+uint64_t st_request_received(const st_request *r)
+{
+    return r->state == ST_REQ_RUNNING ? r->rx_bytes : 0;
+}
+
+int64_t st_request_hedge_plan(st_engine *e, st_request *r, const st_hedge_policy *p)
+{
+    return st_hedge_plan(&e->decider, r->up, &r->call, p, mono_ms());
+}
+
+int st_request_hedge_admit(st_engine *e, st_request *r, const char *hedge_key, const st_hedge_policy *p,
+                           const char **why)
+{
+    int64_t now = mono_ms();
+    st_upstream *h = hedge_key ? st_decider_upstream(&e->decider, hedge_key, now) : r->up;
+    if (h == NULL) {
+        *why = "memory";
+        return 0;
+    }
+    return st_hedge_admit(&e->decider, r->up, h, &r->call, p, now, why);
+}
+
+void st_engine_cancel_lost(st_engine *e, st_request *r)
+{
+    if (r->state == ST_REQ_RUNNING && r->rx_bytes == 0) {
+        int64_t now = mono_ms();
+        st_hedge_lost(r->up, now, now - r->attempt_start_ms);
+    }
+    st_engine_cancel(e, r);
 }
 
 void st_request_free(st_request *r)
@@ -1302,6 +1356,7 @@ void st_request_free(st_request *r)
         return;
     if (r->state != ST_REQ_DONE)
         st_engine_cancel(r->eng, r);
+    spend_end(r->eng, r); /* nobody will settle it: a billed one is charged in full when due */
     list_unlink(r);
     request_release(r);
 }

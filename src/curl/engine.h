@@ -46,6 +46,8 @@ typedef struct st_request_spec {
     int priority;               /* ST_PRIORITY_* */
     double input_tokens, output_tokens; /* estimates for the rate limiter; 0 = unknown */
     int held;                   /* waits for st_engine_gate before it is admitted */
+    const char *tag;            /* for the spend caps: a tenant or feature; NULL none */
+    double reserve_usd, reserve_tokens; /* the worst case the spend caps reserve */
 } st_request_spec;
 
 typedef enum st_req_state {
@@ -85,6 +87,7 @@ typedef struct st_result {
     int retryable;            /* the decision core's: the outcome is of a retried kind */
     const char *stop;         /* retryable but not retried: "attempts", "deadline", "budget_exhausted",
                                * "committed", "hint_too_long"; NULL otherwise */
+    uint64_t spend_id;        /* its parked spend reservation, to settle (st_decider_spend_settle); 0 none */
 } st_result;
 
 typedef struct st_retry_info {
@@ -161,6 +164,19 @@ unsigned st_request_attempt(const st_request *r);
  * usual rules, unless committed. For running or finished (not yet taken) requests;
  * detail is copied. */
 void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail);
+/* Milliseconds left before r's deadline (at least 0), or -1 when it has none. */
+int64_t st_request_deadline_left(const st_request *r);
+/* Bytes of the current attempt's response received so far (0: none yet). */
+uint64_t st_request_received(const st_request *r);
+/* May call r (running, first byte late) start a hedge on key h (NULL: its own)?
+ * See st_hedge_admit; *why says which cap refused. st_request_hedge_plan: the
+ * wait before asking, or -1 (see st_hedge_plan). */
+int64_t st_request_hedge_plan(st_engine *e, st_request *r, const st_hedge_policy *p);
+int st_request_hedge_admit(st_engine *e, st_request *r, const char *hedge_key, const st_hedge_policy *p,
+                           const char **why);
+/* Cancels r as a hedge leg that lost: if no byte of it came, the time it waited
+ * counts in its key's time-to-first-byte window (st_hedge_lost). */
+void st_engine_cancel_lost(st_engine *e, st_request *r);
 /* Streamed requests with body bytes waiting to be handed out: copies up to max,
  * returns how many there are. */
 size_t st_engine_streams(st_engine *e, st_request **out, size_t max);

@@ -188,6 +188,7 @@ static int l_engine_new(lua_State *L)
     le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
     if (le->e == NULL)
         return sl_error(L, "sturdy: %s", err);
+    sl_read_spend(L, 1, st_engine_decider(le->e), st_engine_now_ms());
     lua_getfield(L, 1, "notices");
     if (lua_istable(L, -1)) {
         int retries, events;
@@ -266,6 +267,10 @@ static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_r
     spec->priority = req.priority;
     spec->input_tokens = req.tokens_in;
     spec->output_tokens = req.tokens_out;
+    spec->tag = req.tag;
+    spec->reserve_usd = req.reserve_usd;
+    /* without a figure of its own, the token estimates are the worst case */
+    spec->reserve_tokens = req.reserve_tokens >= 0 ? req.reserve_tokens : req.tokens_in + req.tokens_out;
 }
 
 /* engine:submit(handle, request, json_body, held) -> request userdata. Checks
@@ -422,6 +427,8 @@ static void push_result(lua_State *L, st_request *r)
     lua_createtable(L, 0, res.outcome.kind ? 12 : 3);
     if (res.status > 0)
         set_int(L, "status", res.status);
+    if (res.spend_id)
+        set_int(L, "hold", (double)res.spend_id);
     lua_pushlstring(L, res.body, res.body_len);
     lua_setfield(L, -2, "body");
     push_detail(L, &res);
@@ -759,6 +766,91 @@ static int l_engine_tostring(lua_State *L)
     return 1;
 }
 
+/* Pushes the events of a spend operation as a list (empty when none). */
+static void push_events(lua_State *L, const st_events *ev)
+{
+    unsigned i;
+    lua_createtable(L, (int)ev->n, 0);
+    for (i = 0; i < ev->n; i++) {
+        sl_push_event(L, &ev->ev[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
+/* A dollar or token amount argument: a finite number >= 0 (nil: 0). */
+static double amount_arg(lua_State *L, int i, const char *what)
+{
+    lua_Number v = luaL_optnumber(L, i, 0);
+    if (!(v >= 0 && v <= 1e15))
+        sl_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
+    return v;
+}
+
+/* engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
+ * call whose result carried `hold`. */
+static int l_engine_settle(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_Number id = luaL_checknumber(L, 2);
+    double usd = amount_arg(L, 3, "the cost"), tokens = amount_arg(L, 4, "the tokens");
+    st_events ev;
+    int done = 0;
+
+    ev.n = ev.dropped = 0;
+    if (id >= 1 && id < 9007199254740992.0 && id == floor(id))
+        done = st_decider_spend_settle(st_engine_decider(le->e), (uint64_t)id, usd, tokens,
+                                       st_engine_now_ms(), &ev);
+    lua_pushboolean(L, done);
+    push_events(L, &ev);
+    return 2;
+}
+
+/* engine:charge(key, tag, usd, tokens) -> events: spend without a reservation
+ * (a cancelled hedge's input) in the scopes of the key and tag (nil: none). */
+static int l_engine_charge(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_optstring(L, 2, NULL), *tag = luaL_optstring(L, 3, NULL);
+    double usd = amount_arg(L, 4, "the cost"), tokens = amount_arg(L, 5, "the tokens");
+    st_decider *d = st_engine_decider(le->e);
+    int64_t now = st_engine_now_ms();
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_decider_spend_charge(d, key ? st_decider_upstream(d, key, now) : NULL, tag, usd, tokens, now, &ev);
+    push_events(L, &ev);
+    return 1;
+}
+
+/* engine:budget() -> { client = spend?, tags = { [tag] = spend } }, or nil
+ * without spend caps. */
+static int l_engine_budget(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_spend_book *b = st_engine_decider(le->e)->spend;
+    int64_t now = st_engine_now_ms();
+    int i;
+
+    if (b == NULL)
+        return 0;
+    lua_createtable(L, 0, 3);
+    if (b->client_capped) {
+        sl_push_spend(L, &b->client, now);
+        lua_setfield(L, -2, "client");
+    }
+    lua_newtable(L);
+    for (i = 0; i < ST_SPEND_BUCKETS; i++) {
+        st_spend_named *n;
+        for (n = b->tags[i]; n; n = n->next) {
+            sl_push_spend(L, &n->spend, now);
+            lua_setfield(L, -2, n->name);
+        }
+    }
+    lua_setfield(L, -2, "tags");
+    set_int(L, "expired", (double)b->expired);
+    return 1;
+}
+
 /* ---- requests ------------------------------------------------------------- */
 
 static int l_request_cancel(lua_State *L)
@@ -766,6 +858,85 @@ static int l_request_cancel(lua_State *L)
     l_request *lr = check_request(L, 1);
     if (lr->r != NULL && lr->le->e != NULL)
         st_engine_cancel(lr->le->e, lr->r);
+    return 0;
+}
+
+/* request:received() -> bytes of the current attempt's response so far */
+static int l_request_received(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    lua_pushnumber(L, lr->r != NULL ? (lua_Number)st_request_received(lr->r) : 0);
+    return 1;
+}
+
+/* A hedge policy { after = ms | nil, quantile =, max_ratio = } at index i. */
+static void read_hedge_policy(lua_State *L, int i, st_hedge_policy *p)
+{
+    lua_Number v;
+    luaL_checktype(L, i, LUA_TTABLE);
+    lua_getfield(L, i, "after");
+    v = lua_isnil(L, -1) ? -1 : luaL_checknumber(L, -1);
+    if (!(v == -1 || (v >= 0 && v <= (lua_Number)ST_RETRY_AFTER_MAX_MS)))
+        sl_error(L, "sturdy: hedge 'after' must be a number of ms from 0 to %d", (int)ST_RETRY_AFTER_MAX_MS);
+    p->after_ms = v < 0 ? -1 : (int64_t)ceil(v);
+    lua_getfield(L, i, "quantile");
+    v = lua_isnil(L, -1) ? 0.95 : luaL_checknumber(L, -1);
+    if (!(v >= 0 && v <= 1))
+        sl_error(L, "sturdy: hedge 'quantile' must be a number from 0 to 1");
+    p->quantile = v;
+    lua_getfield(L, i, "max_ratio");
+    v = luaL_checknumber(L, -1);
+    if (!(v >= 0 && v <= 1))
+        sl_error(L, "sturdy: hedge 'max_ratio' must be a number from 0 to 1");
+    p->max_ratio = v;
+    lua_pop(L, 3);
+}
+
+/* request:hedge_plan(policy) -> ms to wait for the first byte before asking
+ * hedge_admit, or nil: no hedge for this call. */
+static int l_request_hedge_plan(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    st_hedge_policy p;
+    int64_t ms;
+
+    read_hedge_policy(L, 2, &p);
+    if (lr->r == NULL || lr->le->e == NULL || (ms = st_request_hedge_plan(lr->le->e, lr->r, &p)) < 0)
+        return 0;
+    lua_pushnumber(L, (lua_Number)ms);
+    return 1;
+}
+
+/* request:hedge_admit(policy, key?) -> true and the ms left before the deadline
+ * (nil: none), or false and the cap that refused */
+static int l_request_hedge_admit(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    const char *key = luaL_optstring(L, 3, NULL), *why = "done";
+    st_hedge_policy p;
+    int ok = 0;
+
+    read_hedge_policy(L, 2, &p);
+    if (lr->r != NULL && lr->le->e != NULL && st_request_state(lr->r) == ST_REQ_RUNNING)
+        ok = st_request_hedge_admit(lr->le->e, lr->r, key, &p, &why);
+    lua_pushboolean(L, ok);
+    if (ok) {
+        int64_t left = st_request_deadline_left(lr->r);
+        if (left < 0)
+            return 1;
+        lua_pushnumber(L, (lua_Number)left);
+        return 2;
+    }
+    lua_pushstring(L, why);
+    return 2;
+}
+
+/* request:lose(): cancels a hedge leg that lost (see st_engine_cancel_lost). */
+static int l_request_lose(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    if (lr->r != NULL && lr->le->e != NULL)
+        st_engine_cancel_lost(lr->le->e, lr->r);
     return 0;
 }
 
@@ -867,6 +1038,9 @@ static const luaL_Reg engine_methods[] = {
     { "fleet_window", l_engine_fleet_window },
     { "share", l_engine_share },
     { "fleet_counts", l_engine_fleet_counts },
+    { "settle", l_engine_settle },
+    { "charge", l_engine_charge },
+    { "budget", l_engine_budget },
     { "close", l_engine_close },
     { NULL, NULL }
 };
@@ -883,6 +1057,10 @@ static const luaL_Reg request_methods[] = {
     { "fail_attempt", l_request_fail_attempt },
     { "gate", l_request_gate },
     { "admission", l_request_admission },
+    { "received", l_request_received },
+    { "hedge_plan", l_request_hedge_plan },
+    { "hedge_admit", l_request_hedge_admit },
+    { "lose", l_request_lose },
     { NULL, NULL }
 };
 
