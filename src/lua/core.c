@@ -283,10 +283,11 @@ static int l_engine_submit(lua_State *L)
     st_request_spec spec;
     l_request *lr;
     char err[256];
+    int held = lua_toboolean(L, 5); /* before read_request pushes the fields it reads */
 
     luaL_checktype(L, 2, LUA_TTABLE);
     read_request(L, le, 3, lua_isnoneornil(L, 4) ? 0 : 4, &spec, headers);
-    spec.held = lua_toboolean(L, 5);
+    spec.held = held;
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
     lr->le = le;
