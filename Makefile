@@ -9,6 +9,8 @@
 #   make bench           micro-benchmarks, and benchmarks against a bare libcurl client
 #   make bench-cache     the cache's memory backend: hit cost, lookups against entry count
 #   make bench-metrics   the cost of rendering the metrics of 50 upstream keys
+#   make bench-shared    limits shared through Redis: cost per call, with and without leases
+#   make bench-features  CPU per call of adaptive concurrency, spend caps and hedging, off and on
 #   make goodput         goodput under a provider rate limit learned from headers
 #   make bench-cosocket  sturdy.cosocket inside nginx against proxy_pass (wrk)
 #   make bench-fallback  a fallback chain's CPU per call next to a direct provider call
@@ -58,8 +60,9 @@ POLICY_LIB_SRC := src/lua/policy.c src/lua/decider.c src/lua/convert.c src/lua/r
 INCLUDES := -Isrc/policy -Isrc/curl -Isrc/lua
 C_TESTS := test_policies test_breaker test_latency test_ratelimit test_sse test_headers test_sha256 test_adaptive test_spend test_upstream
 HEADERS := $(wildcard src/*/*.h)
-C_TESTS += test_decide
+C_TESTS += test_decide test_admission
 C_TESTS += test_counts
+C_TESTS += test_fleet
 CORE_SO := $(BUILD)/sturdy/core.so
 POLICY_SO := $(BUILD)/sturdy/policy.so
 NETDIAG_SO := $(BUILD)/sturdy/netdiag.so
@@ -71,7 +74,7 @@ SUITE_LUAS := lua5.1 lua5.2 lua5.3 lua5.4 luajit
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_CC ?= gcc
 
-.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics demo-openresty bench-openresty
+.PHONY: all install uninstall deps deps-build test test-lua test-c test-all test-asan lint check-rock check-fresh demo bench goodput fidelity fuzz clean ngx-policy bench-cosocket bench-cache docs soak fuzz-seeds bench-metrics demo-openresty bench-openresty bench-shared bench-features
 
 all: $(CORE_SO) $(POLICY_SO) $(NETDIAG_SO)
 
@@ -201,7 +204,16 @@ bench-metrics: deps $(CORE_SO) $(POLICY_SO)
 	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
 		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/metrics.lua
 
+# Limits shared through Redis: cost per call against a local limit, leases' accuracy
+bench-shared: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) bench/shared.lua
+
 # sturdy.cosocket in nginx against a plain proxy_pass to the mock, with wrk
+# CPU per provider call with adaptive concurrency, spend caps and hedging off and on
+bench-features: deps $(CORE_SO) $(POLICY_SO)
+	STURDY_CPATH='$(BUILD)/?.so' $(LUA) spec/support/with_mock.lua \
+		$(LUA) -e "package.path='lua/?.lua;lua/?/init.lua;./?.lua;'..package.path; package.cpath='$(BUILD)/?.so;'..package.cpath" bench/features.lua
+
 bench-cosocket: deps ngx-policy
 	$(LUA) bench/cosocket.lua
 

@@ -14,8 +14,8 @@ BUILD="build-essential pkg-config libcurl4-openssl-dev
 liblua5.1-0-dev liblua5.2-dev liblua5.3-dev liblua5.4-dev libluajit2-5.1-dev lua-cjson"
 SUITE="$BUILD clang libclang-rt-14-dev openssl curl
 lua5.1 lua5.2 lua5.3 lua5.4 luajit2 lua-socket lua-busted lua-check luarocks lua-luv
-nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache redis-server lua-redis wrk lua-ldoc lua-markdown
-prometheus python3-prometheus-client"
+nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache redis-server redis-tools lua-redis lua-nginx-redis
+wrk lua-ldoc lua-markdown prometheus python3-prometheus-client"
 FRESH="debootstrap"
 
 case "${1:-suite}" in

@@ -180,7 +180,7 @@ describe("alerts", function()
     assert.has_error(function() alerts.new { rules = { { metric = "p99", above = 1, below = 0, clear = 0 } } } end,
                      "sturdy: alert rule #1 (p99) needs one of above or below")
     assert.has_error(function() sturdy.client { on_alert = function() end } end,
-                     "sturdy: option 'on_alert' needs option 'alerts'")
+                     "sturdy: option 'on_alert' needs option 'alerts' or 'budget'")
     assert.has_error(function() alerts.new { rules = { { metric = "p99", above = 1, clear = 0 } }, clock = 5 } end,
                      "sturdy: option 'clock' must be a function, got number")
   end)

@@ -389,19 +389,23 @@ describe("two nginx workers", function()
 
   it("share one breaker: the sick upstream sees min_calls in all, then both workers refuse", function()
     local options = '{"retry":{"attempts":1},"breaker":{"min_calls":8,"open_for":60,"window":30}}'
-    local refused_by, sent_by = {}, {}
-    for _ = 1, 60 do
-      local out = r:run("transport_cases", "worker call", { transport = "ngx", key = "sick", id = "sick",
-                                                            keep_state = true, steps = "503", options = options })
+    local args = { transport = "ngx", key = "sick", id = "sick", keep_state = true, steps = "503",
+                   options = options }
+    -- the workers take turns: min_calls sent between them, then one refusal each
+    local refused_by, sent_by = { [0] = 0, [1] = 0 }, { [0] = 0, [1] = 0 }
+    for i = 1, 10 do
+      local w = i % 2
+      local out = r:run_on(w, "transport_cases", "worker call", args)
+      assert.equal(w, out.worker)
       if out.err.kind == "circuit_open" then
-        refused_by[out.worker] = (refused_by[out.worker] or 0) + 1
+        refused_by[w] = refused_by[w] + 1
       else
-        sent_by[out.worker] = (sent_by[out.worker] or 0) + 1
+        assert.equal(0, refused_by[0] + refused_by[1], "a call was sent after a refusal")
+        sent_by[w] = sent_by[w] + 1
       end
-      if refused_by[0] and refused_by[1] and sent_by[0] and sent_by[1] then break end
     end
-    assert.truthy(sent_by[0] and sent_by[1], "calls were made from both workers")
-    assert.truthy(refused_by[0] and refused_by[1], "both workers refused")
+    assert.truthy(sent_by[0] > 0 and sent_by[1] > 0, "calls were made from both workers")
+    assert.truthy(refused_by[0] > 0 and refused_by[1] > 0, "both workers refused")
     assert.equal(8, m:scenario("sick").count)
     assert.equal(8, sent_by[0] + sent_by[1])
   end)

@@ -250,9 +250,41 @@ function Alerts:firing()
   return list
 end
 
---- The observer that feeds a client's calls to the alerts (watch adds it).
+-- A budget_warning event (the spend caps, see the client's `budget` option)
+-- as an alert: rule "budget", metric the cap's name (usd_per_day, ...), value
+-- the spend in its window, threshold the cap, share of it, scope and name.
+-- It fires once per crossing; the cap re-arms it when spend falls back.
+local function budget_alert(ev, now)
+  return { rule = "budget", metric = ev.cap, key = ev.key, scope = ev.scope, name = ev.name, state = "firing",
+           value = ev.used, threshold = ev.limit, share = ev.share, at = now }
+end
+
+local function call_on_alert(on_alert, alert)
+  local ok, e = pcall(on_alert, alert)
+  if not ok then io.stderr:write(format("sturdy: on_alert failed: %s\n", tostring(e))) end
+end
+
+--- The observer of budget warnings alone: on_alert(alert) for each (see
+-- budget_alert above). The client options use it for `on_alert` with `budget`
+-- and no `alerts`.
+function alerts.budget_observer(on_alert, clock)
+  clock = clock or policy.monotime
+  return telemetry.calls { on_event = function(ev)
+    if ev.type == "budget_warning" then call_on_alert(on_alert, budget_alert(ev, clock())) end
+  end }
+end
+
+--- The observer that feeds a client's calls to the alerts (watch adds it);
+-- budget warnings reach on_alert too.
 function Alerts:observer()
-  return telemetry.calls { on_end = function(call) self:record(call) end }
+  return telemetry.calls {
+    on_end = function(call) self:record(call) end,
+    on_event = function(ev)
+      if ev.type == "budget_warning" and self.on_alert then
+        call_on_alert(self.on_alert, budget_alert(ev, self:_now()))
+      end
+    end,
+  }
 end
 
 --- Watches client's calls; returns the alerts.

@@ -20,6 +20,7 @@
 local sturdy = require "sturdy"
 local policy = require "sturdy.policy"
 local translate = require "sturdy.translate"
+local hedge = require "sturdy.hedge"
 local cjson = require "cjson.safe"
 
 local M = {}
@@ -245,7 +246,7 @@ local OPTIONS = {
   targets = "table", on = "table", max_targets = "number", attempts = "number", timeout = "number",
   wait_for_cooldown = "boolean", order = "string", score = "table|function", rerank_every = "number",
   probe = "number", degraded = "string|function", context = "table", shape = "string",
-  default_max_tokens = "number", yield = "function", name = "string",
+  default_max_tokens = "number", yield = "function", name = "string", hedge = "table|boolean",
 }
 
 local DEFAULTS = {
@@ -342,6 +343,7 @@ function M.new(opts)
   end
   self.on = on_set(opts.on or M.DEFAULT_ON)
   self.timeout, self.degraded, self.yield = opts.timeout, opts.degraded, opts.yield
+  self.hedge = hedge.policy(opts.hedge, "sturdy.fallback")
   self.score = score_function(opts.score)
   self.positions, self.members, self.by_name = {}, {}, {}
   local keys_seen = {}
@@ -819,6 +821,82 @@ local function give_up(call, err, why)
   return nil, err
 end
 
+-- =========================================================================
+-- Hedges: a member's call whose first byte is late starts one hedge on the
+-- next member the chain would try (when it shares the member's client, whose
+-- core then decides for both keys), else on the same member.
+-- =========================================================================
+
+-- The member next_member would give now, and a function that takes it back
+-- (the call's place in the chain as it was) when it is not used.
+local function peek_member(call)
+  local saved = { oi = call.oi, pos = call.pos, members = call.members, mi = call.mi, used = call.used,
+                  keys_only = call.keys_only }
+  local counted = {}
+  for k in pairs(call.counted) do counted[k] = true end
+  local m, body = next_member(call)
+  return m, body, function()
+    if m then call.tried[m] = nil end
+    for k in pairs(call.counted) do
+      if not counted[k] then call.counted[k] = nil end
+    end
+    for k, v in pairs(saved) do call[k] = v end
+  end
+end
+
+-- One member's call raced against a hedge (the chain's `hedge` option).
+-- Returns the member whose outcome is the call's, and r, err.
+local function hedged_member_call(call, m, body)
+  local hp, client = call.chain.hedge, m.client
+  local req, finish = m.provider:prepare(body, member_options(call, m))
+  if not req then return m, nil, finish end
+  local legs_of = { { m = m, req = req, finish = finish } }
+  local winner, legs = hedge.race(client, hp, function(cb) return client:submit(req, cb) end,
+    function(first, cb)
+      local h, hbody, take_back = peek_member(call)
+      local key = h and h.client == client and (h.call_key or h.key)
+      if not key then
+        if h then take_back() end
+        h, hbody = m, body
+      end
+      local ok, left = first:hedge_admit(hp, h ~= m and key or nil)
+      if not ok then
+        if h ~= m then take_back() end
+        return nil
+      end
+      local topts = member_options(call, h)
+      topts.attempts = 1
+      if left then
+        topts.timeout = topts.timeout or {}
+        topts.timeout.total = math.max(left, 1) / 1000
+      end
+      local hreq, hfinish = h.provider:prepare(hbody, topts)
+      if not hreq then return nil end
+      legs_of[2] = { m = h, req = hreq, finish = hfinish }
+      return client:submit(hreq, cb)
+    end)
+  local lost = 0
+  for i, leg in ipairs(legs) do
+    local of = legs_of[i]
+    if leg.lost then
+      lost = lost + of.m.provider:lost_leg(of.req)
+      spend(call, of.m, { { kind = "canceled" } }) -- it was sent
+    elseif i ~= winner and leg.err then
+      of.m.counts.failures = of.m.counts.failures + 1
+      record(call, of.m, leg.err)
+    end
+  end
+  local w, of = legs[winner], legs_of[winner]
+  local r, err = w.res, w.err
+  if r then r, err = of.finish(r) end
+  local out = r or err
+  if out and legs[2] then
+    out.hedged, out.hedge_won, out.hedged_to = true, winner == 2, legs_of[2].m.name
+  end
+  if r then r.cost = (r.cost or 0) + lost end
+  return of.m, r, err
+end
+
 -- Waits for left seconds at most while nothing else can: the client's calls
 -- go on meanwhile; an idle client would return at once, so the thread sleeps.
 local function idle_wait(client, left)
@@ -857,7 +935,12 @@ function Chain:_call(shape, method, params, opts)
     local m, body = next_member(call)
     if m then
       local p = m.provider
-      local r, err = p[m.method](p, body, member_options(call, m))
+      local r, err
+      if self.hedge then
+        m, r, err = hedged_member_call(call, m, body)
+      else
+        r, err = p[m.method](p, body, member_options(call, m))
+      end
       if r then
         if not refused(call, m, r) then return answered(call, m, r) end
       elseif not after_failure(call, m, err) then

@@ -82,6 +82,7 @@ local MESSAGES = {
   total_timeout = "the call ran past its deadline",
   circuit_open = "the circuit breaker for this upstream is open",
   queue_full = "too many calls are waiting for this upstream",
+  budget_exceeded = "the call would cross a spend cap",
   canceled = "the call was canceled",
   bad_url = "the URL is not usable",
   transport = "the transfer failed",
@@ -222,10 +223,11 @@ end
 --- Creates a client. See README for the options; unknown names and wrong
 -- types raise, naming the option.
 function sturdy.client(cfg)
-  local compiled = options.client(cfg)
+  local compiled, settings = options.client(cfg)
   cfg = cfg or {}
-  compiled.notices = { retries = cfg.on_retry ~= nil or cfg.observe ~= nil,
-                       events = cfg.on_event ~= nil or cfg.observe ~= nil }
+  -- a shared scope hears every retry and event of the engine
+  compiled.notices = { retries = cfg.on_retry ~= nil or cfg.observe ~= nil or cfg.shared ~= nil,
+                       events = cfg.on_event ~= nil or cfg.observe ~= nil or cfg.shared ~= nil }
   compiled.transport.user_agent = compiled.transport.user_agent or ("sturdy/" .. sturdy._VERSION)
   local base_url = cfg.base_url and cfg.base_url:gsub("/+$", "")
   local self = setmetatable({
@@ -238,12 +240,27 @@ function sturdy.client(cfg)
     _q = {}, _qh = 1, _qt = 0,            -- items taken from the engine, not yet delivered
     _delivering = 0,                      -- calls whose on_data is running
     _observers = cfg.observe and { cfg.observe } or nil,
+    _budget = cfg.budget ~= nil,          -- spend caps: record_usage settles and charges
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
-  if cfg.logger or cfg.on_span_start or cfg.on_span_end or cfg.alerts then
+  if cfg.budget and not self._engine.settle then
+    self._engine:close()
+    fail("option 'budget' needs the curl transport (the ngx transport does not reserve spend yet)")
+  end
+  if settings.shared then
+    self._shared = require("sturdy.shared").new(self._engine, settings.shared, compiled,
+                                                function(record) self:_notify(record) end)
+  end
+  if cfg.logger or cfg.on_span_start or cfg.on_span_end or cfg.alerts or (cfg.on_alert and cfg.budget) then
     require("sturdy.telemetry").attach(self, cfg) -- logs, spans, alerts: observers
   end
   return self
+end
+
+--- True when the client has spend caps (its `budget` option): providers then
+-- send each call's worst case for the caps to reserve.
+function Client:budgeted()
+  return self._budget
 end
 
 --- The upstream key of a request: its own `key`, else the host of its
@@ -366,9 +383,12 @@ function Client:submit(req, callback)
     h._t0 = now()
     req = announce(self, engine, h, req)
   end
-  h._request = engine:submit(h, req, json_body(req))
+  local shared = self._shared
+  -- with a shared scope the request is held until it has its place
+  h._request = engine:submit(h, req, json_body(req), shared ~= nil)
   h.on_data = req.on_data
   self._active = self._active + 1
+  if shared then shared:admit(h) end
   return h
 end
 
@@ -396,6 +416,7 @@ local function finish_handle(self, errors, h, raw)
   h._res, h._err = to_response(raw)
   h._request, h._done = nil, true
   self._active = self._active - 1
+  if self._shared then self._shared:done(h) end
   if self._observers then
     local r = h._res or h._err
     observe(self, {
@@ -447,9 +468,11 @@ local function deliver(self, errors, what, a, b, c)
     if what == "done" then return finish_handle(self, errors, a, b) end
     if a.on_data and a:current(c) then return deliver_data(self, errors, a, b, c) end
   elseif what == "retry" then
+    if self._shared then self._shared:retry(a) end
     if self._on_retry then call_hook("on_retry", self._on_retry, a) end
     if self._observers then a.type = "retry"; observe(self, a) end
   elseif what == "event" then
+    if self._shared then self._shared:event(a) end
     if self._on_event then call_hook("on_event", self._on_event, a) end
     if self._observers then observe(self, a) end
   end
@@ -480,13 +503,105 @@ function Client:_dispatch()
   return errors
 end
 
+-- Timers (see Client:after) wait in a binary min-heap on (due, seq), so the
+-- earliest is timers[1]; a cancelled one stays until it comes up.
+local function timer_before(a, b)
+  return a.due < b.due or (a.due == b.due and a.seq < b.seq)
+end
+
+local function heap_push(h, x)
+  local i = #h + 1
+  h[i] = x
+  while i > 1 do
+    local p = (i - i % 2) / 2
+    if not timer_before(h[i], h[p]) then break end
+    h[i], h[p] = h[p], h[i]
+    i = p
+  end
+end
+
+local function heap_pop(h)
+  local top, n = h[1], #h
+  h[1] = h[n]
+  h[n] = nil
+  n = n - 1
+  local i = 1
+  while true do
+    local l, r, m = 2 * i, 2 * i + 1, i
+    if l <= n and timer_before(h[l], h[m]) then m = l end
+    if r <= n and timer_before(h[r], h[m]) then m = r end
+    if m == i then break end
+    h[i], h[m] = h[m], h[i]
+    i = m
+  end
+  return top
+end
+
+-- Runs the timers that are due, earliest first; one that a timer adds runs
+-- on a later turn.
+local function fire_timers(self, errors)
+  local timers, t = self._timers, now()
+  local due = {}
+  while timers[1] and timers[1].due <= t do due[#due + 1] = heap_pop(timers) end
+  if not timers[1] then self._timers = nil end
+  for _, timer in ipairs(due) do
+    if not timer.cancelled then
+      timer.cancelled = true
+      errors = call_user(self, errors, nil, timer.fn)
+    end
+  end
+  return errors
+end
+
 -- The one driving loop: steps the engine (waiting at most wait_ms for
--- activity) and dispatches what is ready. Returns the callback errors.
+-- activity, and no longer than the next timer) and dispatches what is
+-- ready, then runs due timers. Returns the callback errors.
 function Client:_turn(wait_ms_)
   local engine = self._engine
   if self._closing or not engine then return end
+  local timers = self._timers
+  if timers and wait_ms_ and wait_ms_ > 0 then
+    local left = (timers[1].due - now()) * 1000
+    if left < wait_ms_ then wait_ms_ = left > 0 and left or 0 end
+  end
   local _, ready = engine:step(wait_ms_)
-  if ready then return self:_dispatch() end
+  local errors
+  if ready or self._qh <= self._qt then errors = self:_dispatch() end
+  if self._timers and not self._closing then errors = fire_timers(self, errors) end
+  return errors
+end
+
+-- Queues an event of the client's own (the shared scope's) for the next
+-- dispatch, after what is already queued: hooks never run from submit.
+function Client:_notify(record)
+  local q, t = self._q, self._qt
+  q[t + 1], q[t + 2], q[t + 3], q[t + 4] = "event", record, false, false
+  self._qt = t + 4
+end
+
+local Timer = { __name = "sturdy.Timer" }
+Timer.__index = Timer
+
+--- Stops a timer from firing (harmless once it fired).
+function Timer:cancel()
+  self.cancelled = true
+end
+
+--- Runs fn() once, from the poll, run or wait that drives the client after
+-- `seconds` have passed (a timer does not keep run going by itself). Returns a
+-- timer with `cancel()`. An error fn raises goes where a callback's goes.
+function Client:after(seconds, fn)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds > options.MAX_SECONDS then
+    fail("after takes seconds from 0 to %d, got %s", options.MAX_SECONDS, tostring(seconds))
+  end
+  if type(fn) ~= "function" then fail("after takes a function, got %s", type(fn)) end
+  open_engine(self)
+  self._timer_seq = (self._timer_seq or 0) + 1
+  local timer = setmetatable({ due = now() + seconds, fn = fn, seq = self._timer_seq }, Timer)
+  local timers = self._timers or {}
+  self._timers = timers
+  heap_push(timers, timer)
+  return timer
 end
 
 local function append_all(all, errors)
@@ -523,10 +638,16 @@ function Client:fds()
   return open_engine(self):fds()
 end
 
---- The seconds until the engine next needs driving (nil when idle).
+--- The seconds until the engine next needs driving, or a timer is due (nil when idle).
 function Client:timeout()
   local t = open_engine(self):timeout()
-  return t and t / 1000
+  t = t and t / 1000
+  local timers = self._timers
+  if timers then
+    local left = math.max(0, timers[1].due - now())
+    if not t or left < t then t = left end
+  end
+  return t
 end
 
 --- How many calls are active.
@@ -595,6 +716,57 @@ end
 -- usual rules unless committed.
 function Handle:fail_attempt(class, kind, detail)
   if not self._done and self._request then self._request:fail_attempt(class, kind, detail) end
+end
+
+--- For hedging (sturdy.hedge): bytes of the current attempt's response received so far.
+function Handle:received()
+  if self._done or not self._request then return 0 end
+  return self._request:received()
+end
+
+--- For hedging: milliseconds to wait for the first byte before asking
+-- hedge_admit, or nil when this call is not to be hedged (the decision core's
+-- st_hedge_plan). policy: { after = ms | nil (a quantile), quantile, max_ratio }.
+function Handle:hedge_plan(hp)
+  if self._done or not self._request then return nil end
+  if not self._request.hedge_plan then
+    fail("hedging needs the curl transport (the ngx transport does not hedge yet)")
+  end
+  return self._request:hedge_plan(hp)
+end
+
+--- For hedging: may a hedge of this call go to key (nil: its own) now? true
+-- and the milliseconds left before its deadline (nil: none), or false and the
+-- cap that refused ("deadline", "breaker", "concurrency", "limiter", "budget").
+function Handle:hedge_admit(hp, key)
+  if self._done or not self._request then return false, "done" end
+  return self._request:hedge_admit(hp, key)
+end
+
+--- For hedging: cancels this call as the hedge leg that lost; the time it
+-- waited without a byte counts in its key's time-to-first-byte window.
+function Handle:lose()
+  if not self._done and self._request then self._request:lose() end
+end
+
+--- Drives the client until done() returns true: from a coroutine with the
+-- client's `yield` option it polls and yields, as request does; elsewhere it
+-- blocks, waiting for activity. Returns false when the client was closed first.
+function Client:wait_for(done)
+  local yield = self._yield
+  local co, main = coroutine.running()
+  local yielding = yield and co and not main
+  while not done() do
+    if self._closing or not self._engine then return false end
+    if yielding then
+      self:poll(0)
+      if done() then break end
+      yield()
+    else
+      self:_turn(1000)
+    end
+  end
+  return true
 end
 
 --- Sends a request and waits for its outcome: a response, or nil and a sturdy.Error.
@@ -719,8 +891,9 @@ end
 -- key, ok, status, kind, class, attempts (each with status, kind, delay,
 -- hinted, ttfb, latency), retryable, stopped, retry_after, request_id,
 -- latency (seconds since submit), ttfb, response, error), every retry
--- (`"retry"`: key, attempt, class, kind, status, delay, hinted), every event
--- of a key (`"breaker"`, `"limit_learned"`, `"paused"`), and the usage
+-- (`"retry"`: key, attempt, class, kind, status, delay, hinted, handle), every
+-- event of a key (`"breaker"`, `"limit_learned"`, `"paused"`) or of the shared
+-- scope (`"shared"`), and the usage
 -- providers record (`"usage"`: key, model, usage, cost, stop_reason,
 -- request_id). Metrics, logs and spans are observers. An observer may call
 -- any client method; an error it raises goes to stderr.
@@ -741,8 +914,14 @@ function Client:unobserve(fn)
   end
   if #observers == 0 then
     self._observers = nil
-    if self._engine then self._engine:want_notices(self._on_retry ~= nil, self._on_event ~= nil) end
+    local shared = self._shared ~= nil
+    if self._engine then self._engine:want_notices(self._on_retry ~= nil or shared, self._on_event ~= nil or shared) end
   end
+end
+
+-- Hands budget warnings (key events) to on_event and the observers.
+local function budget_events(self, events)
+  for i = 1, #events do deliver(self, nil, "event", events[i]) end
 end
 
 -- A count or amount record_usage takes: a finite number >= 0, else it raises
@@ -757,7 +936,10 @@ end
 -- limiter's token estimates, and adds usage and cost to the key's totals.
 -- usage: { input, output, cache_read, cache_write }; estimated: { input,
 -- output } or nil; cost in dollars or nil; reply (optional): { model,
--- stop_reason, request_id, response } for observers.
+-- stop_reason, request_id, response } for observers, and for the spend caps
+-- `hold` (the result's: the call's reservation is settled at this cost) or
+-- `tag` (no reservation: the cost is charged to the key and tag). `lost =
+-- true` records a hedge that lost (its cost counts; `hedges_lost`, `hedge_cost`).
 function Client:record_usage(key, usage, estimated, cost, reply)
   local engine = open_engine(self)
   if type(key) ~= "string" then fail("record_usage takes a key string, got %s", type(key)) end
@@ -769,25 +951,40 @@ function Client:record_usage(key, usage, estimated, cost, reply)
     check_amount(estimated.output, "estimated.output")
   end
   if cost ~= nil then check_amount(cost, "cost") end
+  if reply ~= nil and type(reply) ~= "table" then fail("record_usage takes reply as a table, got %s", type(reply)) end
+  reply = reply or {}
+  local events -- budget warnings, heard last: a hook may close the client
+  if self._budget then
+    local tokens = usage.input + usage.output + usage.cache_read + usage.cache_write
+    local settled = false
+    if reply.hold then settled, events = engine:settle(reply.hold, cost or 0, tokens) end
+    if not settled and not reply.hold then events = engine:charge(key, reply.tag, cost or 0, tokens) end
+  end
   local used_in = usage.input + usage.cache_read + usage.cache_write
   if estimated then
-    engine:correct(key, "input_tokens", used_in - estimated.input)
-    engine:correct(key, "output_tokens", usage.output - estimated.output)
-    engine:correct(key, "tokens", used_in + usage.output - estimated.input - estimated.output)
+    local deltas = { input_tokens = used_in - estimated.input, output_tokens = usage.output - estimated.output,
+                     tokens = used_in + usage.output - estimated.input - estimated.output }
+    for dim, delta in pairs(deltas) do engine:correct(key, dim, delta) end
+    if self._shared then self._shared:correct(key, deltas) end
   end
   local totals = self._usage or {}
   self._usage = totals
   local t = totals[key] or { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
   totals[key] = t
-  t.calls = t.calls + 1
+  if reply.lost then -- the hedge fields appear with the first hedge lost
+    t.hedges_lost, t.hedge_cost = (t.hedges_lost or 0) + 1, (t.hedge_cost or 0) + (cost or 0)
+  else
+    t.calls = t.calls + 1
+  end
   t.input, t.output = t.input + usage.input, t.output + usage.output
   t.cache_read, t.cache_write = t.cache_read + usage.cache_read, t.cache_write + usage.cache_write
   t.cost = t.cost + (cost or 0)
   if self._observers then
-    reply = reply or {}
     observe(self, { type = "usage", key = key, usage = usage, cost = cost, model = reply.model,
-                    stop_reason = reply.stop_reason, request_id = reply.request_id, response = reply.response })
+                    stop_reason = reply.stop_reason, request_id = reply.request_id, response = reply.response,
+                    tag = reply.tag, lost = reply.lost })
   end
+  if events and events[1] then budget_events(self, events) end
 end
 
 --- Hands a record to the client's observers, as its own records are: for the
@@ -819,10 +1016,12 @@ function Client:stats(key)
   end
   local s = engine:stats()
   s.keys = engine:keys()
+  if self._shared then s.shared = self._shared:stats() end
+  if engine.budget then s.budget = engine:budget() end
   if self._usage then
     local total = { calls = 0, input = 0, output = 0, cache_read = 0, cache_write = 0, cost = 0 }
     for _, u in pairs(self._usage) do
-      for k, v in pairs(u) do total[k] = total[k] + v end
+      for k, v in pairs(u) do total[k] = (total[k] or 0) + v end
     end
     s.usage = total
   end
@@ -836,7 +1035,9 @@ function Client:close()
   if self._closing then return end
   self._closing = true -- from here on submit raises, so nothing new starts
   local engine = self._engine
+  self._timers = nil
   engine:cancel_all()
+  if self._shared then self._shared:close() end
   -- the ends already queued, then the engine's: streamed bytes and hooks are
   -- dropped, the calls are over
   local ends, q, more = {}, self._q, true

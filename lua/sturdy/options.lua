@@ -135,6 +135,11 @@ function KINDS.rate(v, _, bad)
   return v
 end
 
+-- Redis connection settings, checked by sturdy.redis (shared with the cache)
+function KINDS.redis(v, _, _, where)
+  return require("sturdy.redis").settings(v, where)
+end
+
 function KINDS.enum(v, spec, bad)
   if type(v) ~= "string" or not ENUM_SETS[spec.values][v] then
     bad("one of " .. table.concat(ENUMS[spec.values], ", "))
@@ -179,6 +184,70 @@ function KINDS.classes(v, _, bad, where)
     if not POLICY_CLASSES[x] then fail("unknown class '%s' in %s", tostring(x), where) end
   end
   return v
+end
+
+local ADAPTIVE = { fields = {
+  min = { "count", range = { 1, 1e6 } },
+  max = { "count", range = { 1, 1e6 } },
+  initial = { "count", range = { 1, 1e6 } },
+  window = { "seconds" },
+  tolerance = { "number", range = { 0, 10 } },
+} }
+
+-- a fixed in-flight cap, or "adaptive", or { adaptive = { min, max, initial, window, tolerance } };
+-- an adaptive one comes back as { adaptive = {...} } (window in ms)
+function KINDS.concurrency(v, spec, bad, where)
+  if v == "adaptive" then return { adaptive = {} } end
+  if type(v) == "table" then
+    for k in pairs(v) do
+      if k ~= "adaptive" then fail("unknown option '%s' in %s", tostring(k), where) end
+    end
+    local a = v.adaptive
+    if a == true then return { adaptive = {} } end
+    if type(a) ~= "table" then bad('a whole number, "adaptive" or { adaptive = { min =, max = } }') end
+    local out = {}
+    for k, x in pairs(a) do
+      local field = ADAPTIVE.fields[k]
+      if not field then fail("unknown option '%s' in %s.adaptive", tostring(k), where) end
+      out[k] = KINDS[field[1]](x, field, function(want)
+        fail("option '%s' in %s.adaptive must be %s, got %s", k, where, want, shown(x))
+      end)
+    end
+    if out.min and out.max and out.max < out.min then
+      fail("option 'max' in %s.adaptive must be at least its min (%d), got %d", where, out.min, out.max)
+    end
+    return { adaptive = out }
+  end
+  if type(v) ~= "number" then bad('a whole number, "adaptive" or { adaptive = { min =, max = } }') end
+  return KINDS.count(v, spec, bad)
+end
+
+-- caps of one scope of the spend budget
+local SPEND_CAPS = { fields = {
+  usd_per_hour = { "number", range = { 1e-6, 1e9 } },
+  usd_per_day = { "number", range = { 1e-6, 1e9 } },
+  tokens_per_hour = { "count", range = { 1, 1e15 } },
+  tokens_per_day = { "count", range = { 1, 1e15 } },
+  warn = { "number", range = { 0, 1 } },
+} }
+
+local check_section -- defined below, used by the kinds of nested sections
+
+-- { [name] = caps }: key or tag names to their caps
+KINDS["caps by name"] = function(v, _, bad, where)
+  if type(v) ~= "table" then bad("a table of caps by name") end
+  local out = {}
+  for name, caps in pairs(v) do
+    if type(name) ~= "string" or name == "" or name:find("%z") then
+      fail("%s takes non-empty names without NUL bytes, got %s", where, shown(name))
+    end
+    if type(caps) ~= "table" then
+      fail("%s[%q] must be a table of caps, got %s", where, one_line(name, 40), type(caps))
+    end
+    out[name] = {}
+    check_section(caps, SPEND_CAPS, format("%s[%q]", where, one_line(name, 40)), {}, out[name])
+  end
+  return out
 end
 
 ---------------------------------------------------------------------------
@@ -257,10 +326,27 @@ local CLIENT = { fields = {
     tpm = { "rate", to = "upstream.limits.tokens" },
     itpm = { "rate", to = "upstream.limits.input_tokens" },
     otpm = { "rate", to = "upstream.limits.output_tokens" },
-    concurrency = { "count", range = { 1, 1e6 }, to = "upstream.limits.concurrency" },
+    -- a number goes to upstream.limits.concurrency, adaptive to upstream.adaptive (compile_concurrency)
+    concurrency = { "concurrency", range = { 1, 1e6 } },
     queue = { "count", range = { 1, 1e7 }, to = "upstream.limits.queue" },
     burst = { "number", range = { 1e-3, 3600 }, to = "upstream.limits.burst_s" },
     max_pause = { "seconds", to = "upstream.limits.max_pause_ms" },
+  } },
+  -- limits and breakers shared by processes through Redis (sturdy.shared)
+  shared = { fields = {
+    redis = { "redis" },
+    processes = { "count", range = { 1, 1e6 } },
+    lease = { "count", range = { 1, 1000 } },
+    sync = { "number", range = { 0.01, 1 } },
+  } },
+  -- spend caps (compile_budget): the client's, per key and per tag
+  budget = { fields = {
+    usd_per_hour = SPEND_CAPS.fields.usd_per_hour, usd_per_day = SPEND_CAPS.fields.usd_per_day,
+    tokens_per_hour = SPEND_CAPS.fields.tokens_per_hour, tokens_per_day = SPEND_CAPS.fields.tokens_per_day,
+    warn = SPEND_CAPS.fields.warn,
+    settle_within = { "seconds" },
+    keys = { "caps by name" },
+    tags = { "caps by name" },
   } },
 } }
 options.CLIENT = CLIENT
@@ -291,7 +377,7 @@ local function put(compiled, path, v)
   t[last] = v
 end
 
-local function check_section(t, section, where, compiled, settings)
+function check_section(t, section, where, compiled, settings)
   if type(t) ~= "table" then fail("%s must be a table, got %s", where, type(t)) end
   for k, v in pairs(t) do
     local spec = section.fields[k]
@@ -340,6 +426,51 @@ local function compile_retry_lists(retry, compiled)
   end
 end
 
+local DEFAULT_WARN = 0.8
+local DEFAULT_SETTLE_MS = 60000
+
+-- A number of limits.concurrency to the compiled cap, an adaptive one to upstream.adaptive.
+local function compile_concurrency(limits, compiled)
+  local c = limits and limits.concurrency
+  if type(c) == "number" then
+    compiled.upstream.limits.concurrency = c
+  elseif type(c) == "table" then
+    local a, out = c.adaptive, compiled.upstream.adaptive
+    out.enabled = true
+    out.min_limit = a.min or out.min_limit
+    out.max_limit = a.max or out.max_limit
+    if out.max_limit < out.min_limit then
+      if a.max then
+        fail("option 'max' in client options.limits.concurrency.adaptive must be at least %d, got %d",
+             out.min_limit, a.max)
+      end
+      out.max_limit = out.min_limit
+    end
+    out.initial_limit = math.max(out.min_limit, math.min(out.max_limit, a.initial or out.initial_limit))
+    out.window_ms = a.window or out.window_ms
+    out.tolerance = a.tolerance or out.tolerance
+  end
+end
+
+-- The scope's caps in the compiled shape; warn from the scope, else the budget's.
+local function compile_caps(caps, warn)
+  return { usd_per_hour = caps.usd_per_hour, usd_per_day = caps.usd_per_day,
+           tokens_per_hour = caps.tokens_per_hour, tokens_per_day = caps.tokens_per_day,
+           warn = caps.warn or warn }
+end
+
+local function compile_budget(budget, compiled)
+  if not budget then return end
+  local warn = budget.warn or DEFAULT_WARN
+  local out = { settle_ms = budget.settle_within or DEFAULT_SETTLE_MS, keys = {}, tags = {} }
+  if budget.usd_per_hour or budget.usd_per_day or budget.tokens_per_hour or budget.tokens_per_day then
+    out.client = compile_caps(budget, warn)
+  end
+  for name, caps in pairs(budget.keys or {}) do out.keys[name] = compile_caps(caps, warn) end
+  for name, caps in pairs(budget.tags or {}) do out.tags[name] = compile_caps(caps, warn) end
+  compiled.budget = out
+end
+
 --- The header lines of a headers table ({ Name = value }), checked: names are
 -- tokens, values strings or numbers (CR, LF and NUL are refused by the core).
 local function header_lines(headers, where)
@@ -366,10 +497,12 @@ function options.client(cfg)
   local settings = {}
   check_section(cfg, CLIENT, "client options", compiled, settings)
   if cfg.retry then compile_retry_lists(cfg.retry, compiled) end
+  compile_concurrency(settings.limits, compiled)
+  compile_budget(settings.budget, compiled)
   for _, pair in ipairs { { "log_level", "logger" }, { "log_sample", "logger" }, { "log_bodies", "logger" },
                           { "on_alert", "alerts" } } do
-    if cfg[pair[1]] ~= nil and cfg[pair[2]] == nil then
-      fail("option '%s' needs option '%s'", pair[1], pair[2])
+    if cfg[pair[1]] ~= nil and cfg[pair[2]] == nil and not (pair[1] == "on_alert" and cfg.budget ~= nil) then
+      fail("option '%s' needs option '%s'%s", pair[1], pair[2], pair[1] == "on_alert" and " or 'budget'" or "")
     end
   end
   if cfg.base_url and not cfg.base_url:find("^https?://[^/]") then

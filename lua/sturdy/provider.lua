@@ -4,6 +4,7 @@
 local sturdy = require "sturdy"
 local prices = require "sturdy.prices"
 local stream = require "sturdy.stream"
+local hedge = require "sturdy.hedge"
 local cjson = require "cjson.safe"
 
 local provider = {}
@@ -33,6 +34,7 @@ end
 local NEW_SCHEMA = {
   client = "table", api_key = "string", model = "string", base_url = "string", version = "string",
   max_tokens_cap = "number", max_input_chars = "number", prices = "table", client_options = "table",
+  hedge = "hedge",
 }
 
 local tointeger = math.tointeger
@@ -75,7 +77,9 @@ function provider.new(class, spec, opts)
   for k, v in pairs(opts) do
     local want = NEW_SCHEMA[k]
     if not want then fail("unknown option '%s' in %s.new", tostring(k), spec.name) end
-    if type(v) ~= want then fail("option '%s' in %s.new must be a %s, got %s", k, spec.name, want, type(v)) end
+    if want ~= "hedge" and type(v) ~= want then
+      fail("option '%s' in %s.new must be a %s, got %s", k, spec.name, want, type(v))
+    end
   end
   local key = opts.api_key or os.getenv(spec.env)
   if key == nil or key == "" then
@@ -116,7 +120,7 @@ function provider.new(class, spec, opts)
     client = client, model = opts.model, version = opts.version,
     base_url = own_url, host = own_url and host_of(own_url),
     max_tokens_cap = opts.max_tokens_cap, max_input_chars = opts.max_input_chars,
-    prices = opts.prices,
+    prices = opts.prices, hedge = hedge.policy(opts.hedge, spec.name .. ".new"),
   }, class)
   secrets[self] = key
   return self
@@ -204,11 +208,27 @@ function provider.decode(res, check)
   return doc
 end
 
+-- The price entry of a model: the provider's own prices first.
+local function price_of(self, model)
+  return (self.prices and self.prices[model]) or prices.lookup(model)
+end
+
+--- The worst case of a call for the spend caps: its input estimate at the
+-- higher of the input and cache-write prices, plus its max_tokens at the
+-- output price ({ usd, tokens }; usd 0 for a model without a price).
+function provider.reservation(self, model, estimated)
+  local p = price_of(self, model)
+  local usd = 0
+  if p then
+    usd = (estimated.input * math.max(p.input or 0, p.cache_write or 0) + estimated.output * (p.output or 0)) / 1e6
+  end
+  return { usd = usd, tokens = estimated.input + estimated.output }
+end
+
 --- Records the real usage: prices it, and has the client correct the
 -- limiter's estimates and add it to the key's totals. Returns the cost (or nil).
 function provider.account(self, key, model, usage, estimated, reply)
-  local table_ = self.prices and setmetatable(self.prices, { __index = prices }) or prices
-  local p = (self.prices and self.prices[model]) or table_.lookup(model)
+  local p = price_of(self, model)
   local cost = p and ((usage.input * (p.input or 0) + usage.output * (p.output or 0)
     + usage.cache_read * (p.cache_read or p.input or 0)
     + usage.cache_write * (p.cache_write or p.input or 0)) / 1e6) or nil
@@ -232,7 +252,8 @@ function provider.define(class, spec)
     return self.client:key_for(req)
   end
 
-  -- The request for params; the options a call may add: key, priority, timeout, headers, attempts.
+  -- The request for params; the options a call may add: key, priority, timeout,
+  -- headers, attempts, tag (for the spend caps), hedge.
   function class:_request(params, opts)
     if type(params) ~= "table" then
       fail("%s takes a table of request parameters, got %s", spec.call, type(params))
@@ -257,13 +278,43 @@ function provider.define(class, spec)
     local req = {
       method = "POST", json = body, headers = headers,
       tokens = estimated, key = opts.key, priority = opts.priority, timeout = opts.timeout,
-      attempts = opts.attempts,
+      attempts = opts.attempts, tag = opts.tag,
     }
     if self.base_url then req.url = self.base_url .. spec.path else req.path = spec.path end
     req.key = upstream_key(self, req, body.model)
+    if self.client:budgeted() then req.reserve = provider.reservation(self, body.model, estimated) end
     abouts[req] = { provider = spec.name, operation = spec.operation or "chat", model = body.model,
                     max_tokens = tonumber(spec.max_tokens(body)), usage = true }
     return req, body, estimated
+  end
+
+  -- The hedge policy of a call: its own `hedge` option, else the provider's.
+  local function hedge_policy(self, opts)
+    if opts and opts.hedge ~= nil then return hedge.policy(opts.hedge, spec.call .. " options") end
+    return self.hedge
+  end
+
+  -- The hedge of req: the same call (hedge.request_for), known as req is.
+  local function hedge_request(req, left)
+    local h = hedge.request_for(req, left)
+    abouts[h] = abouts[req]
+    return h
+  end
+
+  --- Records a hedge leg of req (a request this provider prepared) that was
+  -- cancelled in flight: it was billed for its input, so its input tokens
+  -- (`input`, the provider's count when it sent one, as a stream's
+  -- message_start does; else the request's estimate) at the input price count
+  -- in the key's totals (`hedges_lost`, `hedge_cost`) and spend caps. Returns
+  -- the cost, for the call's.
+  function class:lost_leg(req, input)
+    local model = req.json and req.json.model
+    local usage = { input = input or (req.tokens and req.tokens.input) or 0, output = 0, cache_read = 0,
+                    cache_write = 0 }
+    local p = price_of(self, model)
+    local cost = p and usage.input * (p.input or 0) / 1e6 or 0
+    self.client:record_usage(req.key, usage, nil, cost, { model = model, tag = req.tag, lost = true })
+    return cost
   end
 
   function class:_result(doc, res, body, estimated, req)
@@ -278,7 +329,7 @@ function provider.define(class, spec)
       attempts = res.attempts,
       cost = provider.account(self, key, model, usage, estimated,
                               { model = model, stop_reason = stop_reason, request_id = res.request_id,
-                                response = res }),
+                                response = res, hold = res.hold, tag = req.tag }),
     }
   end
 
@@ -305,12 +356,28 @@ function provider.define(class, spec)
 
   -- Sends the request and returns { reply (decoded), text, usage, stop_reason,
   -- model, request_id, latency, attempts, cost } — or nil and a sturdy.Error.
+  -- Hedged (the `hedge` option), a result or error also says `hedged` (a hedge
+  -- was sent) and `hedge_won`; the cost of a leg cancelled in flight is in `cost`.
   class[spec.call] = function(self, params, opts)
+    local policy = hedge_policy(self, opts)
     local req, finish = self:prepare(params, opts)
     if not req then return nil, finish end
-    local res, err = self.client:request(req)
-    if not res then return nil, err end
-    return finish(res)
+    if not policy then
+      local res, err = self.client:request(req)
+      if not res then return nil, err end
+      return finish(res)
+    end
+    local res, err, info = hedge.call(self.client, req, policy, hedge_request)
+    local lost = 0
+    if info.lost then lost = self:lost_leg(req) end
+    local r, ferr = res, err
+    if res then r, ferr = finish(res) end
+    local out = r or ferr
+    if out then
+      out.hedged, out.hedge_won = info.hedged, info.hedged and info.won == "hedge"
+      if r then r.cost = (r.cost or 0) + lost end
+    end
+    return r, ferr
   end
 
   --- A streamed request. Returns an iterator of events and the stream object
@@ -319,6 +386,7 @@ function provider.define(class, spec)
   -- stream:result() gives the collected reply in the non-streamed shape.
   function class:stream(params, opts)
     opts = opts or {}
+    local policy = hedge_policy(self, opts)
     local err = provider.guard(self, params, params and spec.max_tokens(params))
     local s
     if err then
@@ -331,7 +399,10 @@ function provider.define(class, spec)
       local req, body, estimated = self:_request(p, opts)
       s = stream.start(self, spec.flavor, req, function(doc, res)
         return self:_result(doc, res, body, estimated, req)
-      end, opts.on_event)
+      end, opts.on_event, policy and {
+        policy = policy, request = hedge_request,
+        lost = function(input) return self:lost_leg(req, input) end,
+      })
     end
     if opts.on_event then return s end
     return s:events(), s

@@ -1,16 +1,27 @@
 --- Redis connection settings shared by the parts of sturdy that keep state in
--- Redis (the cache's redis backend; the shared limiter later): one small
--- table, checked once, and a connect function over lua-redis (Debian package
--- lua-redis, `require "redis"`, luasocket underneath: blocking, so for
--- scripts, not for OpenResty, where resty.redis is the client).
+-- Redis (the cache's redis backend, the shared limits and breakers of
+-- sturdy.shared): one small table, checked once, and a connect function over
+-- lua-redis (Debian package lua-redis, `require "redis"`, luasocket
+-- underneath: blocking, so for scripts, not for OpenResty, where resty.redis
+-- is the client).
 --
 --   { host = "127.0.0.1", port = 6379, db = 0, password = nil, timeout = 1, prefix = "sturdy:" }
 --
 -- The password is kept out of the returned table, so printing or dumping the
 -- settings (or anything holding them) never shows it.
+--
+-- `M.link(settings)` is a connection to one Redis or to a Redis Cluster that
+-- runs server-side scripts (EVALSHA, EVAL on NOSCRIPT) and follows the
+-- cluster's MOVED and ASK redirections (lua-redis knows nothing of clusters):
+-- the settings name any node; each hash tag is sent where the cluster last
+-- said it lives. A link that fails waits before it tries again, with a backoff
+-- that doubles from 0.1 s to 2 s.
+local monotime = require("sturdy.policy").monotime
+
 local M = {}
 
 local format = string.format
+local unpack = table.unpack or unpack
 
 M.DEFAULTS = { host = "127.0.0.1", port = 6379, db = 0, timeout = 1, prefix = "sturdy:" }
 
@@ -47,6 +58,7 @@ function M.settings(t, where)
   if not (s.timeout > 0 and s.timeout < 1e6) then
     fail("option 'timeout' in %s must be a positive number of seconds", where)
   end
+  s.port, s.db = math.floor(s.port), math.floor(s.db) -- integers, also when decoded from JSON as floats
   if s.host == "" or s.host:find("[%s%c]") then fail("option 'host' in %s is not a host name", where) end
   if s.prefix:find("[%s%c]") then fail("option 'prefix' in %s holds spaces or control characters", where) end
   passwords[s] = t.password
@@ -84,13 +96,14 @@ local function message(e)
 end
 
 --- A connected lua-redis client for settings s (authenticated, db selected),
--- or nil and an error message.
-function M.connect(s)
+-- or nil and an error message. `secrets` are the settings whose password to
+-- use, when s is a copy of them for another node.
+function M.connect(s, secrets)
   local redis, err = load_driver()
   if not redis then return nil, err end
   local ok, client = pcall(redis.connect, { host = s.host, port = s.port, timeout = s.timeout })
   if not ok then return nil, message(client) end
-  local password = passwords[s]
+  local password = passwords[secrets or s]
   local done, e = pcall(function()
     if password then client:auth(password) end
     if s.db ~= 0 then client:select(s.db) end
@@ -103,5 +116,149 @@ function M.connect(s)
 end
 
 M.message = message
+
+---------------------------------------------------------------------------
+-- Links: scripts on one Redis or a Redis Cluster
+---------------------------------------------------------------------------
+
+--- A server-side script: its source, and its SHA-1 once a server told it.
+function M.script(source)
+  return { source = source }
+end
+
+local Link = { __name = "sturdy.redis.link" }
+Link.__index = Link
+
+M.BACKOFF_BASE, M.BACKOFF_CAP = 0.1, 2 -- seconds between tries while Redis fails
+local MAX_REDIRECTS = 5
+
+--- A link for settings s (checked by M.settings).
+function M.link(s)
+  return setmetatable({
+    settings = s, seed = format("%s:%d", s.host, s.port), conns = {}, routes = {}, failures = 0,
+  }, Link)
+end
+
+-- "host:port" -> host, port (the last colon splits, for IPv6 literals)
+local function split_addr(addr)
+  local host, port = addr:match("^%[?(.-)%]?:(%d+)$")
+  return host, tonumber(port)
+end
+
+--- True when the link may be used now: it is up, or its wait after a
+-- failure is over.
+function Link:ready()
+  return self.down_until == nil or monotime() >= self.down_until
+end
+
+--- The error of the last failure, while the link waits after it.
+function Link:down_error()
+  return self.down_until and self.down_err
+end
+
+local function drop(self, addr)
+  local conn = self.conns[addr]
+  self.conns[addr] = nil
+  if conn then pcall(conn.quit, conn) end
+  for tag, a in pairs(self.routes) do
+    if a == addr then self.routes[tag] = nil end
+  end
+end
+
+-- A failure of the link (not of one command): every connection goes, and the
+-- next try waits a backoff with jitter (half fixed, half random).
+local function failed(self, err)
+  for addr in pairs(self.conns) do drop(self, addr) end
+  self.failures = self.failures + 1
+  local wait = math.min(M.BACKOFF_CAP, M.BACKOFF_BASE * 2 ^ math.min(self.failures - 1, 20))
+  self.down_until = monotime() + wait / 2 + math.random() * wait / 2
+  self.down_err = err
+  return nil, err
+end
+
+local function conn_for(self, addr)
+  local conn = self.conns[addr]
+  if conn then return conn end
+  local host, port = split_addr(addr)
+  if not host then return nil, "Redis named a node that is not host:port: " .. addr end
+  local s = self.settings
+  local node = s
+  if addr ~= self.seed then
+    node = setmetatable({ host = host, port = port }, { __index = s })
+  end
+  local c, err = M.connect(node, s)
+  if not c then return nil, err end
+  self.conns[addr] = c
+  return c
+end
+
+-- lua-redis raises a server's error reply as "redis error: <reply>".
+local function server_reply(e)
+  return tostring(e):match("redis error: (.*)$")
+end
+
+local function encode(v)
+  if type(v) == "number" then
+    if v == math.floor(v) and v > -2 ^ 53 and v < 2 ^ 53 then return format("%d", v) end
+    return format("%.17g", v)
+  end
+  return tostring(v)
+end
+
+-- What decides a key's cluster slot: the part between the first "{" and the
+-- next "}" when it is not empty, else the whole key.
+local function hash_tag(key)
+  local tag = key:match("^[^{]*{([^}]+)}")
+  return tag or key
+end
+M.hash_tag = hash_tag
+
+--- Runs script over keys (one slot: give them one hash tag) with args, on the
+-- node that holds them. Returns the script's reply, or nil and an error: a
+-- link failure (the link then waits) or the server's error reply.
+function Link:eval(script, keys, args)
+  if not self:ready() then return nil, self.down_err end
+  local argv = { #keys }
+  for i = 1, #keys do argv[#argv + 1] = keys[i] end
+  for i = 1, #args do argv[#argv + 1] = encode(args[i]) end
+  local tag = hash_tag(keys[1])
+  local addr, asking = self.routes[tag] or self.seed, false
+  for _ = 0, MAX_REDIRECTS do
+    local conn, cerr = conn_for(self, addr)
+    if not conn then return failed(self, cerr) end
+    local ok, res = pcall(function()
+      if asking then conn:raw_cmd("ASKING") end
+      if not script.sha then script.sha = conn:script("load", script.source) end
+      local done, r = pcall(conn.evalsha, conn, script.sha, unpack(argv))
+      if done then return r end
+      if not (server_reply(r) or ""):find("^NOSCRIPT") then error(r, 0) end
+      if asking then conn:raw_cmd("ASKING") end
+      return conn:eval(script.source, unpack(argv))
+    end)
+    if ok then
+      self.failures, self.down_until, self.down_err = 0, nil, nil
+      return res
+    end
+    local reply = server_reply(res)
+    if not reply then
+      drop(self, addr)
+      return failed(self, message(res))
+    end
+    local kind, to = reply:match("^(%u+) %d+ (%S+)")
+    if kind == "MOVED" then
+      self.routes[tag], addr, asking = to, to, false
+    elseif kind == "ASK" then
+      addr, asking = to, true
+    else
+      return nil, "Redis: " .. reply
+    end
+  end
+  return nil, "Redis: too many cluster redirections"
+end
+
+--- Closes every connection.
+function Link:close()
+  for addr in pairs(self.conns) do drop(self, addr) end
+end
 
 return M

@@ -210,6 +210,12 @@ stream.anthropic = {
       end
     end
   end,
+  -- the input tokens message_start reported, or nil
+  input_tokens = function(acc)
+    local usage = acc.message and acc.message.usage
+    local n = type(usage) == "table" and tonumber(usage.input_tokens)
+    return n and n >= 0 and n < math.huge and n or nil
+  end,
   message = function(acc)
     if not acc.message then
       return nil, { kind = "bad_response", class = "fatal", message = "the stream sent no message_start" }
@@ -292,6 +298,8 @@ stream.openai = {
     return { type = "chunk", data = doc, content = content and true or false }
   end,
   new_acc = function() return { doc = {}, choices = {} } end,
+  -- OpenAI reports usage only at the end of a stream: the estimate stands
+  input_tokens = function() return nil end,
   accumulate = function(acc, ev)
     local d = ev.data
     if not d then return end
@@ -343,21 +351,55 @@ stream.openai = {
   end,
 }
 
--- The stream object
+-- The stream object. A stream has one leg (a submitted request), or two when
+-- a hedge went: each leg parses its own bytes; the first leg to deliver a
+-- content delta (or its terminal event) wins, the other is cancelled, and only
+-- the winner's events reach the caller.
+
+-- A leg's parsing state, fresh (also for a new attempt of the leg).
+local function reset_leg(self, leg)
+  leg.parser:reset()
+  leg.acc, leg.held, leg.released, leg.terminal, leg.stream_error = self.flavor.new_acc(), {}, false, false, nil
+end
+
+-- Submits req (which it completes with the stream's on_data) as a new leg.
+local function new_leg(self, req)
+  local leg = { parser = policy.sse() }
+  reset_leg(self, leg)
+  -- the prelude is held back until the first delta: the stream commits itself
+  req.on_data = function(chunk, attempt) self:_chunk(leg, chunk, attempt) end
+  req.commit = "manual"
+  leg.handle = self.provider.client:submit(req, function(res, err) self:_leg_done(leg, res, err) end)
+  return leg
+end
 
 --- Starts a streamed call of provider p (flavor: stream.anthropic or
--- stream.openai); finish(doc, res) turns the collected message into the result.
-function stream.start(p, flavor, req, finish, on_event)
+-- stream.openai); finish(doc, res) turns the collected message into the
+-- result. hedging (or nil) hedges it: { policy (from sturdy.hedge),
+-- request = function(req, left_ms) -> the hedge's request, lost =
+-- function(input_tokens or nil) -> the cost of a leg cancelled in flight, charged }.
+function stream.start(p, flavor, req, finish, on_event, hedging)
   local self = setmetatable({
     provider = p, flavor = flavor, finish_fn = finish, on_event = on_event,
-    queue = {}, head = 1, tail = 0, held = {}, committed = false, released = false, done = false,
-    parser = policy.sse(), acc = flavor.new_acc(),
+    queue = {}, head = 1, tail = 0, committed = false, done = false, hedging = hedging,
   }, Stream)
-  -- the prelude is held back until the first delta: the stream commits itself
-  req.on_data = function(chunk, attempt) self:_chunk(chunk, attempt) end
-  req.commit = "manual"
-  self.handle = p.client:submit(req, function(res, err) self:_finish(res, err) end)
+  local first = new_leg(self, req)
+  self.legs, self.handle = { first }, first.handle
+  local wait = hedging and first.handle:hedge_plan(hedging.policy)
+  if wait then
+    self.timer = p.client:after(wait / 1000, function() self:_hedge(req) end)
+  end
   return self
+end
+
+-- The hedge timer: no delta yet, so a second leg goes if the core allows it.
+function Stream:_hedge(req)
+  local first = self.legs[1]
+  if self.done or self.winner or first.done or first.released then return end
+  local ok, left = first.handle:hedge_admit(self.hedging.policy)
+  if not ok then return end
+  self.hedged = true
+  self.legs[2] = new_leg(self, self.hedging.request(req, left))
 end
 
 --- A stream that failed before it started (the input guard).
@@ -393,81 +435,120 @@ function Stream:_raise_hook_error()
   end
 end
 
-function Stream:_chunk(chunk, attempt)
-  self:_read(chunk, attempt)
+function Stream:_chunk(leg, chunk, attempt)
+  self:_read(leg, chunk, attempt)
   self:_raise_hook_error()
 end
 
--- Over, canceled, or its attempt retried after all: no more events go out,
--- even of a piece being read (an event's hook may drive the client).
-function Stream:_stopped()
-  return self.done or not self.handle:current(self.attempt)
+-- leg delivered its first delta first: it is the stream now; the other leg is
+-- cancelled and what it cost is charged.
+function Stream:_win(leg)
+  self.winner, self.handle = leg, leg.handle
+  if self.timer then self.timer:cancel() end
+  for _, other in ipairs(self.legs) do
+    if other ~= leg and not other.done then
+      other.lost = true
+      other.handle:lose()
+      self.lost_cost = (self.lost_cost or 0) + self.hedging.lost(self.flavor.input_tokens(other.acc))
+    end
+  end
 end
 
-function Stream:_read(chunk, attempt)
-  if attempt ~= self.attempt then
+-- Over, canceled, lost to the other leg, or its attempt retried after all: no
+-- more of leg's events go out, even of a piece being read (an event's hook may
+-- drive the client).
+function Stream:_stopped(leg)
+  return self.done or (self.winner ~= nil and self.winner ~= leg) or not leg.handle:current(leg.attempt)
+end
+
+function Stream:_read(leg, chunk, attempt)
+  if self.winner and self.winner ~= leg then return end -- a loser's last bytes
+  if attempt ~= leg.attempt then
     -- a new attempt: a fresh body, and nothing of the last reached the caller
-    self.attempt = attempt
-    self.parser:reset()
-    self.acc, self.held, self.released, self.terminal, self.stream_error = self.flavor.new_acc(), {}, false, false, nil
-    if not self.committed then self.queue, self.head, self.tail = {}, 1, 0 end
+    leg.attempt = attempt
+    reset_leg(self, leg)
+    if not self.committed and leg == self.winner then self.queue, self.head, self.tail = {}, 1, 0 end
   end
-  if self.stream_error or self:_stopped() then return end
-  local events, perr = self.parser:feed(chunk)
+  if leg.stream_error or self:_stopped(leg) then return end
+  local events, perr = leg.parser:feed(chunk)
   if not events then
-    self.stream_error = { class = "fatal", kind = "stream_error", type = "stream_error", message = perr }
-    self.handle:fail_attempt("fatal", "stream_error", perr)
+    leg.stream_error = { class = "fatal", kind = "stream_error", type = "stream_error", message = perr }
+    leg.handle:fail_attempt("fatal", "stream_error", perr)
     return
   end
   for _, raw in ipairs(events) do
     local ev, err = self.flavor.parse(raw)
     if err then
-      self.stream_error = err
-      if not self.committed then self.queue, self.head, self.tail, self.held = {}, 1, 0, {} end
-      self.handle:fail_attempt(err.class, err.kind, err.message)
+      leg.stream_error = err
+      if not self.committed and leg == self.winner then self.queue, self.head, self.tail = {}, 1, 0 end
+      leg.held = {}
+      leg.handle:fail_attempt(err.class, err.kind, err.message)
       return
     end
     if ev then
-      self.flavor.accumulate(self.acc, ev)
-      if ev.terminal then self.terminal = true end
-      if self.released then
+      self.flavor.accumulate(leg.acc, ev)
+      if ev.terminal then leg.terminal = true end
+      if leg.released then
         self:_emit(ev)
       else
         -- the prelude waits for the first delta: until then a failure is retried
-        self.held[#self.held + 1] = ev
+        leg.held[#leg.held + 1] = ev
         if ev.content or ev.terminal then
-          local held = self.held
-          self.released, self.held = true, {}
+          if not self.winner then self:_win(leg) end
+          local held = leg.held
+          leg.released, leg.held = true, {}
           for _, h in ipairs(held) do
             self:_emit(h)
-            if self:_stopped() then return end
+            if self:_stopped(leg) then return end
           end
         end
       end
-      if self:_stopped() then return end
+      if self:_stopped(leg) then return end
     end
   end
 end
 
-function Stream:_finish(res, err)
+-- A leg ended. Without a winner yet, a failed leg waits for the other; the
+-- stream ends with the winner, or with the first leg's outcome when none won.
+function Stream:_leg_done(leg, res, err)
+  leg.done, leg.res, leg.err = true, res, err
+  if self.done or (self.winner and self.winner ~= leg) then return end
+  if not self.winner then
+    for _, other in ipairs(self.legs) do
+      if other ~= leg and not other.done then return end
+    end
+    if self.timer then self.timer:cancel() end
+    leg = self.legs[1]
+    self.handle = leg.handle
+  end
+  self:_finish(leg, leg.res, leg.err)
+end
+
+function Stream:_finish(leg, res, err)
   self.done = true
   if err then
-    if self.stream_error then
-      err.type = self.stream_error.type
-      err.detail = self.stream_error.message
+    if leg.stream_error then
+      err.type = leg.stream_error.type
+      err.detail = leg.stream_error.message
     end
     err.committed = self.committed
+    err.hedged = self.hedged
     self.error = err
-  elseif not self.terminal or self.parser:finish() then
+  elseif not leg.terminal or leg.parser:finish() then
     self.error = sturdy.Error.new {
       kind = "stream_truncated", class = "transient", committed = self.committed, status = res.status,
-      request_id = res.request_id, attempts = res.attempts,
+      request_id = res.request_id, attempts = res.attempts, hedged = self.hedged,
       message = "the stream ended before its terminal event",
     }
   else
-    local doc, bad = self.flavor.message(self.acc)
+    local doc, bad = self.flavor.message(leg.acc)
     if doc then
-      self._result = self.finish_fn(doc, res)
+      local r = self.finish_fn(doc, res)
+      if r and self.hedged then
+        r.hedged, r.hedge_won = true, leg ~= self.legs[1]
+      end
+      if r and self.lost_cost then r.cost = (r.cost or 0) + self.lost_cost end
+      self._result = r
     else
       self.error = sturdy.Error.new {
         kind = bad.kind, class = bad.class, committed = self.committed, status = res.status,
@@ -499,7 +580,8 @@ function Stream:next()
   while true do
     local q, i = self.queue, self.head
     local ev = q[i]
-    if ev and not self.committed and not self.done and not self.handle:current(self.attempt) then
+    local w = self.winner
+    if ev and not self.committed and not self.done and w and not w.handle:current(w.attempt) then
       -- the attempt these came from was retried (or canceled) while they waited: never seen, they go
       self.queue, self.head, self.tail = {}, 1, 0
       ev = nil
@@ -529,8 +611,10 @@ end
 --- Waits for the end and returns the result (the same shape as the non-streamed
 -- call's, reply collected from the deltas), or nil and the error.
 function Stream:result()
-  if not self.done and self.handle and self.handle._delivering then
-    error("sturdy: stream:result() inside the stream's own events would never return", 2)
+  for _, leg in ipairs(self.legs or {}) do
+    if not self.done and leg.handle._delivering then
+      error("sturdy: stream:result() inside the stream's own events would never return", 2)
+    end
   end
   while not self.done do self.provider.client:poll(0.05) end
   if self.error then return nil, self.error end
@@ -541,8 +625,13 @@ end
 -- true, or false when it is over, or its terminal event is in (the reply is
 -- whole: the call ends by itself, once).
 function Stream:cancel()
-  if self.done or self.terminal or not self.handle then return false end
-  return self.handle:cancel()
+  if self.done or not self.legs or (self.winner and self.winner.terminal) then return false end
+  if self.timer then self.timer:cancel() end
+  local canceled = false
+  for _, leg in ipairs(self.legs) do
+    if leg.handle:cancel() then canceled = true end
+  end
+  return canceled
 end
 
 return stream

@@ -215,6 +215,8 @@ function telemetry.attach(client, cfg)
     local rules = {}
     for k, v in pairs(cfg.alerts) do rules[k] = v end
     require("sturdy.alerts").new { rules = rules, on_alert = cfg.on_alert }:watch(client)
+  elseif cfg.on_alert then -- with budget: its warnings alone
+    client:observe(require("sturdy.alerts").budget_observer(cfg.on_alert))
   end
 end
 

@@ -22,7 +22,9 @@ local stand_in = {
 
 local function ready()
   if not registry then
-    registry = metrics.registry { shared = "metrics", interval = 0.1 }
+    -- gauges expire after three intervals: feed's publication must outlive the
+    -- spec even when a loaded machine leaves a worker unscheduled for a while
+    registry = metrics.registry { shared = "metrics", interval = 60 }
     registry:observe(stand_in)
   end
   return registry

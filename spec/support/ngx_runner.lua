@@ -4,6 +4,7 @@
 --   local r = assert(runner.start { mock = m, shared_dicts = { sturdy = "1m" } })
 --   local value = r:run("cosocket_cases", "chunked reply", { size = 10 })          -- content phase
 --   r:run("cosocket_cases", "chunked reply", nil, "timer")   -- or "access", "rewrite"
+--   r:run_on(1, "cosocket_cases", "chunked reply")           -- in worker 1 (start with workers = 2)
 --   r:stop()
 --
 -- A case module (spec/ngx/NAME.lua, on nginx's lua_package_path) returns a
@@ -29,6 +30,10 @@ local START_TRIES = 5
 local READY_TIMEOUT = 5
 local STOP_TIMEOUT = 5
 local RUN_TIMEOUT = 60
+-- Connections opened at most to reach one given worker; with reuseport each
+-- lands on a worker picked by a hash of its source port, so with two workers
+-- all of them missing has odds of 2^-200.
+local WORKER_TRIES = 200
 local PHASES = { content = true, access = true, rewrite = true, timer = true }
 
 ---------------------------------------------------------------------------
@@ -132,7 +137,7 @@ end
 ---------------------------------------------------------------------------
 -- HTTP/1.0 to nginx: one request per connection, body until close
 
-local function http_call(port, method, path, body, timeout)
+local function connect(port, timeout)
   local c = socket.tcp()
   c:settimeout(timeout)
   local ok, err = c:connect("127.0.0.1", port)
@@ -140,8 +145,13 @@ local function http_call(port, method, path, body, timeout)
     c:close()
     return nil, err
   end
+  return c
+end
+
+-- One request on the connected c, the reply read until nginx closes; closes c.
+local function exchange(c, method, path, body)
   body = body or ""
-  ok, err = c:send(method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+  local ok, err = c:send(method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n"
     .. "Content-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body)
   if not ok then
     c:close()
@@ -153,6 +163,37 @@ local function http_call(port, method, path, body, timeout)
   local status = data and tonumber(data:match("^HTTP/%d%.%d (%d%d%d)"))
   if not status then return nil, "no HTTP reply from nginx (" .. tostring(rerr) .. ")" end
   return status, data:match("\r\n\r\n(.*)$") or ""
+end
+
+local function http_call(port, method, path, body, timeout)
+  local c, err = connect(port, timeout)
+  if not c then return nil, err end
+  return exchange(c, method, path, body)
+end
+
+-- The id of the worker that accepted c. The request keeps c alive, so the next
+-- request on c reaches that same worker.
+local function worker_of(c)
+  local ok, err = c:send("GET /_worker HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
+  if not ok then return nil, err end
+  local line, lerr = c:receive("*l")
+  if not line then return nil, "no reply to /_worker (" .. tostring(lerr) .. ")" end
+  local length, keep
+  repeat
+    local header, herr = c:receive("*l")
+    if not header then return nil, "reply to /_worker cut short (" .. tostring(herr) .. ")" end
+    local name, value = header:match("^([%w%-]+):%s*(.-)%s*$")
+    name = name and name:lower()
+    if name == "content-length" then length = tonumber(value) end
+    if name == "connection" then keep = value:lower() == "keep-alive" end
+  until header == ""
+  if not line:match("^HTTP/%d%.%d 200 ") or not length or not keep then
+    return nil, "unexpected reply to /_worker: " .. line
+  end
+  local body = c:receive(length)
+  local id = tonumber(body)
+  if not id then return nil, "unexpected body from /_worker: " .. tostring(body) end
+  return id
 end
 
 ---------------------------------------------------------------------------
@@ -227,6 +268,9 @@ ${http}
     location = /_ready {
       return 200 "ok";
     }
+    location = /_worker {
+      content_by_lua_block { require("ngx_runner_server").worker() }
+    }
 ${server}
   }
 }
@@ -294,32 +338,79 @@ function Runner:request(method, path, body, timeout)
   return http_call(self.port, method, path, body, timeout or RUN_TIMEOUT)
 end
 
---- Runs cases[name](ctx) of case module `module` inside nginx, in `phase`
--- ("content" by default, "access", "rewrite" or "timer"). Returns the value
--- it returned; raises with the inner error when it raised.
-function Runner:run(module, name, args, phase, timeout)
+-- A connection to nginx that worker `id` accepted (nil, err when none did).
+local function connect_to_worker(self, id, timeout)
+  local seen = {}
+  for _ = 1, WORKER_TRIES do
+    local c, err = connect(self.port, timeout)
+    if not c then return nil, err end
+    local got, werr = worker_of(c)
+    if got == id then return c end
+    c:close()
+    if not got then return nil, werr end
+    seen[got] = (seen[got] or 0) + 1
+  end
+  local reached = {}
+  for w, n in pairs(seen) do reached[#reached + 1] = string.format("worker %d %d times", w, n) end
+  table.sort(reached)
+  return nil, string.format("no connection reached worker %d in %d tries (reached: %s)", id, WORKER_TRIES,
+                            table.concat(reached, ", "))
+end
+
+-- Runs the case on `worker` (nil: whichever accepts); returns true, value or
+-- false, message.
+local function run_case(self, worker, module, name, args, phase, timeout)
   phase = phase or "content"
-  if not PHASES[phase] then error("ngx_runner: unknown phase '" .. tostring(phase) .. "'", 2) end
+  if not PHASES[phase] then return false, "ngx_runner: unknown phase '" .. tostring(phase) .. "'" end
   local log_size = #self:error_log()
   local payload = cjson.encode({
     module = module, case = name, args = args or {}, mock = self.mock, vars = self.vars,
     timeout = timeout or RUN_TIMEOUT,
   })
-  local status, body = http_call(self.port, "POST", "/_run/" .. phase, payload, (timeout or RUN_TIMEOUT) + 5)
-  local where = string.format("in nginx (%s) %s[%q]", phase, module, name)
+  local where = string.format("in nginx (%s%s) %s[%q]", phase, worker and (", worker " .. worker) or "",
+                              module, name)
+  local c, err
+  if worker then
+    c, err = connect_to_worker(self, worker, (timeout or RUN_TIMEOUT) + 5)
+  else
+    c, err = connect(self.port, (timeout or RUN_TIMEOUT) + 5)
+  end
+  local status, body
+  if c then status, body = exchange(c, "POST", "/_run/" .. phase, payload) else body = err end
   if not status then
-    error(where .. ": no reply: " .. tostring(body) .. "\n" .. self:errors_since(log_size), 2)
+    return false, where .. ": no reply: " .. tostring(body) .. "\n" .. self:errors_since(log_size)
   end
   local ok, out = pcall(cjson.decode, body)
   if not ok or type(out) ~= "table" then
-    error(where .. ": HTTP " .. status .. ": " .. body:sub(1, 500) .. "\n" .. self:errors_since(log_size), 2)
+    return false, where .. ": HTTP " .. status .. ": " .. body:sub(1, 500) .. "\n" .. self:errors_since(log_size)
   end
   if not out.ok then
     local log = self:errors_since(log_size)
-    error(where .. ": " .. tostring(out.error) .. (log ~= "" and ("\nnginx error log:\n" .. log) or ""), 2)
+    return false, where .. ": " .. tostring(out.error) .. (log ~= "" and ("\nnginx error log:\n" .. log) or "")
   end
-  if out.value == cjson.null then return nil end
-  return out.value
+  if out.value == cjson.null then return true, nil end
+  return true, out.value
+end
+
+--- Runs cases[name](ctx) of case module `module` inside nginx, in `phase`
+-- ("content" by default, "access", "rewrite" or "timer"). Returns the value
+-- it returned; raises with the inner error when it raised.
+function Runner:run(module, name, args, phase, timeout)
+  local ok, value = run_case(self, nil, module, name, args, phase, timeout)
+  if not ok then error(value, 2) end
+  return value
+end
+
+--- Runs the case as Runner:run does, in worker `worker` (0 to workers - 1):
+-- the runner opens connections until that worker accepts one (bounded; raises
+-- naming the workers reached when it gets none).
+function Runner:run_on(worker, module, name, args, phase, timeout)
+  if type(worker) ~= "number" or worker ~= math.floor(worker) or worker < 0 or worker >= self.workers then
+    error("ngx_runner: run_on takes a worker id from 0 to " .. (self.workers - 1) .. ", got " .. tostring(worker), 2)
+  end
+  local ok, value = run_case(self, worker, module, name, args, phase, timeout)
+  if not ok then error(value, 2) end
+  return value
 end
 
 --- Starts nginx on a loopback port.
@@ -372,7 +463,8 @@ function M.start(opts)
       shared_dicts = dicts, resolver = resolver, trusted = trusted,
       http = opts.http or "", server = opts.server or "",
       port = port,
-      -- with several workers, reuseport spreads connections over all of them
+      -- with several workers, reuseport gives each worker its own socket, so a
+      -- connection stays with the worker the kernel hashed it to (run_on relies on it)
       listen_options = (opts.workers or 1) > 1 and " reuseport" or "",
       owner_pid = owner_pid or "nil",
       owner_start = owner_start and ('"' .. owner_start .. '"') or "nil",
@@ -385,7 +477,7 @@ function M.start(opts)
         if http_call(port, "GET", "/_ready", nil, 0.5) == 200 and read_pid(dir) then
           return setmetatable({
             dir = dir, port = port, url = "http://127.0.0.1:" .. port, pid = read_pid(dir),
-            keep = opts.keep, vars = opts.vars,
+            keep = opts.keep, vars = opts.vars, workers = opts.workers or 1,
             mock = m and { http_url = m.http_url, https_url = m.https_url, port = m.port,
                            tls_port = m.tls_port, ca_file = m.ca_file } or nil,
           }, Runner)

@@ -87,6 +87,15 @@ function M.timer()
   return send(out)
 end
 
+-- This worker's id, with a length so the runner can keep the connection
+-- and send its case to the same worker.
+function M.worker()
+  local id = tostring(ngx.worker.id())
+  ngx.header["content-type"] = "text/plain"
+  ngx.header["content-length"] = #id
+  ngx.print(id)
+end
+
 ---------------------------------------------------------------------------
 -- Lifecycle: stop nginx when the busted process that started it is gone.
 

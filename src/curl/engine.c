@@ -50,6 +50,7 @@ struct st_request {
     int64_t connect_ms, first_byte_ms, idle_ms;
     size_t max_response;
     int stream;
+    int held;                  /* submitted held: waits for st_engine_gate */
     size_t streamed;           /* body bytes of this attempt already handed out */
     unsigned retried;          /* the last attempt a retry was planned after (0: none) */
 
@@ -73,6 +74,7 @@ struct st_request {
     const char *stop;
     st_timings timings;
     int http_version;
+    uint64_t spend_id;         /* the parked spend reservation once handed out */
 };
 
 typedef struct st_notices {
@@ -571,6 +573,7 @@ static void decide(st_engine *e, st_request *r, st_outcome o, long status, int64
             n->retry.status = status;
             n->retry.delay_ms = d.delay_ms;
             n->retry.hinted = d.hinted;
+            n->retry.request = r;
         }
     }
 }
@@ -1135,6 +1138,7 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     }
     st_call_init(&r->call, &e->decider, now, spec->total_ms, spec->attempts, spec->priority,
                  spec->input_tokens, spec->output_tokens);
+    st_call_spend_init(&e->decider, r->up, &r->call, spec->tag, spec->reserve_usd, spec->reserve_tokens, now);
     r->connect_ms = spec->connect_ms;
     r->first_byte_ms = spec->first_byte_ms;
     r->idle_ms = spec->idle_ms;
@@ -1142,6 +1146,13 @@ st_request *st_engine_submit(st_engine *e, const st_request_spec *spec, char *er
     r->stream = spec->stream;
     easy_setup(r);
     e->n_requests++;
+    if (spec->held) {
+        /* its place in a shared limit comes first; st_engine_gate admits it */
+        r->held = 1;
+        r->state = ST_REQ_WAITING;
+        list_push(&e->waiting, r);
+        return r;
+    }
     admit(e, r, now);
     return r;
 }
@@ -1170,13 +1181,24 @@ int st_engine_cancel(st_engine *e, st_request *r)
     return 1;
 }
 
+/* The call is over for good: its spend reservation parks (billed) or goes back. */
+static void spend_end(st_engine *e, st_request *r)
+{
+    st_events ev;
+    ev.n = ev.dropped = 0;
+    r->spend_id = st_call_spend_end(&e->decider, r->up, &r->call, r->status, mono_ms(), &ev);
+    queue_events(e, &ev);
+}
+
 st_request *st_engine_take_done(st_engine *e)
 {
     st_request *r = e->done.head;
     while (r && r->userdata == NULL)
         r = r->next;
-    if (r)
+    if (r) {
         list_unlink(r);
+        spend_end(e, r);
+    }
     return r;
 }
 
@@ -1294,6 +1316,47 @@ void st_request_result(st_request *r, st_result *out)
     out->committed = r->call.committed;
     out->retryable = r->retryable;
     out->stop = r->stop;
+    out->spend_id = r->spend_id;
+}
+
+int64_t st_request_deadline_left(const st_request *r)
+{
+    int64_t left;
+    if (r->call.deadline_ms <= 0)
+        return -1;
+    left = r->call.deadline_ms - mono_ms();
+    return left > 0 ? left : 0;
+}
+
+uint64_t st_request_received(const st_request *r)
+{
+    return r->state == ST_REQ_RUNNING ? r->rx_bytes : 0;
+}
+
+int64_t st_request_hedge_plan(st_engine *e, st_request *r, const st_hedge_policy *p)
+{
+    return st_hedge_plan(&e->decider, r->up, &r->call, p, mono_ms());
+}
+
+int st_request_hedge_admit(st_engine *e, st_request *r, const char *hedge_key, const st_hedge_policy *p,
+                           const char **why)
+{
+    int64_t now = mono_ms();
+    st_upstream *h = hedge_key ? st_decider_upstream(&e->decider, hedge_key, now) : r->up;
+    if (h == NULL) {
+        *why = "memory";
+        return 0;
+    }
+    return st_hedge_admit(&e->decider, r->up, h, &r->call, p, now, why);
+}
+
+void st_engine_cancel_lost(st_engine *e, st_request *r)
+{
+    if (r->state == ST_REQ_RUNNING && r->rx_bytes == 0) {
+        int64_t now = mono_ms();
+        st_hedge_lost(r->up, now, now - r->attempt_start_ms);
+    }
+    st_engine_cancel(e, r);
 }
 
 void st_request_free(st_request *r)
@@ -1302,6 +1365,7 @@ void st_request_free(st_request *r)
         return;
     if (r->state != ST_REQ_DONE)
         st_engine_cancel(r->eng, r);
+    spend_end(r->eng, r); /* nobody will settle it: a billed one is charged in full when due */
     list_unlink(r);
     request_release(r);
 }
@@ -1454,6 +1518,85 @@ void st_engine_free(st_engine *e)
 static void count_queued(void *ud, st_upstream *u)
 {
     *(int *)ud += (int)u->queued;
+}
+
+/* ---- the fleet scope ------------------------------------------------------ */
+
+int st_engine_gate(st_engine *e, st_request *r, int64_t wait_ms)
+{
+    int64_t now = mono_ms();
+
+    if (r->state == ST_REQ_QUEUED) {
+        /* already in its key's queue: the place holds it back from there */
+        st_call_not_before(&r->call, now, wait_ms);
+        pump(e, r->up, now);
+        return 1;
+    }
+    if (r->state != ST_REQ_WAITING)
+        return 0;
+    st_call_not_before(&r->call, now, wait_ms);
+    if (r->held) {
+        r->held = 0;
+        list_unlink(r);
+        admit(e, r, now);
+    }
+    return 1;
+}
+
+int64_t st_request_max_wait(const st_request *r, int64_t at_ms)
+{
+    return st_call_max_wait_ms(&r->eng->decider, &r->call, mono_ms() + at_ms);
+}
+
+int st_request_held(const st_request *r)
+{
+    return r->held;
+}
+
+const double *st_request_cost(const st_request *r)
+{
+    return r->call.cost;
+}
+
+int st_engine_open_until(st_engine *e, const char *key, int64_t until_ms)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+    st_events ev;
+
+    if (u == NULL)
+        return 0;
+    ev.n = ev.dropped = 0;
+    st_fleet_open_until(u, now, until_ms, &ev);
+    queue_events(e, &ev);
+    return 1;
+}
+
+int st_engine_fleet_window(st_engine *e, const char *key, uint64_t calls, uint64_t failures, uint64_t slow)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+    st_events ev;
+    int opened;
+
+    if (u == NULL)
+        return 0;
+    ev.n = ev.dropped = 0;
+    opened = st_fleet_window(u, now, calls, failures, slow, &ev);
+    queue_events(e, &ev);
+    return opened;
+}
+
+int st_engine_share(st_engine *e, const char *key, double n)
+{
+    int64_t now = mono_ms();
+    st_upstream *u = st_decider_upstream(&e->decider, key, now);
+
+    if (u == NULL)
+        return 0;
+    st_fleet_share(u, now, n);
+    pump(e, u, now); /* a larger share may let queued calls go now */
+    return 1;
 }
 
 void st_engine_stats_get(const st_engine *e, st_engine_stats *out)

@@ -45,6 +45,9 @@ typedef struct st_request_spec {
     int stream;                 /* ST_STREAM_* */
     int priority;               /* ST_PRIORITY_* */
     double input_tokens, output_tokens; /* estimates for the rate limiter; 0 = unknown */
+    int held;                   /* waits for st_engine_gate before it is admitted */
+    const char *tag;            /* for the spend caps: a tenant or feature; NULL none */
+    double reserve_usd, reserve_tokens; /* the worst case the spend caps reserve */
 } st_request_spec;
 
 typedef enum st_req_state {
@@ -84,6 +87,7 @@ typedef struct st_result {
     int retryable;            /* the decision core's: the outcome is of a retried kind */
     const char *stop;         /* retryable but not retried: "attempts", "deadline", "budget_exhausted",
                                * "committed", "hint_too_long"; NULL otherwise */
+    uint64_t spend_id;        /* its parked spend reservation, to settle (st_decider_spend_settle); 0 none */
 } st_result;
 
 typedef struct st_retry_info {
@@ -94,6 +98,7 @@ typedef struct st_retry_info {
     long status;
     double delay_ms;
     int hinted;               /* delay came from retry-after(-ms) */
+    st_request *request;      /* the request that waits to retry; valid until its end is taken */
 } st_retry_info;
 
 typedef enum { ST_NOTICE_RETRY = 1, ST_NOTICE_EVENT } st_notice_type;
@@ -164,6 +169,19 @@ int st_request_current(const st_request *r, unsigned attempt);
  * usual rules, unless committed. For running or finished (not yet taken) requests;
  * detail is copied. */
 void st_engine_fail_attempt(st_engine *e, st_request *r, st_class cls, const char *kind, const char *detail);
+/* Milliseconds left before r's deadline (at least 0), or -1 when it has none. */
+int64_t st_request_deadline_left(const st_request *r);
+/* Bytes of the current attempt's response received so far (0: none yet). */
+uint64_t st_request_received(const st_request *r);
+/* May call r (running, first byte late) start a hedge on key h (NULL: its own)?
+ * See st_hedge_admit; *why says which cap refused. st_request_hedge_plan: the
+ * wait before asking, or -1 (see st_hedge_plan). */
+int64_t st_request_hedge_plan(st_engine *e, st_request *r, const st_hedge_policy *p);
+int st_request_hedge_admit(st_engine *e, st_request *r, const char *hedge_key, const st_hedge_policy *p,
+                           const char **why);
+/* Cancels r as a hedge leg that lost: if no byte of it came, the time it waited
+ * counts in its key's time-to-first-byte window (st_hedge_lost). */
+void st_engine_cancel_lost(st_engine *e, st_request *r);
 /* Streamed requests with body bytes waiting to be handed out: copies up to max,
  * returns how many there are. */
 size_t st_engine_streams(st_engine *e, st_request **out, size_t max);
@@ -180,5 +198,26 @@ void st_engine_stats_get(const st_engine *e, st_engine_stats *out);
 
 /* The engine's monotonic clock, in ms. */
 int64_t st_engine_now_ms(void);
+
+/* ---- The fleet scope (sturdy.shared) ----------------------------------------
+ * A shared limiter places each attempt in the fleet's rate limit before it may
+ * start, and a shared breaker hands the fleet's state of a key to the core
+ * (decide.h, "The fleet scope"). Events the core produces are queued as notices. */
+
+/* A held request (spec.held), one waiting to retry, or one queued for its key:
+ * its next attempt starts no earlier than wait_ms from now (its place; 0 =
+ * none). A held request is admitted at once. Returns 1, or 0 when the request
+ * no longer waits (it started or is done): the place then goes unused. */
+int st_engine_gate(st_engine *e, st_request *r, int64_t wait_ms);
+/* The longest wait the request's next attempt, asking at_ms from now, may still
+ * sit through (st_call_max_wait_ms), and what one attempt costs (per st_dim). */
+int64_t st_request_max_wait(const st_request *r, int64_t at_ms);
+/* 1 while the request is held (submitted held, not gated yet). */
+int st_request_held(const st_request *r);
+const double *st_request_cost(const st_request *r);
+/* The fleet's answers for a key (made on first use; 0 = out of memory). */
+int st_engine_open_until(st_engine *e, const char *key, int64_t until_ms);
+int st_engine_fleet_window(st_engine *e, const char *key, uint64_t calls, uint64_t failures, uint64_t slow);
+int st_engine_share(st_engine *e, const char *key, double n);
 
 #endif

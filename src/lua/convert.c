@@ -200,6 +200,25 @@ static void read_breaker(lua_State *L, int b, st_upstream_config *c)
     c->breaker_mode = (st_breaker_mode)option_field(L, b, where, "mode", breaker_modes);
 }
 
+static void read_adaptive(lua_State *L, int t, st_upstream_config *c)
+{
+    static const char *const where = "upstream.adaptive";
+    st_adaptive_config *a = &c->adaptive;
+
+    c->adaptive_enabled = bool_field(L, t, where, "enabled");
+    a->min_limit = count_field(L, t, where, "min_limit", 1, ST_ADAPTIVE_MAX_LIMIT);
+    a->max_limit = count_field(L, t, where, "max_limit", 1, ST_ADAPTIVE_MAX_LIMIT);
+    a->initial_limit = count_field(L, t, where, "initial_limit", 1, ST_ADAPTIVE_MAX_LIMIT);
+    a->window_ms = ms_field(L, t, where, "window_ms", 1);
+    if (a->window_ms > ST_ADAPTIVE_MAX_WINDOW_MS)
+        field_error(L, where, "window_ms", "at most 3600000");
+    a->min_samples = count_field(L, t, where, "min_samples", 2, ST_ADAPTIVE_MAX_SAMPLES);
+    a->tolerance = num_field(L, t, where, "tolerance", 0, 10);
+    a->growth = num_field(L, t, where, "growth", 1e-6, 1);
+    if (a->max_limit < a->min_limit)
+        field_error(L, where, "max_limit", "at least min_limit");
+}
+
 static void read_upstream(lua_State *L, int t, st_upstream_config *c)
 {
     static const char *const where = "upstream";
@@ -229,6 +248,10 @@ static void read_upstream(lua_State *L, int t, st_upstream_config *c)
     c->queue_max = count_field(L, sub, "upstream.limits", "queue", 0, 1e7);
     c->max_pause_ms = ms_field(L, sub, "upstream.limits", "max_pause_ms", 1);
     lua_pop(L, 1);
+
+    sub = sub_table(L, t, where, "adaptive");
+    read_adaptive(L, sub, c);
+    lua_pop(L, 1);
 }
 
 void sl_read_policy(lua_State *L, int t, st_retry_policy *rp, st_upstream_config *uc)
@@ -242,6 +265,90 @@ void sl_read_policy(lua_State *L, int t, st_retry_policy *rp, st_upstream_config
     sub = sub_table(L, t, "config", "upstream");
     read_upstream(L, sub, uc);
     lua_pop(L, 1);
+}
+
+/* ---- spend caps ------------------------------------------------------------ */
+
+static const char *const cap_names[ST_SPEND_SPANS][ST_SPEND_DIMS] = {
+    { "usd_per_hour", "tokens_per_hour" }, { "usd_per_day", "tokens_per_day" }
+};
+
+/* One scope's caps (absent = none) and warn share. */
+static void read_caps(lua_State *L, int t, const char *where, st_spend_config *c)
+{
+    int span, dim;
+
+    st_spend_config_defaults(c);
+    for (span = 0; span < ST_SPEND_SPANS; span++)
+        for (dim = 0; dim < ST_SPEND_DIMS; dim++) {
+            const char *name = cap_names[span][dim];
+            lua_getfield(L, t, name);
+            if (lua_isnil(L, -1)) {
+                lua_pop(L, 1);
+                continue;
+            }
+            lua_pop(L, 1);
+            if (dim == ST_SPEND_COST)
+                c->cap[span][dim] = st_spend_usd(num_field(L, t, where, name, 1e-6, 1e9));
+            else
+                c->cap[span][dim] = (int64_t)count_field(L, t, where, name, 1, 1e15);
+        }
+    c->warn = num_field(L, t, where, "warn", 0, 1);
+}
+
+static void read_rules(lua_State *L, int t, const char *field, st_spend_scope scope, st_spend_book *b)
+{
+    int sub = sub_table(L, t, "budget", field);
+    lua_pushnil(L);
+    while (lua_next(L, sub)) {
+        st_spend_config c;
+        size_t len;
+        const char *name;
+        if (lua_type(L, -2) != LUA_TSTRING || !lua_istable(L, -1))
+            sl_error(L, "sturdy: configuration field 'budget.%s' maps names to tables of caps", field);
+        name = lua_tolstring(L, -2, &len);
+        if (len == 0 || strlen(name) != len)
+            sl_error(L, "sturdy: configuration field 'budget.%s' holds an empty name or a NUL byte", field);
+        read_caps(L, lua_gettop(L), field, &c);
+        if (!st_spend_book_rule(b, scope, name, &c))
+            sl_error(L, "sturdy: out of memory");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+int sl_read_spend(lua_State *L, int t, st_decider *d, int64_t now_ms)
+{
+    st_spend_book *b;
+    int sub;
+
+    t = lua_absindex(L, t);
+    lua_getfield(L, t, "budget");
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (!lua_istable(L, -1))
+        field_error(L, "config", "budget", "a table");
+    sub = lua_gettop(L);
+    b = st_spend_book_new(ms_field(L, sub, "budget", "settle_ms", 1), now_ms);
+    if (b == NULL)
+        sl_error(L, "sturdy: out of memory");
+    st_decider_set_spend(d, b, now_ms); /* owned by the decider from here, whatever raises */
+    lua_getfield(L, sub, "client");
+    if (lua_istable(L, -1)) {
+        st_spend_config c;
+        read_caps(L, lua_gettop(L), "budget.client", &c);
+        st_spend_book_cap_client(b, &c, now_ms);
+    } else if (!lua_isnil(L, -1)) {
+        field_error(L, "budget", "client", "a table or nil");
+    }
+    lua_pop(L, 1);
+    read_rules(L, sub, "keys", ST_SCOPE_KEY, b);
+    read_rules(L, sub, "tags", ST_SCOPE_TAG, b);
+    st_decider_set_spend(d, b, now_ms); /* again: keys made meanwhile learn their rules */
+    lua_pop(L, 1);
+    return 1;
 }
 
 /* ---- defaults and enums --------------------------------------------------- */
@@ -373,6 +480,16 @@ void sl_push_defaults(lua_State *L)
     set_int(L, "queue", c.queue_max);
     set_num(L, "max_pause_ms", (double)c.max_pause_ms);
     lua_setfield(L, -2, "limits");
+    lua_createtable(L, 0, 8);
+    set_bool(L, "enabled", c.adaptive_enabled);
+    set_int(L, "min_limit", c.adaptive.min_limit);
+    set_int(L, "max_limit", c.adaptive.max_limit);
+    set_int(L, "initial_limit", c.adaptive.initial_limit);
+    set_num(L, "window_ms", (double)c.adaptive.window_ms);
+    set_int(L, "min_samples", c.adaptive.min_samples);
+    set_num(L, "tolerance", c.adaptive.tolerance);
+    set_num(L, "growth", c.adaptive.growth);
+    lua_setfield(L, -2, "adaptive");
     lua_setfield(L, -2, "upstream");
 }
 
@@ -455,12 +572,76 @@ void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now)
     if (u->limiter.paused_until_ms > now)
         set_num(L, "paused_for", (u->limiter.paused_until_ms - now) / 1000.0);
     lua_setfield(L, -2, "limits");
+
+    if (u->adaptive_enabled) {
+        st_adaptive_stats as;
+        st_adaptive_stats_get(&u->adaptive, &as);
+        lua_createtable(L, 0, 8);
+        set_int(L, "limit", as.limit);
+        if (as.baseline_ms >= 0)
+            set_num(L, "baseline", as.baseline_ms / 1000.0);
+        set_int(L, "windows", (double)as.windows);
+        set_int(L, "grows", (double)as.grows);
+        set_int(L, "shrinks_latency", (double)as.shrinks_latency);
+        set_int(L, "shrinks_overload", (double)as.shrinks_overload);
+        set_int(L, "baseline_resets", (double)as.baseline_resets);
+        lua_setfield(L, -2, "adaptive");
+    }
+    if (u->hedges || u->hedges_refused) {
+        lua_createtable(L, 0, 2);
+        set_int(L, "started", (double)u->hedges);
+        set_int(L, "refused", (double)u->hedges_refused);
+        lua_setfield(L, -2, "hedges");
+    }
+    if (u->spend) {
+        sl_push_spend(L, &u->spend->spend, now);
+        lua_setfield(L, -2, "budget");
+    }
+}
+
+void sl_push_spend(lua_State *L, st_spend *s, int64_t now)
+{
+    int span, dim;
+
+    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
+    for (span = 0; span < ST_SPEND_SPANS; span++)
+        for (dim = 0; dim < ST_SPEND_DIMS; dim++) {
+            int64_t used = st_spend_used(s, now, (st_spend_span)span, (st_spend_dim)dim);
+            if (dim == ST_SPEND_COST)
+                set_num(L, cap_names[span][dim], used / 1e6);
+            else
+                set_int(L, cap_names[span][dim], (double)used);
+        }
+    lua_setfield(L, -2, "used");
+    lua_createtable(L, 0, 2);
+    set_num(L, "usd", st_spend_reserved(s, ST_SPEND_COST) / 1e6);
+    set_int(L, "tokens", (double)st_spend_reserved(s, ST_SPEND_TOKENS));
+    lua_setfield(L, -2, "reserved");
+    lua_createtable(L, 0, 4);
+    for (span = 0; span < ST_SPEND_SPANS; span++)
+        for (dim = 0; dim < ST_SPEND_DIMS; dim++) {
+            int64_t cap = s->cap[span][dim];
+            if (cap <= 0)
+                continue;
+            if (dim == ST_SPEND_COST)
+                set_num(L, cap_names[span][dim], cap / 1e6);
+            else
+                set_int(L, cap_names[span][dim], (double)cap);
+        }
+    lua_setfield(L, -2, "caps");
+    set_int(L, "passed", (double)s->admitted); /* another scope may still have refused the call */
+    set_int(L, "refused", (double)s->refused);
 }
 
 void sl_push_event(lua_State *L, const st_event *ev)
 {
-    lua_createtable(L, 0, 5);
-    set_str(L, "key", ev->up->name);
+    static const char *const scopes[ST_SPEND_SCOPES] = { "client", "key", "tag" };
+    const st_spend_warning *w = &ev->warning;
+
+    lua_createtable(L, 0, 8);
+    if (ev->up)
+        set_str(L, "key", ev->up->name);
     switch (ev->type) {
     case ST_EVENT_BREAKER:
         set_str(L, "type", "breaker");
@@ -471,10 +652,21 @@ void sl_push_event(lua_State *L, const st_event *ev)
         set_str(L, "type", "limit_learned");
         set_str(L, "dimension", st_dim_name(ev->dim));
         set_num(L, "limit", ev->limit);
+        set_num(L, "learned", ev->learned);
         break;
     case ST_EVENT_PAUSED:
         set_str(L, "type", "paused");
         set_num(L, "pause", ev->pause_ms / 1000.0);
+        break;
+    case ST_EVENT_BUDGET_WARNING:
+        set_str(L, "type", "budget_warning");
+        set_str(L, "scope", scopes[w->scope]);
+        if (w->name)
+            set_str(L, "name", w->name);
+        set_str(L, "cap", cap_names[w->span][w->dim]);
+        set_num(L, "used", w->dim == ST_SPEND_COST ? w->used / 1e6 : (double)w->used);
+        set_num(L, "limit", w->dim == ST_SPEND_COST ? w->cap / 1e6 : (double)w->cap);
+        set_num(L, "share", w->cap > 0 ? (double)w->used / (double)w->cap : 0);
         break;
     }
 }

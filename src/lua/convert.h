@@ -19,6 +19,15 @@ int sl_error(lua_State *L, const char *fmt, ...);
  * a value outside its C type raises, naming the field. */
 void sl_read_policy(lua_State *L, int t, st_retry_policy *rp, st_upstream_config *uc);
 
+/* Reads the compiled configuration's `budget` at index t (absent: returns 0 and
+ * nothing changes) into a spend book that d owns from then on (so a raise
+ * leaks nothing); returns 1. Strict as sl_read_policy. */
+int sl_read_spend(lua_State *L, int t, st_decider *d, int64_t now_ms);
+
+/* Pushes a spend's state: used (per cap name, in the window now), reserved
+ * (usd, tokens), caps, passed (reservations it let through), refused. */
+void sl_push_spend(lua_State *L, st_spend *s, int64_t now_ms);
+
 /* A string field of table t, or NULL when absent; raises on another type. The
  * string stays alive while the table holds it. */
 const char *sl_opt_string(lua_State *L, int t, const char *field);

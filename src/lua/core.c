@@ -189,6 +189,7 @@ static int l_engine_new(lua_State *L)
     le->e = st_engine_new(&tc, &policy, &upstream, seed, err, sizeof err);
     if (le->e == NULL)
         return sl_error(L, "sturdy: %s", err);
+    sl_read_spend(L, 1, st_engine_decider(le->e), st_engine_now_ms());
     lua_getfield(L, 1, "notices");
     if (lua_istable(L, -1)) {
         int retries, events;
@@ -267,11 +268,15 @@ static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_r
     spec->priority = req.priority;
     spec->input_tokens = req.tokens_in;
     spec->output_tokens = req.tokens_out;
+    spec->tag = req.tag;
+    spec->reserve_usd = req.reserve_usd;
+    /* without a figure of its own, the token estimates are the worst case */
+    spec->reserve_tokens = req.reserve_tokens >= 0 ? req.reserve_tokens : req.tokens_in + req.tokens_out;
 }
 
-/* engine:submit(handle, request, json_body) -> request userdata. Checks the
- * request table and starts it without waiting; json_body is its `json`
- * already encoded (or nil). */
+/* engine:submit(handle, request, json_body, held) -> request userdata. Checks
+ * the request table and starts it without waiting; json_body is its `json`
+ * already encoded (or nil). A held request waits for request:gate. */
 static int l_engine_submit(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
@@ -279,9 +284,11 @@ static int l_engine_submit(lua_State *L)
     st_request_spec spec;
     l_request *lr;
     char err[256];
+    int held = lua_toboolean(L, 5); /* before read_request pushes the fields it reads */
 
     luaL_checktype(L, 2, LUA_TTABLE);
     read_request(L, le, 3, lua_isnoneornil(L, 4) ? 0 : 4, &spec, headers);
+    spec.held = held;
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
     lr->le = le;
@@ -423,6 +430,8 @@ static void push_result(lua_State *L, st_request *r)
     lua_createtable(L, 0, res.outcome.kind ? 12 : 3);
     if (res.status > 0)
         set_int(L, "status", res.status);
+    if (res.spend_id)
+        set_int(L, "hold", (double)res.spend_id);
     lua_pushlstring(L, res.body, res.body_len);
     lua_setfield(L, -2, "body");
     push_detail(L, &res);
@@ -462,6 +471,14 @@ static void push_notice(lua_State *L, const st_notice *n)
     set_num(L, "delay", n->retry.delay_ms / 1000.0);
     lua_pushboolean(L, n->retry.hinted);
     lua_setfield(L, -2, "hinted");
+    if (n->retry.request) {
+        /* its handle: the request is alive until its end is taken, after this */
+        l_request *lr = st_request_userdata(n->retry.request);
+        if (lr != NULL && lr->ref != LUA_NOREF) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, lr->ref);
+            lua_setfield(L, -2, "handle");
+        }
+    }
 }
 
 static void append(lua_State *L, int list, int *n, int count)
@@ -643,6 +660,77 @@ static int l_engine_want_notices(lua_State *L)
     return 0;
 }
 
+/* ---- the fleet scope (sturdy.shared) -------------------------------------- */
+
+static lua_Number ms_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0)) /* NaN and negatives are no time */
+        return 0;
+    return v < (lua_Number)ST_RETRY_AFTER_MAX_MS ? v : (lua_Number)ST_RETRY_AFTER_MAX_MS;
+}
+
+static uint64_t count_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0))
+        return 0;
+    return v < 9007199254740992.0 ? (uint64_t)v : UINT64_C(9007199254740992);
+}
+
+/* engine:open_until(key, ms): the fleet's breaker for key is open for ms more. */
+static int l_engine_open_until(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    int64_t ms = (int64_t)ceil(ms_arg(L, 3));
+    if (!st_engine_open_until(le->e, key, st_engine_now_ms() + ms))
+        return luaL_error(L, "sturdy: out of memory");
+    return 0;
+}
+
+/* engine:fleet_window(key, calls, failures, slow) -> opened: the fleet's window. */
+static int l_engine_fleet_window(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    lua_pushboolean(L, st_engine_fleet_window(le->e, key, count_arg(L, 3), count_arg(L, 4), count_arg(L, 5)));
+    return 1;
+}
+
+/* engine:share(key, n): this process paces key's limits at limit / n. */
+static int l_engine_share(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    if (!st_engine_share(le->e, key, luaL_checknumber(L, 3)))
+        return luaL_error(L, "sturdy: out of memory");
+    return 0;
+}
+
+/* engine:fleet_counts(key) -> calls, failures, slow (counted by key's breaker
+ * since it was made), state, open_in (ms; 0 = its open time is over); nothing
+ * for a key no request named. */
+static int l_engine_fleet_counts(lua_State *L)
+{
+    static const char *const states[] = { "closed", "open", "half_open" };
+    l_engine *le = open_engine(L, 1);
+    st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
+    st_breaker_state state;
+    int64_t now = st_engine_now_ms();
+
+    if (u == NULL)
+        return 0;
+    state = u->breaker_enabled ? st_breaker_state_now(&u->breaker) : ST_BREAKER_CLOSED;
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_calls);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_failures);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_slow);
+    lua_pushstring(L, states[state]);
+    lua_pushnumber(L, state == ST_BREAKER_OPEN && u->breaker.mode == ST_BREAKER_NORMAL
+                   && u->breaker.open_until_ms > now ? (lua_Number)(u->breaker.open_until_ms - now) : 0);
+    return 5;
+}
+
 static int l_engine_active(lua_State *L)
 {
     lua_pushinteger(L, st_engine_active(open_engine(L, 1)->e));
@@ -682,6 +770,91 @@ static int l_engine_tostring(lua_State *L)
     return 1;
 }
 
+/* Pushes the events of a spend operation as a list (empty when none). */
+static void push_events(lua_State *L, const st_events *ev)
+{
+    unsigned i;
+    lua_createtable(L, (int)ev->n, 0);
+    for (i = 0; i < ev->n; i++) {
+        sl_push_event(L, &ev->ev[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
+/* A dollar or token amount argument: a finite number >= 0 (nil: 0). */
+static double amount_arg(lua_State *L, int i, const char *what)
+{
+    lua_Number v = luaL_optnumber(L, i, 0);
+    if (!(v >= 0 && v <= 1e15))
+        sl_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
+    return v;
+}
+
+/* engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
+ * call whose result carried `hold`. */
+static int l_engine_settle(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    lua_Number id = luaL_checknumber(L, 2);
+    double usd = amount_arg(L, 3, "the cost"), tokens = amount_arg(L, 4, "the tokens");
+    st_events ev;
+    int done = 0;
+
+    ev.n = ev.dropped = 0;
+    if (id >= 1 && id < 9007199254740992.0 && id == floor(id))
+        done = st_decider_spend_settle(st_engine_decider(le->e), (uint64_t)id, usd, tokens,
+                                       st_engine_now_ms(), &ev);
+    lua_pushboolean(L, done);
+    push_events(L, &ev);
+    return 2;
+}
+
+/* engine:charge(key, tag, usd, tokens) -> events: spend without a reservation
+ * (a cancelled hedge's input) in the scopes of the key and tag (nil: none). */
+static int l_engine_charge(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    const char *key = luaL_optstring(L, 2, NULL), *tag = luaL_optstring(L, 3, NULL);
+    double usd = amount_arg(L, 4, "the cost"), tokens = amount_arg(L, 5, "the tokens");
+    st_decider *d = st_engine_decider(le->e);
+    int64_t now = st_engine_now_ms();
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_decider_spend_charge(d, key ? st_decider_upstream(d, key, now) : NULL, tag, usd, tokens, now, &ev);
+    push_events(L, &ev);
+    return 1;
+}
+
+/* engine:budget() -> { client = spend?, tags = { [tag] = spend } }, or nil
+ * without spend caps. */
+static int l_engine_budget(lua_State *L)
+{
+    l_engine *le = open_engine(L, 1);
+    st_spend_book *b = st_engine_decider(le->e)->spend;
+    int64_t now = st_engine_now_ms();
+    int i;
+
+    if (b == NULL)
+        return 0;
+    lua_createtable(L, 0, 3);
+    if (b->client_capped) {
+        sl_push_spend(L, &b->client, now);
+        lua_setfield(L, -2, "client");
+    }
+    lua_newtable(L);
+    for (i = 0; i < ST_SPEND_BUCKETS; i++) {
+        st_spend_named *n;
+        for (n = b->tags[i]; n; n = n->next) {
+            sl_push_spend(L, &n->spend, now);
+            lua_setfield(L, -2, n->name);
+        }
+    }
+    lua_setfield(L, -2, "tags");
+    set_int(L, "expired", (double)b->expired);
+    return 1;
+}
+
 /* ---- requests ------------------------------------------------------------- */
 
 /* request:cancel() -> true when it ended the call, false when its end stands */
@@ -707,6 +880,85 @@ static int l_request_current(lua_State *L)
         ok = (unsigned)attempt == lr->last; /* taken: the end, which comes after these bytes, says */
     lua_pushboolean(L, ok);
     return 1;
+}
+
+/* request:received() -> bytes of the current attempt's response so far */
+static int l_request_received(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    lua_pushnumber(L, lr->r != NULL ? (lua_Number)st_request_received(lr->r) : 0);
+    return 1;
+}
+
+/* A hedge policy { after = ms | nil, quantile =, max_ratio = } at index i. */
+static void read_hedge_policy(lua_State *L, int i, st_hedge_policy *p)
+{
+    lua_Number v;
+    luaL_checktype(L, i, LUA_TTABLE);
+    lua_getfield(L, i, "after");
+    v = lua_isnil(L, -1) ? -1 : luaL_checknumber(L, -1);
+    if (!(v == -1 || (v >= 0 && v <= (lua_Number)ST_RETRY_AFTER_MAX_MS)))
+        sl_error(L, "sturdy: hedge 'after' must be a number of ms from 0 to %d", (int)ST_RETRY_AFTER_MAX_MS);
+    p->after_ms = v < 0 ? -1 : (int64_t)ceil(v);
+    lua_getfield(L, i, "quantile");
+    v = lua_isnil(L, -1) ? 0.95 : luaL_checknumber(L, -1);
+    if (!(v >= 0 && v <= 1))
+        sl_error(L, "sturdy: hedge 'quantile' must be a number from 0 to 1");
+    p->quantile = v;
+    lua_getfield(L, i, "max_ratio");
+    v = luaL_checknumber(L, -1);
+    if (!(v >= 0 && v <= 1))
+        sl_error(L, "sturdy: hedge 'max_ratio' must be a number from 0 to 1");
+    p->max_ratio = v;
+    lua_pop(L, 3);
+}
+
+/* request:hedge_plan(policy) -> ms to wait for the first byte before asking
+ * hedge_admit, or nil: no hedge for this call. */
+static int l_request_hedge_plan(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    st_hedge_policy p;
+    int64_t ms;
+
+    read_hedge_policy(L, 2, &p);
+    if (lr->r == NULL || lr->le->e == NULL || (ms = st_request_hedge_plan(lr->le->e, lr->r, &p)) < 0)
+        return 0;
+    lua_pushnumber(L, (lua_Number)ms);
+    return 1;
+}
+
+/* request:hedge_admit(policy, key?) -> true and the ms left before the deadline
+ * (nil: none), or false and the cap that refused */
+static int l_request_hedge_admit(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    const char *key = luaL_optstring(L, 3, NULL), *why = "done";
+    st_hedge_policy p;
+    int ok = 0;
+
+    read_hedge_policy(L, 2, &p);
+    if (lr->r != NULL && lr->le->e != NULL && st_request_state(lr->r) == ST_REQ_RUNNING)
+        ok = st_request_hedge_admit(lr->le->e, lr->r, key, &p, &why);
+    lua_pushboolean(L, ok);
+    if (ok) {
+        int64_t left = st_request_deadline_left(lr->r);
+        if (left < 0)
+            return 1;
+        lua_pushnumber(L, (lua_Number)left);
+        return 2;
+    }
+    lua_pushstring(L, why);
+    return 2;
+}
+
+/* request:lose(): cancels a hedge leg that lost (see st_engine_cancel_lost). */
+static int l_request_lose(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    if (lr->r != NULL && lr->le->e != NULL)
+        st_engine_cancel_lost(lr->le->e, lr->r);
+    return 0;
 }
 
 static int l_request_commit(lua_State *L)
@@ -736,6 +988,46 @@ static int l_request_fail_attempt(lua_State *L)
     return 0;
 }
 
+/* request:gate(wait_ms) -> true, or false when it no longer waits: its next
+ * attempt starts no earlier than wait_ms from now; a held request is admitted,
+ * a queued one stays in its queue until then. */
+static int l_request_gate(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    int64_t ms = (int64_t)ceil(ms_arg(L, 2));
+    lua_pushboolean(L, lr->r != NULL && lr->le->e != NULL && st_engine_gate(lr->le->e, lr->r, ms));
+    return 1;
+}
+
+/* request:admission(at_ms) -> key, max_wait_ms, requests, input_tokens,
+ * output_tokens, tokens, state: what a shared limiter needs to place the next
+ * attempt, asked at_ms from now (default 0), and where the request is
+ * ("held", "waiting", "queued", "running"); nothing once it is over. */
+static int l_request_admission(lua_State *L)
+{
+    l_request *lr = check_request(L, 1);
+    int64_t at = lua_isnoneornil(L, 2) ? 0 : (int64_t)ceil(ms_arg(L, 2));
+    st_result res;
+    const double *cost;
+    int d;
+
+    if (lr->r == NULL || lr->le->e == NULL)
+        return 0;
+    st_request_result(lr->r, &res);
+    lua_pushstring(L, res.key);
+    lua_pushnumber(L, (lua_Number)st_request_max_wait(lr->r, at));
+    cost = st_request_cost(lr->r);
+    for (d = 0; d < ST_DIM_COUNT; d++)
+        lua_pushnumber(L, cost[d]);
+    switch (st_request_state(lr->r)) {
+    case ST_REQ_RUNNING: lua_pushliteral(L, "running"); break;
+    case ST_REQ_QUEUED: lua_pushliteral(L, "queued"); break;
+    case ST_REQ_WAITING: lua_pushstring(L, st_request_held(lr->r) ? "held" : "waiting"); break;
+    default: lua_pushliteral(L, "done"); break;
+    }
+    return 3 + ST_DIM_COUNT;
+}
+
 static int l_request_gc(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
@@ -763,6 +1055,13 @@ static const luaL_Reg engine_methods[] = {
     { "correct", l_engine_correct },
     { "active", l_engine_active },
     { "want_notices", l_engine_want_notices },
+    { "open_until", l_engine_open_until },
+    { "fleet_window", l_engine_fleet_window },
+    { "share", l_engine_share },
+    { "fleet_counts", l_engine_fleet_counts },
+    { "settle", l_engine_settle },
+    { "charge", l_engine_charge },
+    { "budget", l_engine_budget },
     { "close", l_engine_close },
     { NULL, NULL }
 };
@@ -778,6 +1077,12 @@ static const luaL_Reg request_methods[] = {
     { "current", l_request_current },
     { "commit", l_request_commit },
     { "fail_attempt", l_request_fail_attempt },
+    { "gate", l_request_gate },
+    { "admission", l_request_admission },
+    { "received", l_request_received },
+    { "hedge_plan", l_request_hedge_plan },
+    { "hedge_admit", l_request_hedge_admit },
+    { "lose", l_request_lose },
     { NULL, NULL }
 };
 

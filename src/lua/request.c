@@ -337,7 +337,7 @@ void sl_client_free(sl_client *c)
 
 typedef struct fields {
     int method, path, url, headers, body, json, key, timeout, max_response, attempts,
-        on_data, commit, priority, tokens;
+        on_data, commit, priority, tokens, tag, reserve;
 } fields;
 
 /* Which field a key names: its stack index goes into the slot. Unknown raises. */
@@ -347,6 +347,7 @@ static int *slot_of(lua_State *L, fields *f, const char *k, size_t len)
     case 3:
         if (memcmp(k, "url", 3) == 0) return &f->url;
         if (memcmp(k, "key", 3) == 0) return &f->key;
+        if (memcmp(k, "tag", 3) == 0) return &f->tag;
         break;
     case 4:
         if (memcmp(k, "path", 4) == 0) return &f->path;
@@ -365,6 +366,7 @@ static int *slot_of(lua_State *L, fields *f, const char *k, size_t len)
         if (memcmp(k, "headers", 7) == 0) return &f->headers;
         if (memcmp(k, "timeout", 7) == 0) return &f->timeout;
         if (memcmp(k, "on_data", 7) == 0) return &f->on_data;
+        if (memcmp(k, "reserve", 7) == 0) return &f->reserve;
         break;
     case 8:
         if (memcmp(k, "attempts", 8) == 0) return &f->attempts;
@@ -422,6 +424,28 @@ static void read_tokens(lua_State *L, int t, sl_request *out)
             out->tokens_in = v;
         else
             out->tokens_out = v;
+        lua_pop(L, 1);
+    }
+}
+
+/* reserve = { usd =, tokens = }: the call's worst case for the spend caps. */
+static void read_reserve(lua_State *L, int t, sl_request *out)
+{
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+        lua_Number v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
+        int usd = strcmp(k, "usd") == 0;
+        if (!usd && strcmp(k, "tokens") != 0)
+            sl_error(L, "sturdy: unknown option '%s' in request.reserve",
+                       lua_type(L, -2) == LUA_TSTRING ? k : luaL_typename(L, -2));
+        if (!(v >= 0 && v <= (usd ? 1e9 : 1e15)))
+            sl_error(L, "sturdy: option 'reserve.%s' in request must be a number from 0 to %s, got %s", k,
+                       usd ? "1e9" : "1e15", shown(L, -1));
+        if (usd)
+            out->reserve_usd = v;
+        else
+            out->reserve_tokens = v;
         lua_pop(L, 1);
     }
 }
@@ -573,6 +597,8 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
     want_type(L, f.commit, LUA_TSTRING, "commit");
     want_type(L, f.priority, LUA_TSTRING, "priority");
     want_type(L, f.tokens, LUA_TTABLE, "tokens");
+    want_type(L, f.tag, LUA_TSTRING, "tag");
+    want_type(L, f.reserve, LUA_TTABLE, "reserve");
 
     /* URL: absolute, or the client's base plus path */
     if (f.url) {
@@ -665,6 +691,16 @@ void sl_request_read(lua_State *L, int idx, int body_idx, const sl_client *c, st
                                                                                      : SL_STREAM_AUTO;
     if (f.tokens)
         read_tokens(L, f.tokens, out);
+    out->reserve_tokens = -1;
+    if (f.reserve)
+        read_reserve(L, f.reserve, out);
+    if (f.tag) {
+        size_t len;
+        out->tag = lua_tolstring(L, f.tag, &len);
+        if (len == 0 || len > 256 || has_control(out->tag, len, 1))
+            sl_error(L, "sturdy: request 'tag' must be 1 to 256 bytes without control characters or NUL, got %s",
+                       shown(L, f.tag));
+    }
 
     key_off = append_key(L, &f, c, scratch);
     out->nlines = f.headers ? read_header_table(L, f.headers, scratch, offsets) : 0;

@@ -41,6 +41,9 @@ typedef struct sl_request {
     int stream;              /* SL_STREAM_* (on_data given) */
     int priority;            /* 0 high, 1 normal, 2 low */
     double tokens_in, tokens_out;
+    const char *tag;         /* a tenant or feature the spend caps know it by; NULL none */
+    double reserve_usd;      /* its worst-case cost for the spend caps, dollars */
+    double reserve_tokens;   /* and tokens; < 0: not given (the token estimates stand) */
 } sl_request;
 
 void sl_client_read(lua_State *L, int t, sl_client *c);

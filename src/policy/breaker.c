@@ -177,15 +177,20 @@ static void fresh_close(st_breaker *b)
     clear_probes(b);
 }
 
+static int trips(const st_breaker_config *c, uint64_t calls, uint64_t failures, uint64_t slow)
+{
+    double n;
+    if (calls < c->min_calls)
+        return 0;
+    n = (double)calls * RATE_SLACK;
+    if ((double)failures >= c->failure_rate * n)
+        return 1;
+    return c->slow_call_ms > 0 && (double)slow >= c->slow_rate * n;
+}
+
 static int tripped(const st_breaker *b)
 {
-    double calls;
-    if (b->sum_calls < b->cfg.min_calls)
-        return 0;
-    calls = (double)b->sum_calls * RATE_SLACK;
-    if ((double)b->sum_failures >= b->cfg.failure_rate * calls)
-        return 1;
-    return b->cfg.slow_call_ms > 0 && (double)b->sum_slow >= b->cfg.slow_rate * calls;
+    return trips(&b->cfg, b->sum_calls, b->sum_failures, b->sum_slow);
 }
 
 static int find_probe(const st_breaker *b, uint32_t token)
@@ -328,6 +333,9 @@ void st_breaker_record(st_breaker *b, int64_t now_ms, st_permit *p, st_class cls
     failed = (unsigned)cls < ST_CLASS_COUNT && (b->cfg.failure_classes >> (unsigned)cls & 1u);
     slow = b->cfg.slow_call_ms > 0 && latency_ms >= b->cfg.slow_call_ms;
     k = advance(b, now_ms);
+    b->recorded_calls++;
+    b->recorded_failures += (uint64_t)failed;
+    b->recorded_slow += (uint64_t)slow;
     if (b->calls[k] != UINT32_MAX) {
         b->calls[k]++;
         b->sum_calls++;
@@ -361,6 +369,15 @@ void st_breaker_open_until(st_breaker *b, int64_t now_ms, int64_t until_ms)
         return;
     }
     enter_open(b, until_ms);
+}
+
+int st_breaker_judge(st_breaker *b, int64_t now_ms, uint64_t calls, uint64_t failures, uint64_t slow)
+{
+    if ((b->mode != ST_BREAKER_NORMAL && b->mode != ST_BREAKER_METRICS_ONLY) || b->state != ST_BREAKER_CLOSED
+        || !trips(&b->cfg, calls, failures, slow))
+        return 0;
+    enter_open(b, add_sat(now_ms, b->current_open_ms));
+    return 1;
 }
 
 static int blends(st_breaker_mode m)

@@ -104,6 +104,9 @@ typedef struct st_breaker {
     uint32_t probe_tok[ST_BREAKER_MAX_PROBES];
     unsigned probes_out, probes_ok;
     int64_t probe_event_ms;            /* last probe issued with none out, completed or released */
+    /* every call counted into the window since init, never reset: a store that
+     * keeps a window for many processes (sturdy.shared) adds the differences */
+    uint64_t recorded_calls, recorded_failures, recorded_slow;
 } st_breaker;
 
 /* c NULL = defaults. */
@@ -122,6 +125,12 @@ void st_breaker_release(st_breaker *b, int64_t now_ms, st_permit *p);
  * later than now and than any current open end. Counts as an open; does not change
  * the open time used by later opens. Ignored when disabled or forced open. */
 void st_breaker_open_until(st_breaker *b, int64_t now_ms, int64_t until_ms);
+/* A window kept elsewhere (the counts of every process sharing the key, this
+ * one's included) is judged as this breaker's own window would be: a breaker
+ * that is closed, in normal or metrics-only mode, opens for its current open
+ * time when these counts trip its thresholds. Returns 1 when it opened. The
+ * counts do not enter the local window. */
+int st_breaker_judge(st_breaker *b, int64_t now_ms, uint64_t calls, uint64_t failures, uint64_t slow);
 void st_breaker_set_mode(st_breaker *b, st_breaker_mode m, int64_t now_ms);
 /* The state as stored (an open breaker past open_until stays open until the next
  * acquire); forced-open reports open, disabled reports closed. */

@@ -16,6 +16,13 @@
  *                   that is not retried, what stopped it.
  *   st_release      a call is canceled: its slot, permit and queue place go back.
  *
+ * Beyond these (each in its own section below): adaptive concurrency (a key's
+ * in-flight cap follows st_adaptive: st_admit takes a ticket as an attempt
+ * starts, st_report and st_release give it back), spend caps (st_admit reserves
+ * a call's worst case before anything else; st_call_spend_end parks or releases
+ * it when the call is over; st_decider_spend_settle charges the actual cost), and hedges
+ * (st_hedge_plan, st_hedge_admit, st_hedge_lost).
+ *
  * Every state change an operator wants to see (breaker transitions, limits learned,
  * pauses) is returned as events in an st_events the caller passes in (NULL = not
  * wanted); nothing here calls back into the caller, so a transport emits the events
@@ -51,6 +58,7 @@
 #include "backoff.h"
 #include "headers.h"
 #include "outcome.h"
+#include "spendbook.h"
 #include "upstream.h"
 
 #define ST_STATUS_OVERRIDES 600
@@ -75,6 +83,7 @@ typedef struct st_decider {
     st_upstream_config upstream;
     st_rng rng;
     st_upstream *keys[ST_KEY_BUCKETS];
+    st_spend_book *spend;      /* spend caps; NULL = none (see st_decider_set_spend) */
 } st_decider;
 
 /* rp / uc NULL = defaults. Counts are clamped: attempts to [1, 1000]. */
@@ -87,14 +96,16 @@ st_upstream *st_decider_find(const st_decider *d, const char *key);
 void st_decider_each(const st_decider *d, void (*fn)(void *ud, st_upstream *u), void *ud);
 
 /* Things an operator wants to see happen to an upstream key. */
-typedef enum { ST_EVENT_BREAKER = 1, ST_EVENT_LIMIT_LEARNED, ST_EVENT_PAUSED } st_event_type;
+typedef enum { ST_EVENT_BREAKER = 1, ST_EVENT_LIMIT_LEARNED, ST_EVENT_PAUSED, ST_EVENT_BUDGET_WARNING } st_event_type;
 typedef struct st_event {
     st_event_type type;
-    const st_upstream *up;
+    const st_upstream *up;      /* NULL for a budget warning that no call's key brought */
     st_breaker_state from, to;  /* ST_EVENT_BREAKER */
     st_dim dim;                 /* ST_EVENT_LIMIT_LEARNED */
-    double limit;               /* per minute */
+    double limit;               /* per minute: the effective limit now */
+    double learned;             /* per minute: what the headers said */
     double pause_ms;            /* ST_EVENT_PAUSED */
+    st_spend_warning warning;   /* ST_EVENT_BUDGET_WARNING */
 } st_event;
 
 #define ST_EVENTS_MAX 16
@@ -116,9 +127,12 @@ typedef struct st_call {
     double prev_delay_ms;
     int64_t hint_ms;            /* the last attempt's server hint, -1 none */
     int64_t retry_after_ms;     /* for the caller's error: hint or refusal wait, -1 none */
+    int64_t not_before_ms;      /* no attempt starts before this (a shared limiter's place), 0 none */
     unsigned char holding;      /* holds an in-flight slot */
     unsigned char committed;    /* part of the reply reached the caller: never retried */
     unsigned char paced;        /* held back by the limiter at least once (counted once) */
+    st_adaptive_ticket ticket;  /* the adaptive limit's, while holding */
+    st_call_spend spend;        /* its spend cap reservations (st_call_spend_init) */
 } st_call;
 
 /* total_ms 0 = no deadline; attempts 0 = the policy's; tokens are estimates (0 unknown). */
@@ -178,5 +192,132 @@ void st_unqueue(st_upstream *u, st_call *c);
 
 /* Retry hint of a response head: retry-after-ms, then retry-after; -1 none. */
 int64_t st_retry_hint_ms(const st_headers *h, int64_t wall_ms);
+
+/* ---- The fleet scope --------------------------------------------------------
+ * When processes share their limits and breakers through a store (sturdy.shared,
+ * over Redis), the store answers a few questions for all of them: how long a call
+ * waits for its place in the fleet's rate limit, until when the fleet's breaker is
+ * open, what the fleet's breaker window holds, and, while the store is away, what
+ * this process's share of each limit is. The answers are handed to the core here;
+ * the core still makes every decision with them. */
+
+/* The longest wait before its next attempt that call c may still sit through:
+ * st_admit refuses a longer wait (rate_limited above honor_retry_after_ms,
+ * total_timeout when the wait reaches the deadline). >= 0. A shared limiter
+ * reserves a place only for a wait within this bound, so a call it cannot place
+ * in time is refused without taking a place from the others. */
+int64_t st_call_max_wait_ms(const st_decider *d, const st_call *c, int64_t now_ms);
+
+/* No attempt of c starts before now_ms + wait_ms (its place in a shared limit):
+ * st_admit and st_pump treat the time left as a limiter wait, so the call is
+ * queued with that wake time, or refused as above when it is too long. The local
+ * limiter is charged only when the call starts. Replaces an earlier time;
+ * wait_ms <= 0 clears it. Waits are clamped to ST_RETRY_AFTER_MAX_MS. */
+void st_call_not_before(st_call *c, int64_t now_ms, int64_t wait_ms);
+
+/* The fleet's breaker for u's key is open until until_ms: u's breaker opens until
+ * then, or stays open longer if it already was (see st_breaker_open_until). An
+ * event tells of a change of state. */
+void st_fleet_open_until(st_upstream *u, int64_t now_ms, int64_t until_ms, st_events *ev);
+
+/* The fleet's window for u's key (the calls, failures and slow calls of every
+ * process, this one's included): u's closed breaker opens when they trip its
+ * thresholds, as its own window would (st_breaker_judge). Returns 1 when it
+ * opened; an event tells of it. */
+int st_fleet_window(st_upstream *u, int64_t now_ms, uint64_t calls, uint64_t failures, uint64_t slow,
+                    st_events *ev);
+
+/* This process's share of u's limits while n processes pace themselves without
+ * their store: see st_limiter_share (n = 1: the whole limit again). */
+void st_fleet_share(st_upstream *u, int64_t now_ms, double n);
+
+/* ---- Adaptive concurrency ----------------------------------------------------
+ * With st_upstream_config.adaptive_enabled, a key's in-flight cap is
+ * st_adaptive_limit (st_upstream_cap). Each attempt that starts takes a ticket
+ * (st_admit, st_pump); st_report gives it back with the attempt's class and its
+ * time to first byte (its total time when it has none), st_release with no
+ * sample. Nothing else is asked of the transport. */
+
+/* ---- Spend caps -------------------------------------------------------------
+ * The decider's st_spend_book (spendbook.h) caps spend per client, key and tag.
+ * A call says what it may cost at worst (st_call_spend_init, before its first
+ * st_admit); st_admit reserves that in every scope that caps the call before
+ * anything else, once per call: a refusal is kind "budget_exceeded" (class
+ * throttled; nothing was sent) with c->retry_after_ms set when waiting helps
+ * (-1 when the reservations in flight decide it, or when the call alone is above
+ * a cap). st_release gives the reservation back. When the call is over,
+ * st_call_spend_end parks it (its last attempt got a 2xx: the reply may be
+ * billed) or gives it back; st_decider_spend_settle charges the actual cost of a parked
+ * call, st_decider_spend_charge spend that had no reservation. Threshold crossings come
+ * back as ST_EVENT_BUDGET_WARNING events. */
+
+/* Takes ownership of b (NULL: no caps); the upstreams made so far learn their
+ * key's cap. Call before the first call, or between calls. */
+void st_decider_set_spend(st_decider *d, st_spend_book *b, int64_t now_ms);
+
+/* Sets up c's spend part: its upstream u's key cap, the tag's (NULL = none) and
+ * the worst case: usd (dollars, rounded up to µUSD) and tokens. Without a book
+ * the call is not capped. */
+void st_call_spend_init(st_decider *d, st_upstream *u, st_call *c, const char *tag, double usd, double tokens,
+                        int64_t now_ms);
+
+/* The call is over and last_status its last attempt's status (0 none): returns
+ * the id of its parked reservation (2xx), or 0 (released, or there was none). */
+uint64_t st_call_spend_end(st_decider *d, st_upstream *u, st_call *c, long last_status, int64_t now_ms,
+                           st_events *ev);
+
+/* The actual cost of a parked call (id from st_call_spend_end): usd and
+ * tokens. 1 when charged; 0 when the id is unknown, settled already, or was
+ * charged in full when it expired. */
+int st_decider_spend_settle(st_decider *d, uint64_t id, double usd, double tokens, int64_t now_ms, st_events *ev);
+
+/* Spend that had no reservation (a cancelled hedge's input): charged in the
+ * scopes that cap a call of key u (may be NULL) and tag (may be NULL). */
+void st_decider_spend_charge(st_decider *d, st_upstream *u, const char *tag, double usd, double tokens, int64_t now_ms,
+                     st_events *ev);
+
+/* ---- Hedges -----------------------------------------------------------------
+ * A call whose first byte is late may start one hedge: a second request of the
+ * same call, on the same key or on another target's. The transport (or the
+ * provider layer above it) holds both and cancels the loser; the core decides
+ * when and whether:
+ *   st_hedge_plan   at the call's start: how long to wait for the first byte
+ *                   before hedging; deposits into the key's hedge budget.
+ *   st_hedge_admit  when that wait is over and no byte came: may the hedge go
+ *                   to key h? Refused when the time left before the deadline is
+ *                   shorter than the hedge key's median time to first byte (or
+ *                   when no time is left), when h's breaker is not closed, its
+ *                   in-flight cap is reached or its limiter would make the hedge
+ *                   wait, and last (only then is it charged) when the hedge
+ *                   budget of the primary's key has no room: at most max_ratio
+ *                   of the hedged calls in its window (10 s) hedge. The hedge
+ *                   itself then goes through st_admit like any call.
+ *   st_hedge_lost   the loser is cancelled before its first byte: the time it
+ *                   waited counts in its key's time-to-first-byte window as a
+ *                   sample (a lower bound of the real one), so a quantile delay
+ *                   learns of the slow calls that hedging cuts short. */
+
+typedef struct st_hedge_policy {
+    int64_t after_ms;           /* a fixed wait; < 0: the quantile below */
+    double quantile;            /* of the key's time to first byte, e.g. 0.95 */
+    double max_ratio;           /* share of hedged calls that may hedge, in [0, 1] */
+} st_hedge_policy;
+
+/* A quantile wait needs this many samples in the window; fewer: no hedge. */
+#define ST_HEDGE_MIN_SAMPLES 20
+
+/* The wait before hedging call c of key u, in ms, or -1: no hedge (a quantile
+ * of a window holding fewer than ST_HEDGE_MIN_SAMPLES, or a wait that reaches
+ * the deadline). Deposits into u's hedge budget. */
+int64_t st_hedge_plan(st_decider *d, st_upstream *u, const st_call *c, const st_hedge_policy *p, int64_t now_ms);
+
+/* May a hedge of call c (of key u) go to key h (u itself for the same target)
+ * now? 1: yes (u's hedge budget is charged); 0: no, *why (may be NULL) says
+ * which cap: "deadline", "breaker", "concurrency", "limiter", "budget". */
+int st_hedge_admit(st_decider *d, st_upstream *u, st_upstream *h, const st_call *c, const st_hedge_policy *p,
+                   int64_t now_ms, const char **why);
+
+/* A hedge leg of key u cancelled after waiting waited_ms without a byte. */
+void st_hedge_lost(st_upstream *u, int64_t now_ms, int64_t waited_ms);
 
 #endif

@@ -137,6 +137,7 @@ void st_limiter_init(st_limiter *l, const double configured_per_min[ST_DIM_COUNT
         burst_seconds = 1;
     l->burst_seconds = burst_seconds > BURST_SECONDS_MAX ? BURST_SECONDS_MAX : burst_seconds;
     l->paused_until_ms = 0;
+    l->share = 1;
     for (d = 0; d < ST_DIM_COUNT; d++) {
         st_gcra *g = &l->dims[d];
         g->per_min = 0;
@@ -166,8 +167,35 @@ double st_limiter_limit(const st_limiter *l, st_dim d)
     c = l->configured[d];
     k = l->learned[d];
     if (c > 0 && k > 0)
-        return c < k ? c : k;
-    return c > 0 ? c : k;
+        c = c < k ? c : k;
+    else if (!(c > 0))
+        c = k;
+    return c / l->share;
+}
+
+void st_limiter_share(st_limiter *l, int64_t now_ms, double n)
+{
+    int d, smaller;
+    if (!(n >= 1 && n <= 1e6))
+        n = n > 1e6 ? 1e6 : 1;
+    if (n == l->share)
+        return;
+    smaller = n > l->share;
+    l->share = n;
+    now_ms = clamp_now(now_ms);
+    for (d = 0; d < ST_DIM_COUNT; d++) {
+        st_gcra *g = &l->dims[d];
+        int64_t tat = g->tat_us;
+        (void)set_rate(l, d, now_ms);
+        if (g->per_min <= 0)
+            continue;
+        /* the debt is kept in time: the rate and the burst shrink alike */
+        g->tat_us = tat;
+        /* a smaller share starts with nothing left: the others used the
+         * same bucket, and how much of it is left nobody here knows */
+        if (smaller && g->tat_us < now_ms * 1000 + g->burst_us)
+            g->tat_us = now_ms * 1000 + g->burst_us;
+    }
 }
 
 int st_limiter_known(const st_limiter *l)

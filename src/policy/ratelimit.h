@@ -96,6 +96,7 @@ typedef struct st_limiter {
     int64_t reset_at_ms[ST_DIM_COUNT]; /* monotonic ms of the last learned reset, 0 = unknown */
     int64_t paused_until_ms;           /* 429 pause, 0 = none */
     double burst_seconds;
+    double share;                      /* every effective limit is divided by it, >= 1 */
     /* hold from a remaining + reset pair; active while now < hold_until_ms */
     double hold_left[ST_DIM_COUNT];    /* units that may still pass, -1 = no hold */
     double hold_cap[ST_DIM_COUNT];     /* the learned remaining: corrections give back up to it */
@@ -112,8 +113,19 @@ void st_limiter_init(st_limiter *l, const double configured_per_min[ST_DIM_COUNT
                      double burst_seconds, int64_t now_ms);
 
 /* The effective limit of a dimension: the configured one if set, else the learned
- * one (if both, the lower). 0 = none. */
+ * one (if both, the lower), divided by the share. 0 = none. */
 double st_limiter_limit(const st_limiter *l, st_dim d);
+
+/* This process's share of limits that n processes share (their common store is
+ * away, so each paces itself to limit / n): every effective limit, configured
+ * or learned, now or later, is divided by n. n below 1 or NaN is 1 (the whole
+ * limit); above 1e6, infinity included, it is 1e6. Unlike a new limit, a new
+ * share keeps each dimension's debt in time, not in units: rate and burst
+ * shrink alike, so a bucket that was empty (a provider's "remaining 0") stays
+ * just empty rather than owing n times as long. A smaller share than before
+ * also starts with nothing left (a debt of one burst at least): the others
+ * drew on the same provider bucket, and how much of it is left is unknown. */
+void st_limiter_share(st_limiter *l, int64_t now_ms, double n);
 
 /* 1 when the request dimension has a configured or learned limit. */
 int st_limiter_known(const st_limiter *l);

@@ -17,6 +17,8 @@ void st_upstream_config_defaults(st_upstream_config *c)
     c->budget_slot_ms = 1000;
     c->latency_slots = 12;
     c->latency_slot_ms = 5000;
+    c->adaptive_enabled = 0;
+    st_adaptive_config_defaults(&c->adaptive);
 }
 
 st_upstream *st_upstream_new(const char *name, const st_upstream_config *c, int64_t now_ms)
@@ -38,6 +40,11 @@ st_upstream *st_upstream_new(const char *name, const st_upstream_config *c, int6
     u->concurrency = c->concurrency ? c->concurrency : 1;
     u->queue_max = c->queue_max;
     u->max_pause_ms = c->max_pause_ms > 0 ? c->max_pause_ms : 300000;
+    u->adaptive_enabled = c->adaptive_enabled;
+    if (u->adaptive_enabled)
+        st_adaptive_init(&u->adaptive, &c->adaptive, now_ms);
+    /* the ratio is the asking call's (st_hedge_admit sets it); min_per_s 0: no free hedges */
+    st_budget_init(&u->hedge, 0, 0, 1000, now_ms);
     return u;
 }
 
@@ -52,8 +59,9 @@ void st_upstream_free(st_upstream *u)
 
 unsigned st_upstream_cap(const st_upstream *u)
 {
-    if (u->replied || st_limiter_known(&u->limiter) || u->concurrency < ST_SLOW_START)
-        return u->concurrency;
+    unsigned cap = u->adaptive_enabled ? st_adaptive_limit(&u->adaptive) : u->concurrency;
+    if (u->replied || st_limiter_known(&u->limiter) || cap < ST_SLOW_START)
+        return cap;
     return ST_SLOW_START;
 }
 

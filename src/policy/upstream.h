@@ -1,12 +1,13 @@
 /* An upstream key ("api.anthropic.com/claude-sonnet-4-5"): the policy state
  * every request naming it shares — retry budget, circuit breaker, latency
- * windows, rate limiter — plus its in-flight count and its priority queue.
- * No I/O: the engine drives it. */
+ * windows, rate limiter, adaptive concurrency limit, hedge budget — plus its
+ * in-flight count and its priority queue. No I/O: the engine drives it. */
 #ifndef STURDY_UPSTREAM_H
 #define STURDY_UPSTREAM_H
 
 #include <stdint.h>
 
+#include "adaptive.h"
 #include "breaker.h"
 #include "budget.h"
 #include "latency.h"
@@ -28,6 +29,8 @@ typedef struct st_upstream_config {
     int64_t budget_slot_ms;
     unsigned latency_slots;
     int64_t latency_slot_ms;
+    int adaptive_enabled;                /* the in-flight cap follows st_adaptive, not `concurrency` */
+    st_adaptive_config adaptive;
 } st_upstream_config;
 
 void st_upstream_config_defaults(st_upstream_config *c);
@@ -56,14 +59,20 @@ typedef struct st_upstream {
     st_timer wake;                 /* a transport's timer for the limiter's next opening */
     uint64_t throttled, circuit_open, queue_full; /* 429s received; calls refused */
     uint64_t paced;                /* attempts the rate limiter held back rather than send */
+    int adaptive_enabled;
+    st_adaptive adaptive;          /* the in-flight cap when adaptive_enabled */
+    st_budget hedge;               /* hedge budget: every hedged call deposits, every hedge withdraws */
+    uint64_t hedges, hedges_refused; /* hedges started; hedges a cap refused */
+    struct st_spend_named *spend;  /* the key's spend cap (owned by the decider's spend book), NULL none */
     char name[];
 } st_upstream;
 
 st_upstream *st_upstream_new(const char *name, const st_upstream_config *c, int64_t now_ms);
 void st_upstream_free(st_upstream *u);
 
-/* How many may be in flight now: the cap, or a few until the first response
- * (slow start: that reply teaches the limits, when the provider sends them). */
+/* How many may be in flight now: the cap (the adaptive limit when that is on),
+ * or a few until the first response (slow start: that reply teaches the limits,
+ * when the provider sends them). */
 #define ST_SLOW_START 4
 unsigned st_upstream_cap(const st_upstream *u);
 

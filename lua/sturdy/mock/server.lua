@@ -258,7 +258,8 @@ local function limiter_take(t, model, api_key)
   return allowed, view
 end
 
-local function set_ratelimit_headers(provider, view, t, usage)
+local function set_ratelimit_headers(provider, view, t, usage, step)
+  if step and step.params.limits == 0 then return end -- the step asked for none
   local h = ngx.header
   local input = usage and usage.input or 0
   local output = usage and usage.output or 0
@@ -286,6 +287,52 @@ local function set_ratelimit_headers(provider, view, t, usage)
     h["x-ratelimit-remaining-tokens"] = 30000000 - input - output
     h["x-ratelimit-reset-tokens"] = go_duration(0.002)
   end
+end
+
+---------------------------------------------------------------------------
+-- Capacity: an upstream with a knee and a cliff (off until configured), for
+-- /v1/* requests. Stored as JSON under "cap" ({ knee, cliff, work, power }); the
+-- calls in service are counted under "cap:in". A call that would make more than
+-- `cliff` in service is answered 529 after 5 ms. The others are served by
+-- processor sharing: each needs `work` ms of service, and with n in service
+-- each gets (knee / n)^power of full speed when n > knee (full speed up to it),
+-- re-read every tick of 5 ms; then the step's reply goes out.
+
+local CAPACITY_TICK = 5
+
+local function capacity_get()
+  local raw = dict():get("cap")
+  return raw and cjson.decode(raw) or nil
+end
+
+-- Takes the call into service, or turns it away (false: the caller answers
+-- 529). No yield here, so the count is exact with one worker.
+local function capacity_admit(cap)
+  local d = dict()
+  local n = d:incr("cap:in", 1, 0)
+  if n > cap.cliff then
+    d:incr("cap:in", -1, 0)
+    d:incr("cap:rejected", 1, 0)
+    return false
+  end
+  if n > (d:get("cap:max_in") or 0) then d:set("cap:max_in", n) end
+  return true
+end
+
+-- The call's work, at the speed the calls in service leave it.
+local function capacity_work(cap)
+  local d = dict()
+  local left = cap.work
+  while left > 0 do
+    local n = max(1, d:get("cap:in") or 1)
+    local rate = n <= cap.knee and 1 or (cap.knee / n) ^ cap.power
+    -- a tick, or the time the rest takes at this rate; at least a millisecond
+    local tick = max(1, min(CAPACITY_TICK, left / rate))
+    ngx.sleep(tick / 1000)
+    left = left - tick * rate
+  end
+  d:incr("cap:in", -1, 0)
+  d:incr("cap:served", 1, 0)
 end
 
 ---------------------------------------------------------------------------
@@ -331,6 +378,9 @@ local function counters()
     requests = d:get("requests") or 0,
     connections = d:get("connections") or 0,
     rate_limited = d:get("rate_limited") or 0,
+    slow = d:get("slow") or 0,
+    capacity = { served = d:get("cap:served") or 0, rejected = d:get("cap:rejected") or 0,
+                 in_service = d:get("cap:in") or 0, max_in_service = d:get("cap:max_in") or 0 },
     scenarios = {},
     paths = {},
   }
@@ -358,7 +408,8 @@ local KEYWORDS = {
 
 local NUMERIC_PARAMS = {
   delay = true, ["retry-after-ms"] = true, drip = true, stall = true, size = true,
-  pieces = true, chunked = true, after_delta = true, status = true, line = true, linger = true,
+  pieces = true, chunked = true, after_delta = true, status = true, line = true, slow = true, slow_share = true,
+  limits = true, linger = true,
 }
 
 local TEXT_PARAMS = { ["retry-after"] = true, ["should-retry"] = true, file = true, code = true, json = true,
@@ -392,6 +443,9 @@ local function parse_step(text)
     elseif k ~= "" then
       return nil, "unknown step param '" .. k .. "'"
     end
+  end
+  if step.params.slow_share and step.params.slow_share > 1 then
+    return nil, "step param 'slow_share' is a share from 0 to 1, got '" .. step.params.slow_share .. "'"
   end
   if step.keyword == "replay" then
     local file = step.params.file
@@ -881,9 +935,27 @@ local function apply_config(cfg)
     return nil, "config must be a JSON object"
   end
   for k in pairs(cfg) do
-    if k ~= "rate_limit" then
+    if k ~= "rate_limit" and k ~= "capacity" then
       return nil, "unknown config key '" .. tostring(k) .. "'"
     end
+  end
+  local cap = cfg.capacity
+  if cap == false or cap == cjson.null then
+    dict():delete("cap")
+  elseif type(cap) == "table" then
+    for k in pairs(cap) do
+      if k ~= "knee" and k ~= "cliff" and k ~= "work" and k ~= "power" then
+        return nil, "unknown capacity key '" .. tostring(k) .. "'"
+      end
+    end
+    local knee, cliff, work, power = tonumber(cap.knee), tonumber(cap.cliff), tonumber(cap.work),
+      tonumber(cap.power or 1)
+    if not (knee and knee >= 1 and cliff and cliff >= knee and work and work > 0 and power and power > 0) then
+      return nil, "capacity needs knee >= 1, cliff >= knee, work > 0 (ms), power > 0"
+    end
+    dict():set("cap", encode({ knee = knee, cliff = cliff, work = work, power = power }))
+  elseif cap ~= nil then
+    return nil, "capacity must be an object or false"
   end
   local rl = cfg.rate_limit
   if rl == false or rl == cjson.null then
@@ -946,7 +1018,13 @@ end
 
 local function run_step(step, provider, request_id, view, t)
   local kw = step.keyword
-  sleep_ms(step.params.delay)
+  local p = step.params
+  if p.slow and p.slow_share and math.random() < p.slow_share then
+    dict():incr("slow", 1, 0)
+    sleep_ms(p.slow)
+  else
+    sleep_ms(p.delay)
+  end
   if kw == "drop" then
     return abort()
   end
@@ -960,7 +1038,7 @@ local function run_step(step, provider, request_id, view, t)
 
   if step.status and step.status ~= 200 then
     if provider ~= "generic" then
-      set_ratelimit_headers(provider, view, t)
+      set_ratelimit_headers(provider, view, t, nil, step)
     end
     return reply_error(provider, step.status, request_id, nil, step.params.echo)
   elseif kw == "shape" then
@@ -978,7 +1056,7 @@ local function run_step(step, provider, request_id, view, t)
     return reply_huge(step)
   elseif kw == "replay" then
     if provider ~= "generic" then
-      set_ratelimit_headers(provider, view, t)
+      set_ratelimit_headers(provider, view, t, nil, step)
     end
     return reply_replay(step, provider, request_id)
   elseif kw == "garbage" then
@@ -1015,7 +1093,7 @@ local function run_step(step, provider, request_id, view, t)
   if not bodies then
     return reply_error(provider, 400, request_id, req)
   end
-  set_ratelimit_headers(provider, view, t, bodies.usage)
+  set_ratelimit_headers(provider, view, t, bodies.usage, step)
   if req.stream == true or kw == "truncated" or kw == "stream_error" then
     return reply_stream(bodies, step)
   end
@@ -1072,9 +1150,17 @@ function M.handle()
     end
   end
 
+  local cap = uri:sub(1, 4) == "/v1/" and capacity_get()
+  local admitted = not cap or capacity_admit(cap)
   if sc then
-    scenario_record(scenario, sc, t, step.text, step_status(step))
+    scenario_record(scenario, sc, t, admitted and step.text or "capacity", admitted and step_status(step) or 529)
   end
+  if not admitted then
+    ngx.sleep(CAPACITY_TICK / 1000)
+    ngx.header[provider == "openai" and "x-request-id" or "request-id"] = request_id
+    return reply_error(provider, 529, request_id)
+  end
+  if cap then capacity_work(cap) end
   return run_step(step, provider, request_id, view, t)
 end
 
