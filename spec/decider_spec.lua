@@ -140,6 +140,46 @@ describe("policy.decider", function()
     assert.equal("closed>open", saw)
   end)
 
+  it("takes what a fleet's store answered: a place, the fleet's window, its open time, a share", function()
+    local d = decider { breaker = { min_calls = 4, failure_rate = 0.5, open_for = 10 },
+                        retry = { honor_retry_after = 30 } }
+    local key = "api.example.com"
+    local c = d:call { path = "/x", timeout = { total = 5 } }
+    -- what a shared limiter needs: the longest wait the call may sit through, its cost
+    local max_wait, requests = c:admission(0)
+    assert.is_true(max_wait > 4000 and max_wait < 5000, tostring(max_wait)) -- the deadline bounds it
+    assert.equal(1, requests)
+    assert.is_true(c:admission(1000) < max_wait)
+    -- a place 200 ms off queues the call until then; one past its deadline is refused
+    c:not_before(200)
+    local verdict, wake = c:admit("c")
+    assert.equal("queued", verdict)
+    assert.is_true(wake > 100 and wake <= 200, tostring(wake))
+    local late = d:call { path = "/x", timeout = { total = 1 } }
+    late:not_before(5000)
+    assert.equal("refused", (late:admit()))
+    c:release()
+    -- the fleet's window trips the breaker as its own would; counts are this decider's
+    local calls, failures, slow, state, open_in = d:fleet_counts(key)
+    assert.same({ 0, 0, 0, "closed", 0 }, { calls, failures, slow, state, open_in })
+    assert.is_false(d:fleet_window(key, 4, 1, 0))
+    assert.is_true(d:fleet_window(key, 4, 3, 0))
+    calls, failures, slow, state, open_in = d:fleet_counts(key)
+    assert.equal("open", state)
+    assert.is_true(open_in > 9000 and open_in <= 10000)
+    assert.same({ 0, 0, 0 }, { calls, failures, slow })
+    local saw
+    for _, ev in ipairs(d:events() or {}) do if ev.type == "breaker" then saw = ev.from .. ">" .. ev.to end end
+    assert.equal("closed>open", saw)
+    -- another process opened it until later: this one stays open until then
+    d:open_until(key, 20000)
+    assert.is_true(select(5, d:fleet_counts(key)) > 19000)
+    assert.is_nil(d:fleet_counts("nobody.example.com"))
+    -- a share is kept in the key's state
+    d:share(key, 4)
+    assert.is_not_nil(d:save(key))
+  end)
+
   it("moves a key's shared state as a blob between deciders of the same settings only", function()
     local cfg = function() return { breaker = { min_calls = 2 }, retry = { attempts = 1 } } end
     local a, b = decider(cfg()), decider(cfg())

@@ -633,9 +633,11 @@ local function check_phase(what)
   end
 end
 
---- engine:submit(handle, request, json_body) -> request object with cancel,
--- commit and fail_attempt. Checks the request as the curl engine does.
-function Engine:submit(handle, req, json_body)
+--- engine:submit(handle, request, json_body, held) -> request object with
+-- cancel, commit, fail_attempt, gate and admission. Checks the request as the
+-- curl engine does. A held request waits for request:gate (its place in a
+-- shared limit) before its thread starts.
+function Engine:submit(handle, req, json_body, held)
   open_engine(self)
   if self.closing then fail("the client is closed") end
   check_phase("submit")
@@ -648,6 +650,10 @@ function Engine:submit(handle, req, json_body)
   self.live[r], self.nlive = true, self.nlive + 1
   box.live = box.live + 1
   self.n_requests = self.n_requests + 1
+  if held then
+    r.state = "held"
+    return r
+  end
   spawn(self, r, nil)
   return r
 end
@@ -929,6 +935,76 @@ function Engine:correct(key, dim, delta)
   if not ok then error(err, 0) end
 end
 
+---------------------------------------------------------------------------
+-- The fleet scope (sturdy.shared): what Redis answered, handed to the core
+-- under the key's lock, as every decision is
+---------------------------------------------------------------------------
+
+-- The resty.redis link: a cosocket never blocks the worker.
+Engine.redis_driver = "resty"
+
+local function with_key(self, key, fn, ...)
+  open_engine(self)
+  if type(key) ~= "string" then fail("bad argument #1 (key string expected, got %s)", type(key)) end
+  local d, ks = self.decider, key_state(self, key)
+  local held = lock(self, ks, false)
+  sync_in(self, ks, d, key)
+  local ok, a, b, c, e, f = pcall(fn, self, d, ks, ...)
+  sync_out(self, ks, d:save(key))
+  unlock(self, ks, held)
+  if not ok then error(a, 0) end
+  emit_events(self, current_box(self))
+  return a, b, c, e, f
+end
+
+local function open_until(_, d, ks, ms) return d:open_until(ks.key, ms) end
+local function fleet_window(_, d, ks, calls, failures, slow) return d:fleet_window(ks.key, calls, failures, slow) end
+local function share(_, d, ks, n) return d:share(ks.key, n) end
+local function fleet_counts(_, d, ks) return d:fleet_counts(ks.key) end
+
+-- The breaker's counts are this nginx's (its workers share one breaker), so
+-- what was added to the fleet is kept beside them: a worker adds only what no
+-- other worker of this nginx added.
+local function fleet_unsent(self, d, ks)
+  local calls, failures, slow = d:fleet_counts(ks.key)
+  if not calls then return 0, 0, 0 end
+  local name = self.prefix .. "f|" .. ks.key
+  local c0, f0, s0 = (self.dict:get(name) or ""):match("^(%d+) (%d+) (%d+)$")
+  c0, f0, s0 = tonumber(c0) or 0, tonumber(f0) or 0, tonumber(s0) or 0
+  self.dict:set(name, format("%d %d %d", calls, failures, slow))
+  -- counts below what was sent: the state was replaced (refused, evicted), all of it is new
+  if calls < c0 or failures < f0 or slow < s0 then return calls, failures, slow end
+  return calls - c0, failures - f0, slow - s0
+end
+
+--- engine:open_until(key, ms): the fleet's breaker for key is open for ms more.
+function Engine:open_until(key, ms)
+  with_key(self, key, open_until, ms)
+end
+
+--- engine:fleet_window(key, calls, failures, slow) -> opened: the fleet's window.
+function Engine:fleet_window(key, calls, failures, slow)
+  return with_key(self, key, fleet_window, calls, failures, slow)
+end
+
+--- engine:share(key, n): this nginx paces key's limits at limit / n (its
+-- workers share one limiter); queued calls may go at once with a larger share.
+function Engine:share(key, n)
+  with_key(self, key, share, n)
+  if not self.closing then pump_key(self, self.upstreams[key]) end
+end
+
+--- engine:fleet_counts(key) -> calls, failures, slow, state, open_in: see the curl engine's.
+function Engine:fleet_counts(key)
+  return with_key(self, key, fleet_counts)
+end
+
+--- engine:fleet_unsent(key) -> calls, failures, slow: the key's breaker samples
+-- no worker of this nginx has added to the fleet's window yet, now taken.
+function Engine:fleet_unsent(key)
+  return with_key(self, key, fleet_unsent)
+end
+
 function Engine:__tostring()
   return format("sturdy.ngx engine (%s)", self.closed and "closed" or "open")
 end
@@ -1021,6 +1097,34 @@ function Request:fail_attempt(class, kind, detail)
   end
   -- the thread will see it after its next read
   self.fail = { kind = kind, class = class, detail = detail }
+end
+
+--- request:gate(wait_ms) -> true, or false when it no longer waits: its next
+-- attempt starts no earlier than wait_ms from now (its place in a shared
+-- limit); a held request starts its thread, a queued one stays queued until then.
+function Request:gate(wait_ms)
+  local e = self.engine
+  if self.done or e.closed or self.state == "running" then return false end
+  if type(wait_ms) ~= "number" then fail("bad argument #1 to 'gate' (number expected, got %s)", type(wait_ms)) end
+  self.call:not_before(wait_ms)
+  if self.state == "held" then
+    self.state = "new"
+    spawn(e, self, nil)
+  elseif self.state == "queued" then
+    pump_key(e, self.ks)
+  end
+  return true
+end
+
+local ADMISSION_STATES = { held = "held", new = "waiting", waiting = "waiting", queued = "queued",
+                           running = "running" }
+
+--- request:admission(at_ms) -> key, max_wait_ms, requests, input_tokens,
+-- output_tokens, tokens, state: as the curl engine's; nothing once it is over.
+function Request:admission(at_ms)
+  if self.done or self.engine.closed then return end
+  local max_wait, c1, c2, c3, c4 = self.call:admission(at_ms)
+  return self.ks.key, max_wait, c1, c2, c3, c4, ADMISSION_STATES[self.state] or "done"
 end
 
 M.Engine, M.Request = Engine, Request

@@ -2,8 +2,9 @@
 -- Redis (the cache's redis backend, the shared limits and breakers of
 -- sturdy.shared): one small table, checked once, and a connect function over
 -- lua-redis (Debian package lua-redis, `require "redis"`, luasocket
--- underneath: blocking, so for scripts, not for OpenResty, where resty.redis
--- is the client).
+-- underneath: blocking, so for scripts), or, inside OpenResty, over
+-- resty.redis (Debian package lua-nginx-redis; cosockets: a call never blocks
+-- the worker).
 --
 --   { host = "127.0.0.1", port = 6379, db = 0, password = nil, timeout = 1, prefix = "sturdy:" }
 --
@@ -15,7 +16,10 @@
 -- cluster's MOVED and ASK redirections (lua-redis knows nothing of clusters):
 -- the settings name any node; each hash tag is sent where the cluster last
 -- said it lives. A link that fails waits before it tries again, with a backoff
--- that doubles from 0.1 s to 2 s.
+-- that doubles from 0.1 s to 2 s. `M.link(settings, "resty")` runs the same
+-- over resty.redis: each script takes its connections from nginx's pool and
+-- puts them back (a cosocket belongs to the request that made it).
+-- luacheck: read globals ngx
 local monotime = require("sturdy.policy").monotime
 
 local M = {}
@@ -115,6 +119,71 @@ function M.connect(s, secrets)
   return client
 end
 
+-- resty.redis: Debian installs it as nginx.redis, OpenResty as resty.redis.
+local resty_driver, resty_err
+local function load_resty()
+  if resty_driver or resty_err then return resty_driver, resty_err end
+  for _, name in ipairs { "resty.redis", "nginx.redis" } do
+    local ok, mod = pcall(require, name)
+    if ok and type(mod) == "table" then
+      resty_driver = mod
+      return mod
+    end
+  end
+  resty_err = "Redis inside nginx needs resty.redis (Debian package lua-nginx-redis)"
+  return nil, resty_err
+end
+
+-- A resty.redis connection with lua-redis's manners, so one link serves both:
+-- a command raises "redis error: <reply>" for the server's error reply and
+-- the failure for a broken connection. release() puts it back in nginx's pool.
+local Resty = {}
+local function resty_cmd(self, cmd, ...)
+  local red = self.red
+  local res, err = red[cmd](red, ...)
+  if res == nil and err ~= nil then
+    self.broken = true
+    error(tostring(err), 0)
+  end
+  if res == false then error("redis error: " .. tostring(err), 0) end
+  return res
+end
+Resty.__index = function(_, cmd)
+  return function(self, ...) return resty_cmd(self, cmd, ...) end
+end
+local resty_methods = {
+  raw_cmd = function(self, cmd, ...) return resty_cmd(self, cmd:lower(), ...) end,
+  quit = function(self) self.red:close() end,
+  release = function(self)
+    if self.broken or not self.red:set_keepalive(60000, 64) then self.red:close() end
+  end,
+}
+
+local function resty_connect(s, secrets)
+  local mod, err = load_resty()
+  if not mod then return nil, err end
+  local red = mod:new()
+  red:set_timeout(s.timeout * 1000)
+  -- one pool per node, database and password: a pooled connection is ready as it is
+  local password = passwords[secrets or s]
+  local pool = format("sturdy:%s:%d:%d:%s", s.host, s.port, s.db, password and ngx.md5(password) or "")
+  local ok, cerr = red:connect(s.host, s.port, { pool = pool })
+  if not ok then return nil, format("%s:%d: %s", s.host, s.port, tostring(cerr)) end
+  local conn = setmetatable({ red = red }, Resty)
+  for k, f in pairs(resty_methods) do rawset(conn, k, f) end
+  if (red:get_reused_times() or 0) == 0 then
+    local done, e = pcall(function()
+      if password then conn:auth(password) end
+      if s.db ~= 0 then conn:select(s.db) end
+    end)
+    if not done then
+      red:close()
+      return nil, message(e)
+    end
+  end
+  return conn
+end
+
 M.message = message
 
 ---------------------------------------------------------------------------
@@ -132,10 +201,13 @@ Link.__index = Link
 M.BACKOFF_BASE, M.BACKOFF_CAP = 0.1, 2 -- seconds between tries while Redis fails
 local MAX_REDIRECTS = 5
 
---- A link for settings s (checked by M.settings).
-function M.link(s)
+--- A link for settings s (checked by M.settings); driver "resty" for
+-- resty.redis inside OpenResty (default: lua-redis).
+function M.link(s, kind)
+  if kind ~= nil and kind ~= "resty" then fail("unknown Redis driver '%s'", tostring(kind)) end
   return setmetatable({
     settings = s, seed = format("%s:%d", s.host, s.port), conns = {}, routes = {}, failures = 0,
+    pooled = kind == "resty", connect = kind == "resty" and resty_connect or M.connect,
   }, Link)
 end
 
@@ -156,9 +228,9 @@ function Link:down_error()
   return self.down_until and self.down_err
 end
 
-local function drop(self, addr)
-  local conn = self.conns[addr]
-  self.conns[addr] = nil
+local function drop(self, addr, conns)
+  local conn = conns[addr]
+  conns[addr] = nil
   if conn then pcall(conn.quit, conn) end
   for tag, a in pairs(self.routes) do
     if a == addr then self.routes[tag] = nil end
@@ -167,8 +239,8 @@ end
 
 -- A failure of the link (not of one command): every connection goes, and the
 -- next try waits a backoff with jitter (half fixed, half random).
-local function failed(self, err)
-  for addr in pairs(self.conns) do drop(self, addr) end
+local function failed(self, err, conns)
+  for addr in pairs(conns) do drop(self, addr, conns) end
   self.failures = self.failures + 1
   local wait = math.min(M.BACKOFF_CAP, M.BACKOFF_BASE * 2 ^ math.min(self.failures - 1, 20))
   self.down_until = monotime() + wait / 2 + math.random() * wait / 2
@@ -176,8 +248,8 @@ local function failed(self, err)
   return nil, err
 end
 
-local function conn_for(self, addr)
-  local conn = self.conns[addr]
+local function conn_for(self, addr, conns)
+  local conn = conns[addr]
   if conn then return conn end
   local host, port = split_addr(addr)
   if not host then return nil, "Redis named a node that is not host:port: " .. addr end
@@ -186,9 +258,9 @@ local function conn_for(self, addr)
   if addr ~= self.seed then
     node = setmetatable({ host = host, port = port }, { __index = s })
   end
-  local c, err = M.connect(node, s)
+  local c, err = self.connect(node, s)
   if not c then return nil, err end
-  self.conns[addr] = c
+  conns[addr] = c
   return c
 end
 
@@ -213,19 +285,15 @@ local function hash_tag(key)
 end
 M.hash_tag = hash_tag
 
---- Runs script over keys (one slot: give them one hash tag) with args, on the
--- node that holds them. Returns the script's reply, or nil and an error: a
--- link failure (the link then waits) or the server's error reply.
-function Link:eval(script, keys, args)
-  if not self:ready() then return nil, self.down_err end
+local function run(self, conns, script, keys, args)
   local argv = { #keys }
   for i = 1, #keys do argv[#argv + 1] = keys[i] end
   for i = 1, #args do argv[#argv + 1] = encode(args[i]) end
   local tag = hash_tag(keys[1])
   local addr, asking = self.routes[tag] or self.seed, false
   for _ = 0, MAX_REDIRECTS do
-    local conn, cerr = conn_for(self, addr)
-    if not conn then return failed(self, cerr) end
+    local conn, cerr = conn_for(self, addr, conns)
+    if not conn then return failed(self, cerr, conns) end
     local ok, res = pcall(function()
       if asking then conn:raw_cmd("ASKING") end
       if not script.sha then script.sha = conn:script("load", script.source) end
@@ -241,8 +309,8 @@ function Link:eval(script, keys, args)
     end
     local reply = server_reply(res)
     if not reply then
-      drop(self, addr)
-      return failed(self, message(res))
+      drop(self, addr, conns)
+      return failed(self, message(res), conns)
     end
     local kind, to = reply:match("^(%u+) %d+ (%S+)")
     if kind == "MOVED" then
@@ -256,9 +324,22 @@ function Link:eval(script, keys, args)
   return nil, "Redis: too many cluster redirections"
 end
 
+--- Runs script over keys (one slot: give them one hash tag) with args, on the
+-- node that holds them. Returns the script's reply, or nil and an error: a
+-- link failure (the link then waits) or the server's error reply.
+function Link:eval(script, keys, args)
+  if not self:ready() then return nil, self.down_err end
+  if not self.pooled then return run(self, self.conns, script, keys, args) end
+  -- pooled: this script's own connections (others may run at the same time), back to the pool after
+  local conns = {}
+  local res, err = run(self, conns, script, keys, args)
+  for _, conn in pairs(conns) do conn:release() end
+  return res, err
+end
+
 --- Closes every connection.
 function Link:close()
-  for addr in pairs(self.conns) do drop(self, addr) end
+  for addr in pairs(self.conns) do drop(self, addr, self.conns) end
 end
 
 return M

@@ -301,7 +301,7 @@ function shared.new(engine, opts, compiled, emit)
   local settings = opts.redis or redis.settings(nil, "client options.shared.redis")
   local self = setmetatable({
     engine = engine, emit = emit,
-    link = redis.link(settings),
+    link = redis.link(settings, engine.redis_driver),
     prefix = settings.prefix,
     processes = opts.processes or 1,
     lease = opts.lease or 1,
@@ -497,15 +497,23 @@ local function sync(self, K, force)
   if not B then return end
   local now = monotime()
   if not force and K.synced_at and now - K.synced_at < self.sync_s then return end
-  local calls, failures, slow = self.engine:fleet_counts(K.name)
-  if not calls then calls, failures, slow = 0, 0, 0 end
-  local f = K.flushed
-  local dc, df, ds = calls - f[1], failures - f[2], slow - f[3]
+  local engine = self.engine
+  local calls, failures, slow, dc, df, ds
+  if engine.fleet_unsent then
+    -- processes whose breaker more than one process shares (nginx workers) take what is unsent
+    dc, df, ds = engine:fleet_unsent(K.name)
+  else
+    calls, failures, slow = engine:fleet_counts(K.name)
+    if not calls then calls, failures, slow = 0, 0, 0 end
+    local f = K.flushed
+    dc, df, ds = calls - f[1], failures - f[2], slow - f[3]
+  end
   if K.synced_at and now - K.synced_at > B.window_s then dc, df, ds = 0, 0, 0 end -- out of the window by now
   local reply = eval(self, shared.WINDOW, { K.window_key, K.open_key, K.probe_key },
                      { B.bucket_ms, B.buckets, dc, df, ds })
   if not reply then return end
-  K.flushed, K.synced_at = { calls, failures, slow }, now
+  if calls then K.flushed = { calls, failures, slow } end
+  K.synced_at = now
   local open_ms = tonumber(reply[4]) or -2
   if open_ms > 0 then self.engine:open_until(K.name, open_ms) end
   if self.engine:fleet_window(K.name, tonumber(reply[1]) or 0, tonumber(reply[2]) or 0, tonumber(reply[3]) or 0) then
@@ -661,7 +669,11 @@ function Scope:event(ev)
       K.probing = nil
       eval(self, shared.OPEN, { K.open_key, K.probe_key, K.window_key },
            { "closed", max(1000, ceil(self.sync_s * 4000)) })
-      K.flushed = { self.engine:fleet_counts(K.name) }
+      if self.engine.fleet_unsent then
+        self.engine:fleet_unsent(K.name) -- the probe's verdict starts the fleet's window anew
+      else
+        K.flushed = { self.engine:fleet_counts(K.name) }
+      end
     end
   elseif ev.type == "paused" and self.mode == "redis" and finite(ev.pause) and ev.pause > 0 then
     local c = self.conf

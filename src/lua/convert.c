@@ -516,6 +516,36 @@ static void push_latency(lua_State *L, st_latency *l, int64_t now)
         set_num(L, names[i], out[i] / 1e6);
 }
 
+lua_Number sl_ms_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0)) /* NaN and negatives are no time */
+        return 0;
+    return v < (lua_Number)ST_RETRY_AFTER_MAX_MS ? v : (lua_Number)ST_RETRY_AFTER_MAX_MS;
+}
+
+uint64_t sl_count_arg(lua_State *L, int i)
+{
+    lua_Number v = luaL_checknumber(L, i);
+    if (!(v > 0))
+        return 0;
+    return v < 9007199254740992.0 ? (uint64_t)v : UINT64_C(9007199254740992);
+}
+
+int sl_push_fleet_counts(lua_State *L, st_upstream *u, int64_t now)
+{
+    static const char *const states[] = { "closed", "open", "half_open" };
+    st_breaker_state state = u->breaker_enabled ? st_breaker_state_now(&u->breaker) : ST_BREAKER_CLOSED;
+
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_calls);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_failures);
+    lua_pushnumber(L, (lua_Number)u->breaker.recorded_slow);
+    lua_pushstring(L, states[state]);
+    lua_pushnumber(L, state == ST_BREAKER_OPEN && u->breaker.mode == ST_BREAKER_NORMAL
+                   && u->breaker.open_until_ms > now ? (lua_Number)(u->breaker.open_until_ms - now) : 0);
+    return 5;
+}
+
 void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now)
 {
     st_breaker_stats bs;

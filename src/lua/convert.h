@@ -35,6 +35,17 @@ const char *sl_opt_string(lua_State *L, int t, const char *field);
 /* Pushes the stats of an upstream: in-flight, queue, breaker, latency, limits. */
 void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now_ms);
 
+/* Arguments of the fleet scope's methods: a time in ms (NaN and negatives are
+ * 0, clamped to ST_RETRY_AFTER_MAX_MS) and a count (NaN and negatives are 0,
+ * clamped to 2^53). */
+lua_Number sl_ms_arg(lua_State *L, int i);
+uint64_t sl_count_arg(lua_State *L, int i);
+
+/* Pushes what a fleet scope adds to its store from u's breaker: calls, failures,
+ * slow (counted since u was made), state ("closed", "open", "half_open") and
+ * open_in (ms; 0 = its open time is over). Returns 5. */
+int sl_push_fleet_counts(lua_State *L, st_upstream *u, int64_t now_ms);
+
 /* Pushes an event as { type, key, ... }. */
 void sl_push_event(lua_State *L, const st_event *ev);
 

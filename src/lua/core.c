@@ -662,28 +662,12 @@ static int l_engine_want_notices(lua_State *L)
 
 /* ---- the fleet scope (sturdy.shared) -------------------------------------- */
 
-static lua_Number ms_arg(lua_State *L, int i)
-{
-    lua_Number v = luaL_checknumber(L, i);
-    if (!(v > 0)) /* NaN and negatives are no time */
-        return 0;
-    return v < (lua_Number)ST_RETRY_AFTER_MAX_MS ? v : (lua_Number)ST_RETRY_AFTER_MAX_MS;
-}
-
-static uint64_t count_arg(lua_State *L, int i)
-{
-    lua_Number v = luaL_checknumber(L, i);
-    if (!(v > 0))
-        return 0;
-    return v < 9007199254740992.0 ? (uint64_t)v : UINT64_C(9007199254740992);
-}
-
 /* engine:open_until(key, ms): the fleet's breaker for key is open for ms more. */
 static int l_engine_open_until(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
     const char *key = luaL_checkstring(L, 2);
-    int64_t ms = (int64_t)ceil(ms_arg(L, 3));
+    int64_t ms = (int64_t)ceil(sl_ms_arg(L, 3));
     if (!st_engine_open_until(le->e, key, st_engine_now_ms() + ms))
         return luaL_error(L, "sturdy: out of memory");
     return 0;
@@ -694,7 +678,7 @@ static int l_engine_fleet_window(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
     const char *key = luaL_checkstring(L, 2);
-    lua_pushboolean(L, st_engine_fleet_window(le->e, key, count_arg(L, 3), count_arg(L, 4), count_arg(L, 5)));
+    lua_pushboolean(L, st_engine_fleet_window(le->e, key, sl_count_arg(L, 3), sl_count_arg(L, 4), sl_count_arg(L, 5)));
     return 1;
 }
 
@@ -708,27 +692,16 @@ static int l_engine_share(lua_State *L)
     return 0;
 }
 
-/* engine:fleet_counts(key) -> calls, failures, slow (counted by key's breaker
- * since it was made), state, open_in (ms; 0 = its open time is over); nothing
- * for a key no request named. */
+/* engine:fleet_counts(key) -> calls, failures, slow, state, open_in: see
+ * sl_push_fleet_counts; nothing for a key no request named. */
 static int l_engine_fleet_counts(lua_State *L)
 {
-    static const char *const states[] = { "closed", "open", "half_open" };
     l_engine *le = open_engine(L, 1);
     st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
-    st_breaker_state state;
-    int64_t now = st_engine_now_ms();
 
     if (u == NULL)
         return 0;
-    state = u->breaker_enabled ? st_breaker_state_now(&u->breaker) : ST_BREAKER_CLOSED;
-    lua_pushnumber(L, (lua_Number)u->breaker.recorded_calls);
-    lua_pushnumber(L, (lua_Number)u->breaker.recorded_failures);
-    lua_pushnumber(L, (lua_Number)u->breaker.recorded_slow);
-    lua_pushstring(L, states[state]);
-    lua_pushnumber(L, state == ST_BREAKER_OPEN && u->breaker.mode == ST_BREAKER_NORMAL
-                   && u->breaker.open_until_ms > now ? (lua_Number)(u->breaker.open_until_ms - now) : 0);
-    return 5;
+    return sl_push_fleet_counts(L, u, st_engine_now_ms());
 }
 
 static int l_engine_active(lua_State *L)
@@ -994,7 +967,7 @@ static int l_request_fail_attempt(lua_State *L)
 static int l_request_gate(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
-    int64_t ms = (int64_t)ceil(ms_arg(L, 2));
+    int64_t ms = (int64_t)ceil(sl_ms_arg(L, 2));
     lua_pushboolean(L, lr->r != NULL && lr->le->e != NULL && st_engine_gate(lr->le->e, lr->r, ms));
     return 1;
 }
@@ -1006,7 +979,7 @@ static int l_request_gate(lua_State *L)
 static int l_request_admission(lua_State *L)
 {
     l_request *lr = check_request(L, 1);
-    int64_t at = lua_isnoneornil(L, 2) ? 0 : (int64_t)ceil(ms_arg(L, 2));
+    int64_t at = lua_isnoneornil(L, 2) ? 0 : (int64_t)ceil(sl_ms_arg(L, 2));
     st_result res;
     const double *cost;
     int d;

@@ -447,6 +447,70 @@ static int l_decider_correct(lua_State *L)
     return 0;
 }
 
+/* ---- the fleet scope (sturdy.shared) --------------------------------------
+ * What a store of the fleet answered, handed to the key's upstream; the caller
+ * loads and saves the key's shared state around each, as around a decision. */
+
+static st_upstream *fleet_upstream(lua_State *L, l_decider *ld, int64_t now)
+{
+    st_upstream *u = st_decider_upstream(&ld->d, luaL_checkstring(L, 2), now);
+    if (u == NULL)
+        luaL_error(L, "sturdy: out of memory");
+    return u;
+}
+
+/* d:open_until(key, ms): the fleet's breaker for key is open for ms more. */
+static int l_decider_open_until(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    int64_t now = mono_ms();
+    st_upstream *u = fleet_upstream(L, ld, now);
+    int64_t ms = (int64_t)ceil(sl_ms_arg(L, 3));
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_fleet_open_until(u, now, now + ms, &ev);
+    keep_events(ld, &ev);
+    return 0;
+}
+
+/* d:fleet_window(key, calls, failures, slow) -> opened: the fleet's window. */
+static int l_decider_fleet_window(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    int64_t now = mono_ms();
+    st_upstream *u = fleet_upstream(L, ld, now);
+    st_events ev;
+    int opened;
+
+    ev.n = ev.dropped = 0;
+    opened = st_fleet_window(u, now, sl_count_arg(L, 3), sl_count_arg(L, 4), sl_count_arg(L, 5), &ev);
+    keep_events(ld, &ev);
+    lua_pushboolean(L, opened);
+    return 1;
+}
+
+/* d:share(key, n): key's limits are paced at limit / n here (pump the key after). */
+static int l_decider_share(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    int64_t now = mono_ms();
+    st_upstream *u = fleet_upstream(L, ld, now);
+    st_fleet_share(u, now, luaL_checknumber(L, 3));
+    return 0;
+}
+
+/* d:fleet_counts(key) -> calls, failures, slow, state, open_in (see
+ * sl_push_fleet_counts); nothing for a key nothing named. */
+static int l_decider_fleet_counts(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    st_upstream *u = st_decider_find(&ld->d, luaL_checkstring(L, 2));
+    if (u == NULL)
+        return 0;
+    return sl_push_fleet_counts(L, u, mono_ms());
+}
+
 static void push_key(void *ud, st_upstream *u)
 {
     lua_State *L = ud;
@@ -727,6 +791,30 @@ static int l_call_info(lua_State *L)
     return 5;
 }
 
+/* call:not_before(wait_ms): no attempt starts before wait_ms from now (its
+ * place in a shared limit); admit and pump treat the rest as a limiter wait. */
+static int l_call_not_before(lua_State *L)
+{
+    l_call *lc = open_call(L, 1);
+    st_call_not_before(&lc->call, mono_ms(), (int64_t)ceil(sl_ms_arg(L, 2)));
+    return 0;
+}
+
+/* call:admission(at_ms) -> max_wait_ms, requests, input_tokens, output_tokens,
+ * tokens: the longest wait its attempt at_ms from now may sit through, and what
+ * one attempt costs. */
+static int l_call_admission(lua_State *L)
+{
+    l_call *lc = open_call(L, 1);
+    int64_t at = lua_isnoneornil(L, 2) ? 0 : (int64_t)ceil(sl_ms_arg(L, 2));
+    int d;
+
+    lua_pushnumber(L, (lua_Number)st_call_max_wait_ms(&lc->ld->d, &lc->call, mono_ms() + at));
+    for (d = 0; d < ST_DIM_COUNT; d++)
+        lua_pushnumber(L, lc->call.cost[d]);
+    return 1 + ST_DIM_COUNT;
+}
+
 /* call:scrub(s) -> s with every secret the request carries masked (same length):
  * for what an error hands out (an echoing server puts a key in its body). */
 static int l_call_scrub(lua_State *L)
@@ -798,6 +886,10 @@ static const luaL_Reg decider_methods[] = {
     { "queued", l_decider_queued },
     { "pump", l_decider_pump },
     { "events", l_events },
+    { "open_until", l_decider_open_until },
+    { "fleet_window", l_decider_fleet_window },
+    { "share", l_decider_share },
+    { "fleet_counts", l_decider_fleet_counts },
     { "close", l_decider_close },
     { NULL, NULL }
 };
@@ -814,6 +906,8 @@ static const luaL_Reg call_methods[] = {
     { "commit", l_call_commit },
     { "info", l_call_info },
     { "scrub", l_call_scrub },
+    { "not_before", l_call_not_before },
+    { "admission", l_call_admission },
     { NULL, NULL }
 };
 
