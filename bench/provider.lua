@@ -29,7 +29,10 @@ local params = cjson.decode(f:read("*a"))
 f:close()
 
 local KEY = "sk-ant-bench-0000000000000000"
-local client = sturdy.client { base_url = base_url }
+-- no rate-limit headers from the mock (limits=0): both sides run unpaced, so
+-- the figures price the provider layer, not the wait for the mock's advertised
+-- output-token limit that the provider's max_tokens reservations would meet
+local client = sturdy.client { base_url = base_url, headers = { ["x-mock-steps"] = "200;limits=0" } }
 local claude = anthropic.new { client = client, api_key = KEY }
 -- the request the provider sends, made once: the bare side sends the same
 -- body and headers (without the token estimates, which only the provider
