@@ -33,9 +33,7 @@ typedef struct l_engine {
     st_engine *e;
     sl_client client;      /* base URL, key, timeouts: what every request starts from */
     st_buf scratch;        /* strings built for the request being read */
-    char **lines;          /* the client's header lines, "Name: value" */
-    char **names;          /* their lowercase names */
-    size_t nlines;
+    sl_lines lines;        /* the client's header lines */
 } l_engine;
 
 /* A submitted request. While in flight its handle (a Lua table) is referenced
@@ -78,72 +76,6 @@ static void set_str(lua_State *L, const char *k, const char *v)
 
 /* ---- engine --------------------------------------------------------------- */
 
-static void free_lines(l_engine *le)
-{
-    size_t i;
-    for (i = 0; i < le->nlines; i++) {
-        size_t n = strlen(le->lines[i]);
-        memset(le->lines[i], 0, n); /* they may hold keys */
-        free(le->lines[i]);
-        free(le->names[i]);
-    }
-    free(le->lines);
-    free(le->names);
-    le->lines = le->names = NULL;
-    le->nlines = 0;
-}
-
-static char *dup_mem(const char *p, size_t n, int lower)
-{
-    char *d = malloc(n + 1);
-    size_t i;
-    if (d == NULL)
-        return NULL;
-    for (i = 0; i < n; i++)
-        d[i] = (char)(lower && p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
-    d[n] = '\0';
-    return d;
-}
-
-/* The client's header lines, checked and kept in C (they often carry keys). */
-static void read_client_lines(lua_State *L, l_engine *le, int t)
-{
-    size_t n, i;
-
-    lua_getfield(L, t, "headers");
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        return;
-    }
-    luaL_checktype(L, -1, LUA_TTABLE);
-    n = lua_rawlen(L, -1);
-    if (n > MAX_HEADERS)
-        sl_error(L, "sturdy: too many client headers (%d at most)", MAX_HEADERS);
-    le->lines = calloc(n ? n : 1, sizeof *le->lines);
-    le->names = calloc(n ? n : 1, sizeof *le->names);
-    if (le->lines == NULL || le->names == NULL)
-        sl_error(L, "sturdy: out of memory");
-    for (i = 0; i < n; i++) {
-        size_t len, name_len;
-        const char *line;
-        lua_rawgeti(L, -1, (int)i + 1);
-        if (lua_type(L, -1) != LUA_TSTRING)
-            sl_error(L, "sturdy: client header line %d is not a string", (int)i + 1);
-        line = lua_tolstring(L, -1, &len);
-        name_len = sl_check_header_line(L, line, len, "client headers");
-        le->lines[i] = dup_mem(line, len, 0);
-        le->names[i] = dup_mem(line, name_len, 1);
-        if (le->lines[i] == NULL || le->names[i] == NULL) {
-            free(le->lines[i]);
-            free(le->names[i]);
-            sl_error(L, "sturdy: out of memory");
-        }
-        le->nlines = i + 1;
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-}
-
 /* core.engine(config) -> engine; config as lua/sturdy/options.lua compiles it */
 static int l_engine_new(lua_State *L)
 {
@@ -175,7 +107,9 @@ static int l_engine_new(lua_State *L)
     le = lua_newuserdata(L, sizeof *le);
     memset(le, 0, sizeof *le);
     luaL_setmetatable(L, ENGINE_MT);
-    read_client_lines(L, le, t);
+    lua_getfield(L, t, "headers");
+    sl_lines_read(L, -1, &le->lines);
+    lua_pop(L, 1);
     sl_client_read(L, 1, &le->client);
 
     lua_getfield(L, 1, "seed");
@@ -204,43 +138,6 @@ static int l_engine_new(lua_State *L)
     return 1;
 }
 
-/* Is lname (lowercase) among the request's own header names? */
-static int overridden(const char *const *own, size_t n, const char *lname)
-{
-    size_t i, len = strlen(lname);
-    for (i = 0; i < n; i++)
-        if (strncasecmp(own[i], lname, len) == 0 && own[i][len] == ':')
-            return 1;
-    return 0;
-}
-
-/* The request's own header lines, then the client's it does not override, then
- * Content-Type for a body and an empty Expect. */
-static size_t assemble_headers(lua_State *L, l_engine *le, const sl_request *req, const char **lines)
-{
-    size_t n = 0, k;
-    int has_type = 0;
-
-    if (req->nlines + le->nlines + 2 > MAX_HEADERS)
-        sl_error(L, "sturdy: too many headers (%d at most)", MAX_HEADERS - 2);
-    for (k = 0; k < req->nlines; k++) {
-        lines[n++] = req->lines[k];
-        if (strncasecmp(req->lines[k], "content-type:", 13) == 0)
-            has_type = 1;
-    }
-    for (k = 0; k < le->nlines; k++) {
-        if (req->nlines && overridden(req->lines, req->nlines, le->names[k]))
-            continue;
-        if (strcmp(le->names[k], "content-type") == 0)
-            has_type = 1;
-        lines[n++] = le->lines[k];
-    }
-    if (req->body != NULL && !has_type)
-        lines[n++] = "Content-Type: application/json";
-    lines[n++] = "Expect:"; /* libcurl's 100-continue only adds a round trip for API calls */
-    return n;
-}
-
 /* Reads the request at idx (its encoded JSON body at body_idx, or 0) into spec. */
 static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_request_spec *spec,
                          const char **headers)
@@ -255,7 +152,8 @@ static void read_request(lua_State *L, l_engine *le, int idx, int body_idx, st_r
     spec->key = req.key;
     spec->body = req.body;
     spec->body_len = req.body_len;
-    spec->nheaders = assemble_headers(L, le, &req, headers);
+    spec->nheaders = sl_assemble_headers(L, &le->lines, &req, headers);
+    headers[spec->nheaders++] = "Expect:"; /* libcurl's 100-continue only adds a round trip for API calls */
     spec->headers = headers;
     spec->connect_ms = req.timeout_ms[0];
     spec->first_byte_ms = req.timeout_ms[1];
@@ -730,7 +628,7 @@ static int l_engine_close(lua_State *L)
         st_engine_free(le->e);
         le->e = NULL;
     }
-    free_lines(le);
+    sl_lines_free(&le->lines);
     sl_client_free(&le->client);
     st_buf_free(&le->scratch);
     return 0;
