@@ -10,10 +10,13 @@
 -- options: processes, lease, sync), client (extra client options: limits,
 -- breaker, retry), steps (x-mock-steps), scenario (x-mock-scenario), every
 -- (seconds between submits instead of a batch: a steady trickle), local
--- (true: no shared scope, for comparison).
+-- (true: no shared scope, for comparison), settle (seconds: after its n calls,
+-- a scope still local makes one more call every 0.1 s until it is shared again
+-- or this time has passed, so a peer that finished while Redis was away still
+-- shows whether it comes back).
 -- Prints: { ok, errors = { kind = n }, throttled (429 attempts), elapsed,
 -- started, finished (wall clock), events = { "shared:local@<time>", ... },
--- mode (the scope's at the end), latencies (with `every`: each call's
+-- mode (the scope's at the end), settled (calls made while settling), latencies (with `every`: each call's
 -- seconds from submit to its end, sorted) }
 local socket = require "socket"
 local cjson = require "cjson"
@@ -75,6 +78,16 @@ else
 end
 local finished = socket.gettime()
 
+local settled = 0
+if cfg.settle then
+  local until_at = finished + cfg.settle
+  while client:stats().shared.mode ~= "redis" and socket.gettime() < until_at do
+    client:request(request())
+    settled = settled + 1
+    socket.sleep(0.1)
+  end
+end
+
 local ok, errors = 0, {}
 for i = 1, cfg.n do
   local r = results[i]
@@ -91,5 +104,6 @@ table.sort(latencies)
 print(cjson.encode {
   ok = ok, errors = errors, throttled = throttled, elapsed = finished - started,
   started = started, finished = finished, events = events, mode = stats.shared and stats.shared.mode,
+  settled = settled,
   latencies = latencies,
 })
