@@ -203,6 +203,27 @@ describe("metrics", function()
     c:close()
   end)
 
+  it("gives a key's gauges alone with stats(key, \"gauges\"), as stats(key) has them", function()
+    local c = sturdy.client { base_url = m.http_url, retry = { attempts = 1 } }
+    local claude = anthropic.new { client = c, api_key = "sk-ant-metrics", model = "claude-sonnet-4-5" }
+    assert(claude:messages { max_tokens = 16, messages = { { role = "user", content = "hello" } } })
+    local key = c:stats().keys[1]
+    local full, gauges = c:stats(key), c:stats(key, "gauges")
+    for _, field in ipairs { "in_flight", "queued", "paced" } do assert.equal(full[field], gauges[field]) end
+    assert.equal(full.breaker.state, gauges.breaker.state)
+    for dim, l in pairs(full.limits) do
+      if type(l) == "table" then
+        assert.equal(l.limit, gauges.limits[dim].limit)
+        assert.equal(l.remaining, gauges.limits[dim].remaining)
+      end
+    end
+    assert.equal(4000, gauges.limits.requests.limit)
+    assert.is_nil(gauges.latency)
+    assert.is_nil(c:stats("nobody", "gauges"))
+    assert.has_error(function() c:stats(key, "all") end, 'sturdy: stats takes part "gauges" or none, got all')
+    c:close()
+  end)
+
   it("drops a closed client and refuses bad options, naming them", function()
     local c = sturdy.client { base_url = m.http_url }
     local registry = metrics.for_client(c)

@@ -1006,10 +1006,15 @@ end
 
 --- Without a key: the client's totals and the keys it has seen. With one:
 -- that upstream's breaker, latency percentiles, limits, queue and in-flight.
-function Client:stats(key)
+-- With part "gauges" as well: at least `in_flight`, `queued`, `paced`,
+-- `breaker.state` and `limits`, what a metrics exporter reads, made without
+-- the latency windows (the rest may be left out).
+function Client:stats(key, part)
   local engine = open_engine(self)
   if key ~= nil then
     if type(key) ~= "string" then fail("stats takes a key string, got %s", type(key)) end
+    if part ~= nil and part ~= "gauges" then fail("stats takes part \"gauges\" or none, got %s", tostring(part)) end
+    if part and engine.upstream_gauges then return engine:upstream_gauges(key) end
     local s = engine:upstream_stats(key)
     if s and self._usage then s.usage = self._usage[key] end
     return s

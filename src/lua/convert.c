@@ -546,10 +546,52 @@ int sl_push_fleet_counts(lua_State *L, st_upstream *u, int64_t now)
     return 5;
 }
 
+/* A key's limits per dimension and its 429 pause. */
+static void push_limits(lua_State *L, st_upstream *u, int64_t now)
+{
+    int i;
+
+    lua_createtable(L, 0, ST_DIM_COUNT + 1);
+    for (i = 0; i < ST_DIM_COUNT; i++) {
+        double limit = st_limiter_limit(&u->limiter, (st_dim)i);
+        if (limit <= 0 && u->limiter.remaining[i] < 0)
+            continue;
+        lua_createtable(L, 0, 5);
+        if (limit > 0)
+            set_num(L, "limit", limit);
+        if (u->limiter.configured[i] > 0)
+            set_num(L, "configured", u->limiter.configured[i]);
+        if (u->limiter.learned[i] > 0)
+            set_num(L, "learned", u->limiter.learned[i]);
+        if (u->limiter.remaining[i] >= 0)
+            set_num(L, "remaining", u->limiter.remaining[i]);
+        if (u->limiter.reset_at_ms[i] > now)
+            set_num(L, "reset_in", (u->limiter.reset_at_ms[i] - now) / 1000.0);
+        lua_setfield(L, -2, st_dim_name((st_dim)i));
+    }
+    if (u->limiter.paused_until_ms > now)
+        set_num(L, "paused_for", (u->limiter.paused_until_ms - now) / 1000.0);
+}
+
+/* The part of a key's stats that changes call by call and costs no walk
+ * over windows: in_flight, queued, paced, breaker.state and limits, as
+ * sl_push_upstream_stats gives them. */
+void sl_push_upstream_gauges(lua_State *L, st_upstream *u, int64_t now)
+{
+    lua_createtable(L, 0, 4);
+    set_int(L, "in_flight", u->in_flight);
+    set_int(L, "queued", u->queued);
+    set_int(L, "paced", (double)u->paced);
+    lua_createtable(L, 0, 1);
+    set_str(L, "state", u->breaker_enabled ? breaker_states[st_breaker_state_now(&u->breaker)] : "disabled");
+    lua_setfield(L, -2, "breaker");
+    push_limits(L, u, now);
+    lua_setfield(L, -2, "limits");
+}
+
 void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now)
 {
     st_breaker_stats bs;
-    int i;
 
     lua_createtable(L, 0, 12);
     set_str(L, "key", u->name);
@@ -581,26 +623,7 @@ void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now)
     push_latency(L, u->ttfb, now);
     lua_setfield(L, -2, "ttfb");
 
-    lua_createtable(L, 0, ST_DIM_COUNT + 1);
-    for (i = 0; i < ST_DIM_COUNT; i++) {
-        double limit = st_limiter_limit(&u->limiter, (st_dim)i);
-        if (limit <= 0 && u->limiter.remaining[i] < 0)
-            continue;
-        lua_createtable(L, 0, 5);
-        if (limit > 0)
-            set_num(L, "limit", limit);
-        if (u->limiter.configured[i] > 0)
-            set_num(L, "configured", u->limiter.configured[i]);
-        if (u->limiter.learned[i] > 0)
-            set_num(L, "learned", u->limiter.learned[i]);
-        if (u->limiter.remaining[i] >= 0)
-            set_num(L, "remaining", u->limiter.remaining[i]);
-        if (u->limiter.reset_at_ms[i] > now)
-            set_num(L, "reset_in", (u->limiter.reset_at_ms[i] - now) / 1000.0);
-        lua_setfield(L, -2, st_dim_name((st_dim)i));
-    }
-    if (u->limiter.paused_until_ms > now)
-        set_num(L, "paused_for", (u->limiter.paused_until_ms - now) / 1000.0);
+    push_limits(L, u, now);
     lua_setfield(L, -2, "limits");
 
     if (u->adaptive_enabled) {

@@ -34,6 +34,7 @@ const char *sl_opt_string(lua_State *L, int t, const char *field);
 
 /* Pushes the stats of an upstream: in-flight, queue, breaker, latency, limits. */
 void sl_push_upstream_stats(lua_State *L, st_upstream *u, int64_t now_ms);
+void sl_push_upstream_gauges(lua_State *L, st_upstream *u, int64_t now_ms);
 
 /* Arguments of the fleet scope's methods: a time in ms (NaN and negatives are
  * 0, clamped to ST_RETRY_AFTER_MAX_MS) and a count (NaN and negatives are 0,

@@ -507,16 +507,28 @@ static int l_engine_stats(lua_State *L)
     return 1;
 }
 
-/* engine:upstream_stats(key) -> table, or nil when no request named the key. */
-static int l_engine_upstream_stats(lua_State *L)
+/* The table push makes of the key at 2, or nothing when no request named it. */
+static int push_upstream(lua_State *L, void (*push)(lua_State *, st_upstream *, int64_t))
 {
     l_engine *le = open_engine(L, 1);
     st_upstream *u = st_decider_find(st_engine_decider(le->e), luaL_checkstring(L, 2));
 
     if (u == NULL)
         return 0;
-    sl_push_upstream_stats(L, u, st_engine_now_ms());
+    push(L, u, st_engine_now_ms());
     return 1;
+}
+
+/* engine:upstream_stats(key) -> table, or nil when no request named the key. */
+static int l_engine_upstream_stats(lua_State *L)
+{
+    return push_upstream(L, sl_push_upstream_stats);
+}
+
+/* engine:upstream_gauges(key) -> the gauges of upstream_stats alone, or nil. */
+static int l_engine_upstream_gauges(lua_State *L)
+{
+    return push_upstream(L, sl_push_upstream_gauges);
 }
 
 /* engine:correct(key, dimension, delta): real usage known after a reply
@@ -922,6 +934,7 @@ static const luaL_Reg engine_methods[] = {
     { "timeout", l_engine_timeout },
     { "stats", l_engine_stats },
     { "upstream_stats", l_engine_upstream_stats },
+    { "upstream_gauges", l_engine_upstream_gauges },
     { "keys", l_engine_keys },
     { "correct", l_engine_correct },
     { "active", l_engine_active },
