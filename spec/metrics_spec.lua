@@ -203,6 +203,56 @@ describe("metrics", function()
     c:close()
   end)
 
+  it("renders again what changed since the last render, in either format, and keeps the rest", function()
+    local c = sturdy.client { base_url = m.http_url, retry = { attempts = 1 } }
+    local stats = { hits = 1, misses = 0, stale = 0, bypass = 0, entries = 1 }
+    local cache = { stats = function() return stats end }
+    local registry = metrics.for_client(c):add_source(cache, { name = "answers" })
+    assert(c:request { path = "/echo", key = "a" })
+    assert(c:request { path = "/echo", key = "b" })
+    local text = registry:render()
+    local om = registry:render("openmetrics")
+    assert.equal(text, registry:render())
+    assert.equal(om, registry:render("openmetrics"))
+    local function lines_of(t, key)
+      local out = {}
+      for line in t:gmatch("[^\n]+") do
+        if line:find('key="' .. key .. '"', 1, true) then out[#out + 1] = line end
+      end
+      return out
+    end
+    local b_lines = lines_of(text, "b")
+    assert.is_true(#b_lines > 10)
+    assert.equal(1, sample(text, "sturdy_calls_total", { key = "a" }))
+    -- one more call on a: its series show it in both formats, b's lines stay as they were
+    assert(c:request { path = "/echo", key = "a" })
+    text = registry:render()
+    assert.equal(2, sample(text, "sturdy_calls_total", { key = "a" }))
+    assert.equal(2, sample(text, "gen_ai_client_operation_duration_seconds_count", { key = "a" }))
+    assert.equal(2, sample(text, "gen_ai_client_operation_duration_seconds_bucket", { key = "a", le = "+Inf" }))
+    assert.equal(2, sample(text, "http_client_attempts_total", { key = "a" }))
+    assert.same(b_lines, lines_of(text, "b"))
+    om = registry:render("openmetrics")
+    assert.equal(2, sample(om, "sturdy_calls_total", { key = "a" }))
+    assert.equal(2, sample(om, "gen_ai_client_operation_duration_seconds_count", { key = "a" }))
+    assert.same(b_lines, lines_of(om, "b"))
+    assert.is_true((promtool(text)))
+    -- a gauge read at render time: the new value in both formats
+    stats = { hits = 5, misses = 2, stale = 0, bypass = 0, entries = 3 }
+    text, om = registry:render(), registry:render("openmetrics")
+    for _, t in ipairs { text, om } do
+      assert.equal(5, sample(t, "sturdy_cache_requests_total", { cache = "answers", result = "hit" }))
+      assert.equal(3, sample(t, "sturdy_cache_entries", { cache = "answers" }))
+    end
+    -- a closed client's gauges go, in both formats
+    assert.equal(0, sample(text, "sturdy_in_flight", { key = "b" }))
+    c:close()
+    text, om = registry:render(), registry:render("openmetrics")
+    assert.is_nil(sample(text, "sturdy_in_flight"))
+    assert.is_nil(sample(om, "sturdy_in_flight"))
+    assert.equal(2, sample(om, "sturdy_calls_total", { key = "a" }))
+  end)
+
   it("gives a key's gauges alone with stats(key, \"gauges\"), as stats(key) has them", function()
     local c = sturdy.client { base_url = m.http_url, retry = { attempts = 1 } }
     local claude = anthropic.new { client = c, api_key = "sk-ant-metrics", model = "claude-sonnet-4-5" }

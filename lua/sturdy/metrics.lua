@@ -64,7 +64,7 @@ local metrics = {}
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs, tostring, tonumber
 local setmetatable, pcall, next = setmetatable, pcall, next
 local format, concat, sort = string.format, table.concat, table.sort
-local huge = math.huge
+local huge, floor = math.huge, math.floor
 
 local function fail(msg, ...)
   error("sturdy: " .. format(msg, ...), 0)
@@ -82,7 +82,7 @@ local function number_text(v)
   if v ~= v then return "NaN" end
   if v == huge then return "+Inf" end
   if v == -huge then return "-Inf" end
-  if v == math.floor(v) and v > -1e15 and v < 1e15 then return format("%d", v) end
+  if v == floor(v) and v > -1e15 and v < 1e15 then return format("%d", v) end
   local s = format("%.15g", v)
   if tonumber(s) ~= v then
     s = format("%.16g", v)
@@ -144,6 +144,10 @@ for i, f in ipairs(FAMILIES) do
   f.name, f.type, f.help, f.labels, f.index = f[1], f[2], f[3], f[4], i
   -- OpenMetrics names a counter family without its _total
   f.family = f.type == "counter" and f.name:gsub("_total$", "") or f.name
+  f.head = {}
+  for fmt, head in pairs { prometheus = f.name, openmetrics = f.family } do
+    f.head[fmt] = "# HELP " .. head .. " " .. f.help .. "\n# TYPE " .. head .. " " .. f.type .. "\n"
+  end
   if f.buckets then
     f.le = {}
     for j, b in ipairs(f.buckets) do f.le[j] = number_text(b) end
@@ -178,13 +182,15 @@ end
 -- ---------------------------------------------------------------------------
 -- Series: the numbers behind the text. A counter or gauge series is
 -- { labels, value }; a histogram series { labels, counts (per bucket, not
--- cumulative, +Inf last), sum, count, lines (its bucket line prefixes) }.
+-- cumulative, +Inf last), sum, count }. Rendering adds text (the series'
+-- lines, dropped when its numbers change) and the fixed parts of its lines
+-- (prefix, or a histogram's parts).
 -- ---------------------------------------------------------------------------
 
 -- data[i]: family i's series by label text; data.count[i]: how many.
--- data.dirty[i]: a series of family i changed since its text was made.
+-- data.dirty[i]: a series of family i changed, came or went since the last render.
 local function new_data()
-  local data = { count = {}, dirty = {}, text = {}, round = 0 }
+  local data = { count = {}, dirty = {}, round = 0 }
   for i = 1, #FAMILIES do data[i], data.count[i], data.dirty[i] = {}, 0, true end
   return data
 end
@@ -210,7 +216,7 @@ end
 local function bucket_of(buckets, v)
   local lo, hi = 1, #buckets + 1
   while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
+    local mid = floor((lo + hi) / 2)
     if v <= buckets[mid] then hi = mid else lo = mid + 1 end
   end
   return lo
@@ -345,7 +351,7 @@ local function check_options(opts)
     local want = OPTIONS[k]
     if not want then fail("unknown option '%s' in metrics.registry", tostring(k)) end
     if want == "count" then
-      if type(v) ~= "number" or v < 1 or v > 1e6 or v ~= math.floor(v) then
+      if type(v) ~= "number" or v < 1 or v > 1e6 or v ~= floor(v) then
         fail("option '%s' in metrics.registry must be a whole number from 1 to 1000000, got %s", k, tostring(v))
       end
     elseif want == "number" then
@@ -372,6 +378,7 @@ function metrics.registry(opts)
     labels = {}, -- label text cache: family index -> joined raw values -> text
     orders = {}, -- each family's series in label order
     key_labels = {}, -- a key's gauge label texts
+    rendered = {}, -- the text of the last render in each format, while nothing changed
     gauge_data = new_data(),
     interval = opts.interval or 1,
   }, Registry)
@@ -548,8 +555,9 @@ local BREAKER_STATES = { closed = 0, half_open = 1, open = 2, forced_open = 2 }
 local DIMENSIONS = { "requests", "tokens", "input_tokens", "output_tokens" }
 
 -- Sets gauge (family f, labels) from one more client or worker, merged by
--- the family's rule. gauges.round marks the series set in this render; a
--- series keeps its text while its value stays the same.
+-- the family's rule. gauges.round marks the series set in this render
+-- (gauges.set counts them); a series keeps its text while its value stays
+-- the same.
 local function put_gauge(gauges, f, labels, v)
   if v == nil or v ~= v then return end
   local index = f.index
@@ -560,11 +568,13 @@ local function put_gauge(gauges, f, labels, v)
     fam[labels] = { labels = labels, value = v, round = round }
     gauges.count[index] = gauges.count[index] + 1
     gauges.dirty[index] = true
+    gauges.set = gauges.set + 1
     return
   end
   local old = s.value
   if s.round ~= round then
     s.round = round
+    gauges.set = gauges.set + 1
     if old == v then return end
   elseif f.merge == "max" then
     if v <= old then return end
@@ -579,7 +589,9 @@ end
 
 -- Drops the gauges not set in this render (a key gone, a client closed).
 local function drop_stale(gauges)
-  local round = gauges.round
+  local round, count = gauges.round, 0
+  for i = 1, #FAMILIES do count = count + gauges.count[i] end
+  if gauges.set == count then return end -- every one was set
   for i = 1, #FAMILIES do
     local fam = gauges[i]
     for labels, s in pairs(fam) do
@@ -608,7 +620,7 @@ end
 -- the registry's gauge series (kept between renders).
 function Registry:_gauges()
   local gauges = self.gauge_data
-  gauges.round = gauges.round + 1
+  gauges.round, gauges.set = gauges.round + 1, 0
   local F = FAMILY
   local live = {}
   for _, client in ipairs(self.clients) do
@@ -616,7 +628,7 @@ function Registry:_gauges()
     if ok then
       live[#live + 1] = client
       for _, k in ipairs(total.keys or {}) do
-        local s = client:stats(k)
+        local s = client:stats(k, "gauges")
         if s then
           local key = self:_bound("key", k)
           local labels = self:_key_labels(key)
@@ -699,34 +711,43 @@ end
 -- Rendering
 -- ---------------------------------------------------------------------------
 
--- The text of a series, made when its numbers changed since the last render.
+-- The text of a histogram series. Its lines' fixed parts (name, labels, le)
+-- are made once, in parts, between the slots of its numbers.
 local function histogram_text(f, s)
-  local lines = s.lines
-  if not lines then
-    lines = {}
-    local labels = s.labels
+  local parts = s.parts
+  if not parts then
+    parts = {}
+    local name, labels = f.name, s.labels
     local sep = labels == "" and "" or ","
-    for i, le in ipairs(f.le) do lines[i] = f.name .. "_bucket{" .. labels .. sep .. 'le="' .. le .. '"} ' end
+    for i, le in ipairs(f.le) do
+      parts[2 * i - 1] = (i == 1 and "" or "\n") .. name .. "_bucket{" .. labels .. sep .. 'le="' .. le .. '"} '
+    end
     local braces = labels == "" and " " or "{" .. labels .. "} "
-    lines.sum, lines.count = f.name .. "_sum" .. braces, f.name .. "_count" .. braces
-    s.lines = lines
+    local n = 2 * #f.le
+    parts[n + 1] = "\n" .. name .. "_sum" .. braces
+    parts[n + 3] = "\n" .. name .. "_count" .. braces
+    parts[n + 5] = "\n"
+    s.parts = parts
   end
   -- counts are whole numbers below 2^53: Lua writes them plainly
-  local parts, acc, counts = {}, 0, s.counts
-  for i = 1, #lines do
+  local acc, counts, n = 0, s.counts, #f.le
+  for i = 1, n do
     acc = acc + counts[i]
-    parts[i] = lines[i] .. acc
+    parts[2 * i] = acc
   end
-  local n = #lines
-  parts[n + 1] = lines.sum .. number_text(s.sum)
-  parts[n + 2] = lines.count .. s.count
-  parts[n + 3] = ""
-  return concat(parts, "\n")
+  parts[2 * n + 2] = number_text(s.sum)
+  parts[2 * n + 4] = s.count
+  return concat(parts)
 end
 
 local function value_text(f, s)
-  local labels = s.labels
-  return (labels == "" and f.name .. " " or f.name .. "{" .. labels .. "} ") .. number_text(s.value) .. "\n"
+  local prefix = s.prefix
+  if not prefix then
+    local labels = s.labels
+    prefix = labels == "" and f.name .. " " or f.name .. "{" .. labels .. "} "
+    s.prefix = prefix
+  end
+  return prefix .. number_text(s.value) .. "\n"
 end
 
 -- The series of a family in label order, sorted again only when one was added or dropped.
@@ -740,22 +761,13 @@ local function ordered(orders, f, fam, count, round)
   return list
 end
 
--- Appends one family's text to out.
-local function render_family(out, f, fam, list, openmetrics)
-  local n = #out
-  local head = openmetrics and f.family or f.name
-  out[n + 1] = "# HELP " .. head .. " " .. f.help .. "\n# TYPE " .. head .. " " .. f.type .. "\n"
-  n = n + 1
-  local make = f.buckets and histogram_text or value_text
-  for i = 1, #list do
-    local s = fam[list[i]]
-    local text = s.text
-    if not text then
-      text = make(f, s)
-      s.text = text
-    end
-    out[n + i] = text
+-- Whether a series of data changed, came or went since the last render; clears the marks.
+local function take_dirty(data)
+  local dirty, any = data.dirty, false
+  for i = 1, #FAMILIES do
+    if dirty[i] then dirty[i], any = false, true end
   end
+  return any
 end
 
 --- The metrics as text: format "prometheus" (the text exposition format
@@ -765,7 +777,6 @@ function Registry:render(fmt)
   if fmt ~= "prometheus" and fmt ~= "openmetrics" then
     fail("registry:render takes \"prometheus\" or \"openmetrics\", got %s", tostring(fmt))
   end
-  local openmetrics = fmt == "openmetrics"
   local data, gauges
   if self.store.dict then
     self:publish()
@@ -773,31 +784,40 @@ function Registry:render(fmt)
   else
     data, gauges = self.store:snapshot(), self:_gauges()
   end
-  local out, orders = {}, self.orders
+  -- the text of the last render stands while nothing changed; otherwise a
+  -- series' text is made again only when its numbers changed
+  local changed = take_dirty(data)
+  changed = take_dirty(gauges) or changed
+  if changed then self.rendered = {} end
+  local text = self.rendered[fmt]
+  if text then return text end
+  local out, n, orders = {}, 0, self.orders
   for i, f in ipairs(FAMILIES) do
     local from = f.merge and gauges or data
-    local fam = from[i]
     local count = from.count[i]
     if count > 0 then
-      -- a family's text is made again only when one of its series changed
-      local cache = from.text
-      local slot = openmetrics and -i or i
-      local text = cache[slot]
-      if not text or from.dirty[i] then
-        -- gauges' order is made again when the set of series may have changed (a round dropped some)
-        local round = f.merge and from.dropped or 0
-        local part = {}
-        render_family(part, f, fam, ordered(orders, f, fam, count, round), openmetrics)
-        text = concat(part)
-        cache[i], cache[-i] = nil, nil
-        cache[slot] = text
-        from.dirty[i] = false
+      local fam = from[i]
+      -- gauges' order is made again when the set of series may have changed (a round dropped some)
+      local list = ordered(orders, f, fam, count, f.merge and from.dropped or 0)
+      local make = f.buckets and histogram_text or value_text
+      n = n + 1
+      out[n] = f.head[fmt]
+      for j = 1, #list do
+        local s = fam[list[j]]
+        local series = s.text
+        if not series then
+          series = make(f, s)
+          s.text = series
+        end
+        out[n + j] = series
       end
-      out[#out + 1] = text
+      n = n + #list
     end
   end
-  if openmetrics then out[#out + 1] = "# EOF\n" end
-  return concat(out)
+  if fmt == "openmetrics" then out[n + 1] = "# EOF\n" end
+  text = concat(out)
+  self.rendered[fmt] = text
+  return text
 end
 
 --- The content type for a format ("prometheus" or "openmetrics").
