@@ -49,7 +49,7 @@ end
 local keys = client:stats().keys
 assert(#keys == KEYS, "expected " .. KEYS .. " keys, got " .. #keys)
 
--- A render right after a call on every key: every family's text is made again.
+-- A render right after a call on every key: the series those calls changed are written again.
 local providers = {}
 for i = 1, KEYS do
   providers[i] = anthropic.new { client = client, api_key = "sk-bench", model = "bench-model-" .. i }
