@@ -306,12 +306,13 @@ local function spend_state(self, scope)
 end
 
 -- fn(...) with every spend of the client's caps brought in from the dict and
--- saved back after, under the spend lock; key and tag (may be nil): a charge's,
--- whose spends must be among those loaded. Returns what fn returns (4 at most).
-local function with_spends(self, key, tag, fn, ...)
+-- saved back after, under the spend lock (can_yield: as lock's); key and tag
+-- (may be nil): a charge's, whose spends must be among those loaded. Returns
+-- what fn returns (4 at most).
+local function with_spends(self, can_yield, key, tag, fn, ...)
   local d = self.decider
   local scopes = d:spend_scopes(key, tag) or {}
-  local held = lock(self, self.spend_lock, COSOCKET_PHASES[ngx.get_phase()] or false)
+  local held = lock(self, self.spend_lock, can_yield)
   for i = 1, #scopes do sync_in(self, spend_state(self, scopes[i]), self.spend_store, scopes[i]) end
   local ok, a, b, c, e = pcall(fn, ...)
   for i = 1, #scopes do sync_out(self, spend_state(self, scopes[i]), d:spend_save(scopes[i])) end
@@ -326,7 +327,7 @@ end
 local function end_spend(self, r)
   local call = r.call
   if self.spend_lock and call:spend_wanted() then
-    r.hold = with_spends(self, nil, nil, call.spend_end, call, r.status)
+    r.hold = with_spends(self, false, nil, nil, call.spend_end, call, r.status)
     emit_events(self, r.box)
   end
 end
@@ -450,7 +451,7 @@ local function admit(self, r)
   if self.spend_lock and not r.reserved then
     -- the spend caps first, under their own lock: all or nothing, once per call
     r.reserved = true
-    local verdict, kind, class, detail = with_spends(self, nil, nil, call.reserve, call)
+    local verdict, kind, class, detail = with_spends(self, true, nil, nil, call.reserve, call)
     emit_events(self, r.box)
     if r.done then return false end
     if verdict == "refused" then
@@ -951,7 +952,7 @@ function Engine:upstream_stats(key)
   ks = ks or key_state(self, key)
   sync_in(self, ks, d, key)
   -- a key with a spend cap shows it as every worker shares it
-  local s = self.spend_lock and with_spends(self, key, nil, d.upstream_stats, d, key) or d:upstream_stats(key)
+  local s = self.spend_lock and with_spends(self, false, key, nil, d.upstream_stats, d, key) or d:upstream_stats(key)
   if not s then return nil end
   local me = ngx.worker.id()
   local workers = {}
@@ -1015,21 +1016,21 @@ end
 function Engine:settle(hold, usd, tokens)
   local d = open_engine(self).decider
   if not self.spend_lock then return d:settle(hold, usd, tokens) end
-  return with_spends(self, nil, nil, d.settle, d, hold, usd, tokens)
+  return with_spends(self, false, nil, nil, d.settle, d, hold, usd, tokens)
 end
 
 --- engine:charge(key, tag, usd, tokens) -> events: spend without a reservation.
 function Engine:charge(key, tag, usd, tokens)
   local d = open_engine(self).decider
   if not self.spend_lock then return d:charge(key, tag, usd, tokens) end
-  return with_spends(self, key, tag, d.charge, d, key, tag, usd, tokens)
+  return with_spends(self, false, key, tag, d.charge, d, key, tag, usd, tokens)
 end
 
 --- engine:budget() -> the spend caps' state as every worker shares it, or nil.
 function Engine:budget()
   local d = open_engine(self).decider
   if not self.spend_lock then return nil end
-  return with_spends(self, nil, nil, d.budget, d)
+  return with_spends(self, false, nil, nil, d.budget, d)
 end
 
 -- The resty.redis link: a cosocket never blocks the worker.
