@@ -150,6 +150,15 @@ describe("spend caps shared by the workers of one nginx", function()
     seen = state(0, budget)
     assert.near(0.3, seen.used, 1e-9)
     assert.equal(0, seen.reserved)
+    -- a client closed before its reply is settled charges the hold in full, for every worker to see
+    local c = r:run_on(0, "budget_cases", "raw", { id = "c", url = m.http_url, budget = budget, usd = 0.4 })
+    assert.equal(200, c.status)
+    assert.near(0.4, state(1, budget).reserved, 1e-9)
+    local dropped = r:run_on(0, "budget_cases", "drop", { id = "c" }) -- its state just before the close
+    assert.near(0.4, dropped.reserved, 1e-9)
+    seen = state(1, budget)
+    assert.near(0.7, seen.used, 1e-9)
+    assert.equal(0, seen.reserved)
   end)
 
   it("share a key's cap and a tag's cap the same way", function()

@@ -851,6 +851,11 @@ end
 function Engine:close()
   if self.closed then return end
   self:cancel_all()
+  if self.spend_lock then
+    -- the holds of replies nobody settled: charged in full now, not left reserved in the dict
+    local d = self.decider
+    with_spends(self, false, nil, nil, d.spend_close, d)
+  end
   self.closed = true
   self.decider:close()
   self.boxes, self.live, self.heads = setmetatable({}, { __mode = "k" }), {}, {}

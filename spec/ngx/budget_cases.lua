@@ -7,8 +7,9 @@
 -- a reply frees can admit a call of the same round. What happened goes to
 -- "results" under args.id, which "result" hands out (nil while it runs).
 -- "raw" makes one raw call that reserves args.usd and keeps its client (and the
--- hold of its reply) under args.id; "settle" settles that hold; "state" reads
--- the caps as a worker sees them; "reset" empties the dict the caps live in.
+-- hold of its reply) under args.id; "settle" settles that hold, "drop" closes
+-- the client without settling it; "state" reads the caps as a worker sees
+-- them; "reset" empties the dict the caps live in.
 -- luacheck: globals ngx
 local anthropic = require "sturdy.anthropic"
 local cjson = require "cjson.safe"
@@ -122,6 +123,13 @@ C["settle"] = function(ctx)
   kept[ctx.args.id] = nil
   k.client:record_usage("settled", { input = 10, output = 6, cache_read = 0, cache_write = 0 }, nil, ctx.args.usd,
                         { hold = k.hold })
+  return last_state(k.client)
+end
+
+-- Closes the client of "raw" call args.id without settling its hold.
+C["drop"] = function(ctx)
+  local k = assert(kept[ctx.args.id], "no call kept under this id in this worker")
+  kept[ctx.args.id] = nil
   return last_state(k.client)
 end
 

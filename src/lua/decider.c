@@ -615,6 +615,16 @@ static int l_decider_spend_save(lua_State *L)
     return 1;
 }
 
+/* d:spend_close(): charges in full, now, the parked holds nobody will settle
+ * once this decider is closed (its spends outlive it in the caller's store). */
+static int l_decider_spend_close(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    if (ld->d.spend != NULL)
+        st_spend_book_expire_all(ld->d.spend, mono_ms(), NULL);
+    return 0;
+}
+
 /* d:settle(hold, usd, tokens) -> settled, events (see sl_spend_settle) */
 static int l_decider_settle(lua_State *L)
 {
@@ -1061,6 +1071,7 @@ static const luaL_Reg decider_methods[] = {
     { "spend_scopes", l_decider_spend_scopes },
     { "spend_load", l_decider_spend_load },
     { "spend_save", l_decider_spend_save },
+    { "spend_close", l_decider_spend_close },
     { "settle", l_decider_settle },
     { "charge", l_decider_charge },
     { "budget", l_decider_budget },
