@@ -900,6 +900,32 @@ function Engine:stats()
 end
 
 ---------------------------------------------------------------------------
+-- Spend caps: the curl engine's methods, over the spends every worker shares
+---------------------------------------------------------------------------
+
+--- engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
+-- call whose result carried `hold`, charged against the caps every worker shares.
+function Engine:settle(hold, usd, tokens)
+  local d = open_engine(self).decider
+  if not self.spend_lock then return d:settle(hold, usd, tokens) end
+  return with_spends(self, false, nil, nil, d.settle, d, hold, usd, tokens)
+end
+
+--- engine:charge(key, tag, usd, tokens) -> events: spend without a reservation.
+function Engine:charge(key, tag, usd, tokens)
+  local d = open_engine(self).decider
+  if not self.spend_lock then return d:charge(key, tag, usd, tokens) end
+  return with_spends(self, false, key, tag, d.charge, d, key, tag, usd, tokens)
+end
+
+--- engine:budget() -> the spend caps' state as every worker shares it, or nil.
+function Engine:budget()
+  local d = open_engine(self).decider
+  if not self.spend_lock then return nil end
+  return with_spends(self, false, nil, nil, d.budget, d)
+end
+
+---------------------------------------------------------------------------
 -- Per-upstream stats across workers
 ---------------------------------------------------------------------------
 
@@ -1015,28 +1041,6 @@ end
 -- The fleet scope (sturdy.shared): what Redis answered, handed to the core
 -- under the key's lock, as every decision is
 ---------------------------------------------------------------------------
-
---- engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
--- call whose result carried `hold`, charged against the caps every worker shares.
-function Engine:settle(hold, usd, tokens)
-  local d = open_engine(self).decider
-  if not self.spend_lock then return d:settle(hold, usd, tokens) end
-  return with_spends(self, false, nil, nil, d.settle, d, hold, usd, tokens)
-end
-
---- engine:charge(key, tag, usd, tokens) -> events: spend without a reservation.
-function Engine:charge(key, tag, usd, tokens)
-  local d = open_engine(self).decider
-  if not self.spend_lock then return d:charge(key, tag, usd, tokens) end
-  return with_spends(self, false, key, tag, d.charge, d, key, tag, usd, tokens)
-end
-
---- engine:budget() -> the spend caps' state as every worker shares it, or nil.
-function Engine:budget()
-  local d = open_engine(self).decider
-  if not self.spend_lock then return nil end
-  return with_spends(self, false, nil, nil, d.budget, d)
-end
 
 -- The resty.redis link: a cosocket never blocks the worker.
 Engine.redis_driver = "resty"
