@@ -60,7 +60,7 @@ build = {
       ["sturdy.core"] = {
          sources = {
             "src/curl/engine.c", "src/lua/core.c", "src/lua/convert.c", "src/lua/request.c",
-            "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/policy/blob.c", "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
             "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c", "src/policy/spendbook.c", "src/policy/counts.c",
@@ -73,7 +73,7 @@ build = {
       ["sturdy.policy"] = {
          sources = {
             "src/lua/policy.c", "src/lua/decider.c", "src/lua/convert.c", "src/lua/request.c",
-            "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
+            "src/policy/blob.c", "src/policy/buf.c", "src/policy/decide.c", "src/policy/headers.c", "src/policy/timerheap.c", "src/policy/upstream.c",
             "src/policy/backoff.c", "src/policy/budget.c", "src/policy/httpdate.c", "src/policy/outcome.c",
             "src/policy/breaker.c", "src/policy/latency.c", "src/policy/ratelimit.c", "src/policy/sse.c",
             "src/policy/sha256.c", "src/policy/adaptive.c", "src/policy/spend.c", "src/policy/spendbook.c", "src/policy/counts.c",

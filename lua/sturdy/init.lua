@@ -243,10 +243,6 @@ function sturdy.client(cfg)
     _budget = cfg.budget ~= nil,          -- spend caps: record_usage settles and charges
   }, Client)
   self._engine = sturdy.transport(cfg.transport).engine(compiled)
-  if cfg.budget and not self._engine.settle then
-    self._engine:close()
-    fail("option 'budget' needs the curl transport (the ngx transport does not reserve spend yet)")
-  end
   if settings.shared then
     self._shared = require("sturdy.shared").new(self._engine, settings.shared, compiled,
                                                 function(record) self:_notify(record) end)

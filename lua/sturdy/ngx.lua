@@ -18,6 +18,15 @@
 -- (held for microseconds: nothing yields inside), so the workers of one nginx
 -- share one breaker and one rate per key. In-flight counts, queues and latency
 -- windows stay per worker; stats merge what can be merged across workers.
+--
+-- Spend caps (option `budget`) are shared the same way: the spend of each
+-- scope that caps calls (the client's, each capped key's and tag's) is a blob
+-- in the dict (src/policy/spend.h), and every spend operation (a call's
+-- reservation before its first admission, its end, settle, charge) loads them
+-- all, acts and saves them under one lock of their own, so every worker of the
+-- nginx reserves against one cap. That lock is never taken while a key's is
+-- held. The holds of a call that ended with a 2xx stay with the worker that
+-- made it, which settles them (record_usage) or charges them in full when due.
 -- luacheck: read globals ngx
 
 local policy = require "sturdy.policy"
@@ -133,6 +142,9 @@ function M.engine(compiled)
     heads = {}, want_retries = notices.retries, want_events = notices.events,
     n_requests = 0, n_attempts = 0, n_retries = 0, n_connections = 0,
     lock_timeouts = 0, state_refused = 0, state_unsaved = 0,
+    -- spend caps: one lock, and the dict names of each scope's spend (nil: no caps)
+    spend_lock = compiled.budget and { lock = prefix .. "$lock" } or nil, spend_scopes = {},
+    spend_store = { load = function(_, scope, blob) return decider:spend_load(scope, blob) end },
   }, Engine)
 end
 
@@ -280,6 +292,47 @@ local function emit_events(self, box)
 end
 
 ---------------------------------------------------------------------------
+-- Spend caps: every scope's spend loaded and saved under one lock
+---------------------------------------------------------------------------
+
+-- The dict names of a spend scope's state (a scope name of d:spend_scopes).
+local function spend_state(self, scope)
+  local ss = self.spend_scopes[scope]
+  if not ss then
+    ss = { state = self.prefix .. "$s|" .. scope, version_key = self.prefix .. "$v|" .. scope }
+    self.spend_scopes[scope] = ss
+  end
+  return ss
+end
+
+-- fn(...) with every spend of the client's caps brought in from the dict and
+-- saved back after, under the spend lock (can_yield: as lock's); key and tag
+-- (may be nil): a charge's, whose spends must be among those loaded. Returns
+-- what fn returns (4 at most).
+local function with_spends(self, can_yield, key, tag, fn, ...)
+  local d = self.decider
+  local scopes = d:spend_scopes(key, tag) or {}
+  local held = lock(self, self.spend_lock, can_yield)
+  for i = 1, #scopes do sync_in(self, spend_state(self, scopes[i]), self.spend_store, scopes[i]) end
+  local ok, a, b, c, e = pcall(fn, ...)
+  for i = 1, #scopes do sync_out(self, spend_state(self, scopes[i]), d:spend_save(scopes[i])) end
+  unlock(self, self.spend_lock, held)
+  if not ok then error(a, 0) end
+  return a, b, c, e
+end
+
+-- The call is over: its reservation parks (its last attempt got a 2xx; r.hold
+-- says which hold to settle) or goes back. Before the call is released under
+-- its key's lock, which must not touch the spends.
+local function end_spend(self, r)
+  local call = r.call
+  if self.spend_lock and call:spend_wanted() then
+    r.hold = with_spends(self, false, nil, nil, call.spend_end, call, r.status)
+    emit_events(self, r.box)
+  end
+end
+
+---------------------------------------------------------------------------
 -- Finishing a call: its result in the shape of the curl engine's
 ---------------------------------------------------------------------------
 
@@ -313,6 +366,7 @@ end
 -- from_status }) or success (nil), and queues its "done" item.
 local function finish(self, r, failure)
   if r.done then return end
+  end_spend(self, r)
   retire(self, r)
   local call = r.call
   local _, committed, retry_after = call:info()
@@ -322,6 +376,7 @@ local function finish(self, r, failure)
     http_version = r.http_version, request_id = r.request_id,
   }
   if r.status and r.status > 0 then res.status = r.status end
+  res.hold = r.hold
   if failure then
     res.kind, res.class = failure.kind, failure.class
     res.detail = call:scrub(failure.detail or "")
@@ -393,6 +448,18 @@ end
 -- false when the call is over (refused, its deadline passed, canceled).
 local function admit(self, r)
   local call, ks = r.call, r.ks
+  if self.spend_lock and not r.reserved then
+    -- the spend caps first, under their own lock: all or nothing, once per call
+    r.reserved = true
+    local verdict, kind, class, detail = with_spends(self, true, nil, nil, call.reserve, call)
+    emit_events(self, r.box)
+    if r.done then return false end
+    if verdict == "refused" then
+      log_attempt(r, 0, kind)
+      finish(self, r, { kind = kind, class = class, detail = detail })
+      return false
+    end
+  end
   local held = lock(self, ks, true)
   if r.done then
     unlock(self, ks, held)
@@ -593,6 +660,7 @@ local function run(self, r, wait_ms)
   if not ok and not r.done then
     ngx.log(ngx.ERR, "sturdy: a call failed inside the ngx transport: ", err)
     pcall(function()
+      end_spend(self, r)
       local held = lock(self, r.ks, false)
       sync_in(self, r.ks, r.call)
       r.call:release()
@@ -610,7 +678,8 @@ local function spawn(self, r, wait_ms)
     r.thread = thread
     return
   end
-  -- no thread: the call ends at once, its slot and place given back
+  -- no thread: the call ends at once, its slot, place and reservation given back
+  end_spend(self, r)
   local held = lock(self, r.ks, false)
   sync_in(self, r.ks, r.call)
   r.call:release()
@@ -745,6 +814,7 @@ local function cancel(self, r, detail)
   if r.res then pcall(r.res.close, r.res) end
   r.res = nil
   drop_data(self, r)
+  end_spend(self, r)
   local ks = r.ks
   local held = lock(self, ks, false)
   sync_in(self, ks, r.call)
@@ -781,6 +851,11 @@ end
 function Engine:close()
   if self.closed then return end
   self:cancel_all()
+  if self.spend_lock then
+    -- the holds of replies nobody settled: charged in full now, not left reserved in the dict
+    local d = self.decider
+    with_spends(self, false, nil, nil, d.spend_close, d)
+  end
   self.closed = true
   self.decider:close()
   self.boxes, self.live, self.heads = setmetatable({}, { __mode = "k" }), {}, {}
@@ -822,6 +897,32 @@ function Engine:stats()
     connections = self.n_connections, running = running, waiting = waiting, queued = queued, done = done,
     lock_timeouts = self.lock_timeouts, state_refused = self.state_refused, state_unsaved = self.state_unsaved,
   }
+end
+
+---------------------------------------------------------------------------
+-- Spend caps: the curl engine's methods, over the spends every worker shares
+---------------------------------------------------------------------------
+
+--- engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
+-- call whose result carried `hold`, charged against the caps every worker shares.
+function Engine:settle(hold, usd, tokens)
+  local d = open_engine(self).decider
+  if not self.spend_lock then return d:settle(hold, usd, tokens) end
+  return with_spends(self, false, nil, nil, d.settle, d, hold, usd, tokens)
+end
+
+--- engine:charge(key, tag, usd, tokens) -> events: spend without a reservation.
+function Engine:charge(key, tag, usd, tokens)
+  local d = open_engine(self).decider
+  if not self.spend_lock then return d:charge(key, tag, usd, tokens) end
+  return with_spends(self, false, key, tag, d.charge, d, key, tag, usd, tokens)
+end
+
+--- engine:budget() -> the spend caps' state as every worker shares it, or nil.
+function Engine:budget()
+  local d = open_engine(self).decider
+  if not self.spend_lock then return nil end
+  return with_spends(self, false, nil, nil, d.budget, d)
 end
 
 ---------------------------------------------------------------------------
@@ -881,7 +982,8 @@ function Engine:upstream_stats(key)
   if not ks and not self.dict:get(self.prefix .. "s|" .. key) then return nil end
   ks = ks or key_state(self, key)
   sync_in(self, ks, d, key)
-  local s = d:upstream_stats(key)
+  -- a key with a spend cap shows it as every worker shares it
+  local s = self.spend_lock and with_spends(self, false, key, nil, d.upstream_stats, d, key) or d:upstream_stats(key)
   if not s then return nil end
   local me = ngx.worker.id()
   local workers = {}

@@ -505,6 +505,21 @@ static void test_spend_lifecycle(void)
     CHECK_EQ_INT(st_spend_used(&book->client, T0 + 60010, ST_SPEND_HOUR, ST_SPEND_COST), 500000);
     CHECK_EQ_INT(st_decider_spend_settle(d, id, 0.01, 0, T0 + 60011, NULL), 0); /* too late */
     CHECK_EQ_INT(book->expired, 1);
+    /* parked holds not due yet, charged in full at once when the book goes away */
+    st_call_init(&a3, d, T0, 0, 1, ST_PRIORITY_NORMAL, 0, 0);
+    st_call_spend_init(d, u, &a3, NULL, 0.25, 0, T0 + 60011);
+    st_admit(d, u, &a3, T0 + 60011, &a, NULL);
+    ended(d, u, &a3, 200, T0 + 60012);
+    id = st_call_spend_end(d, u, &a3, 200, T0 + 60012, NULL);
+    CHECK(id != 0);
+    st_spend_book_expire_all(book, T0 + 60013, NULL);
+    CHECK_EQ_INT(book->client.reserved[ST_SPEND_COST], 0);
+    CHECK_EQ_INT(st_spend_used(&book->client, T0 + 60013, ST_SPEND_HOUR, ST_SPEND_COST), 750000);
+    CHECK_EQ_INT(book->expired, 2);
+    CHECK_EQ_INT(st_decider_spend_settle(d, id, 0.01, 0, T0 + 60014, NULL), 0);
+    st_spend_book_expire(book, T0 + 200000, NULL); /* the stale entries are gone: nothing more */
+    CHECK_EQ_INT(book->expired, 2);
+    /* the cap now holds $0.75 settled */
     /* a call above the cap alone never passes; retry_after stays unset */
     st_call_init(&a4, d, T0, 0, 1, ST_PRIORITY_NORMAL, 0, 0);
     st_call_spend_init(d, u, &a4, NULL, 1.5, 0, T0 + 60020);
@@ -512,9 +527,9 @@ static void test_spend_lifecycle(void)
     CHECK_EQ_INT(a.verdict, ST_ADMIT_REFUSED);
     CHECK_EQ_INT(a4.retry_after_ms, -1);
     CHECK(strstr(a.detail, "alone is above the client's spend cap usd_per_hour") != NULL);
-    /* the rest of the cap ($0.50) is settled spend: a $0.60 call waits for it to leave the hour */
+    /* the rest of the cap ($0.25) is short of a $0.30 call: it waits for spend to leave the hour */
     st_call_init(&a4, d, T0, 0, 1, ST_PRIORITY_NORMAL, 0, 0);
-    st_call_spend_init(d, u, &a4, NULL, 0.6, 0, T0 + 60020);
+    st_call_spend_init(d, u, &a4, NULL, 0.3, 0, T0 + 60020);
     st_admit(d, u, &a4, T0 + 60020, &a, NULL);
     CHECK_EQ_INT(a.verdict, ST_ADMIT_REFUSED);
     CHECK(a4.retry_after_ms > 0 && a4.retry_after_ms <= 3600000);

@@ -488,6 +488,63 @@ static void test_random_run(void)
     CHECK(admitted > 500);
 }
 
+/* Two processes' spends of one cap, passed through the blob as a shared dict
+ * would: each sees the other's reservation and settlement; a blob of other caps,
+ * of another size or out of range is refused and leaves the spend as it was. */
+static void test_blob(void)
+{
+    st_spend_config c = caps(2 * WORST, 0, 0, 0), other = caps(3 * WORST, 0, 0, 0);
+    st_spend a, b, o;
+    st_spend_hold ha, hb, hc;
+    char blob[sizeof(st_spend) + 64];
+    int64_t actual[ST_SPEND_DIMS], ra;
+    size_t n;
+
+    st_spend_init(&a, &c, 0);
+    st_spend_init(&b, &c, 0);
+    st_spend_init(&o, &other, 0);
+    CHECK(st_spend_fingerprint(&a) == st_spend_fingerprint(&b));
+    CHECK(st_spend_fingerprint(&a) != st_spend_fingerprint(&o));
+    CHECK(st_spend_save(&a, 1, blob, st_spend_blob_size() - 1) == 0);
+
+    CHECK_EQ_INT(reserve(&a, 1000, WORST, 0, &ha, &ra), ST_SPEND_OK);
+    n = st_spend_save(&a, 1, blob, sizeof blob);
+    CHECK_EQ_INT(n, st_spend_blob_size());
+    CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_OK);
+    CHECK_EQ_INT(st_spend_reserved(&b, ST_SPEND_COST), WORST);
+    CHECK_EQ_INT(reserve(&b, 2000, WORST, 0, &hb, &ra), ST_SPEND_OK);
+    n = st_spend_save(&b, 2, blob, sizeof blob);
+    CHECK_EQ_INT(st_spend_load(&a, blob, n), ST_BLOB_OK);
+    /* the cap is full between them: a third call waits for one of them */
+    CHECK_EQ_INT(reserve(&a, 3000, 1, 0, &hc, &ra), ST_SPEND_HELD);
+    amounts(actual, WORST / 4, 0);
+    (void)st_spend_settle(&a, 4000, &ha, actual);
+    n = st_spend_save(&a, 3, blob, sizeof blob);
+    CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_OK);
+    CHECK_EQ_INT(st_spend_used(&b, 5000, ST_SPEND_HOUR, ST_SPEND_COST), WORST / 4);
+    CHECK_EQ_INT(st_spend_reserved(&b, ST_SPEND_COST), WORST);
+
+    CHECK_EQ_INT(st_spend_load(&o, blob, n), ST_BLOB_CONFIG);
+    CHECK_EQ_INT(st_spend_load(&b, blob, n - 1), ST_BLOB_SIZE);
+    CHECK_EQ_INT(st_spend_load(&b, NULL, n), ST_BLOB_SIZE);
+    blob[5] ^= 1;
+    CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_MAGIC);
+    blob[5] ^= 1;
+    {
+        st_spend bad = a;
+        bad.reserved[ST_SPEND_COST] = -1;
+        n = st_spend_save(&bad, 4, blob, sizeof blob);
+        CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_INVALID);
+        bad = a;
+        bad.win[ST_SPEND_DAY].slot_ms = SLOT_H;
+        n = st_spend_save(&bad, 5, blob, sizeof blob);
+        CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_INVALID);
+    }
+    /* refused, all of them: b is as the last good blob left it */
+    CHECK_EQ_INT(st_spend_used(&b, 5000, ST_SPEND_HOUR, ST_SPEND_COST), WORST / 4);
+    CHECK_EQ_INT(st_spend_reserved(&b, ST_SPEND_COST), WORST);
+}
+
 int main(void)
 {
     test_config();
@@ -497,5 +554,6 @@ int main(void)
     test_retry_after();
     test_warnings();
     test_random_run();
+    test_blob();
     return TEST_REPORT();
 }

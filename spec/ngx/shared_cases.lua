@@ -77,23 +77,8 @@ local function drive(args)
            blocking = package.loaded.redis ~= nil }
 end
 
-C["start"] = function(ctx)
-  local args = ctx.args
-  local results = assert(ngx.shared.results, "lua_shared_dict results is not declared")
-  results:delete(args.id)
-  local ok, err = ngx.timer.at(0, function(premature)
-    if premature then return end
-    local done, out = xpcall(drive, debug.traceback, args)
-    results:set(args.id, cjson.encode(done and out or { failed = tostring(out) }))
-  end)
-  assert(ok, err)
-  return { worker = ngx.worker.id() }
-end
-
-C["result"] = function(ctx)
-  local out = ngx.shared.results:get(ctx.args.id)
-  return out and cjson.decode(out)
-end
+local timed = require("timer_driver")(drive)
+C["start"], C["result"] = timed.start, timed.result
 
 -- The resty.redis link alone: a script on the node args.port names (a
 -- cluster node that may not hold args.key), run twice with every node's

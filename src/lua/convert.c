@@ -724,6 +724,80 @@ void sl_push_event(lua_State *L, const st_event *ev)
     }
 }
 
+/* ---- spend caps: settle, charge, state ------------------------------------ */
+
+/* Pushes the events of a spend operation as a list (empty when none). */
+static void push_events(lua_State *L, const st_events *ev)
+{
+    unsigned i;
+    lua_createtable(L, (int)ev->n, 0);
+    for (i = 0; i < ev->n; i++) {
+        sl_push_event(L, &ev->ev[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
+/* A dollar or token amount argument: a finite number >= 0 (nil: 0). */
+static double amount_arg(lua_State *L, int i, const char *what)
+{
+    lua_Number v = luaL_optnumber(L, i, 0);
+    if (!(v >= 0 && v <= 1e15))
+        sl_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
+    return v;
+}
+
+int sl_spend_settle(lua_State *L, st_decider *d, int64_t now_ms)
+{
+    lua_Number id = luaL_checknumber(L, 2);
+    double usd = amount_arg(L, 3, "the cost"), tokens = amount_arg(L, 4, "the tokens");
+    st_events ev;
+    int done = 0;
+
+    ev.n = ev.dropped = 0;
+    if (id >= 1 && id < 9007199254740992.0 && id == floor(id))
+        done = st_decider_spend_settle(d, (uint64_t)id, usd, tokens, now_ms, &ev);
+    lua_pushboolean(L, done);
+    push_events(L, &ev);
+    return 2;
+}
+
+int sl_spend_charge(lua_State *L, st_decider *d, int64_t now_ms)
+{
+    const char *key = luaL_optstring(L, 2, NULL), *tag = luaL_optstring(L, 3, NULL);
+    double usd = amount_arg(L, 4, "the cost"), tokens = amount_arg(L, 5, "the tokens");
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_decider_spend_charge(d, key ? st_decider_upstream(d, key, now_ms) : NULL, tag, usd, tokens, now_ms, &ev);
+    push_events(L, &ev);
+    return 1;
+}
+
+int sl_push_budget(lua_State *L, st_decider *d, int64_t now_ms)
+{
+    st_spend_book *b = d->spend;
+    int i;
+
+    if (b == NULL)
+        return 0;
+    lua_createtable(L, 0, 3);
+    if (b->client_capped) {
+        sl_push_spend(L, &b->client, now_ms);
+        lua_setfield(L, -2, "client");
+    }
+    lua_newtable(L);
+    for (i = 0; i < ST_SPEND_BUCKETS; i++) {
+        st_spend_named *n;
+        for (n = b->tags[i]; n; n = n->next) {
+            sl_push_spend(L, &n->spend, now_ms);
+            lua_setfield(L, -2, n->name);
+        }
+    }
+    lua_setfield(L, -2, "tags");
+    set_int(L, "expired", (double)b->expired);
+    return 1;
+}
+
 /* ---- header blocks -------------------------------------------------------- */
 
 /* Pushes name lowercased. */

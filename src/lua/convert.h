@@ -50,6 +50,19 @@ int sl_push_fleet_counts(lua_State *L, st_upstream *u, int64_t now_ms);
 /* Pushes an event as { type, key, ... }. */
 void sl_push_event(lua_State *L, const st_event *ev);
 
+/* The spend methods of both bindings, on decider d, arguments from index 2:
+ *   sl_spend_settle (hold, usd, tokens) -> settled, events: the actual cost of
+ *     a call whose result carried `hold`;
+ *   sl_spend_charge (key, tag, usd, tokens) -> events: spend without a
+ *     reservation in the scopes of the key and tag (nil: none);
+ *   sl_push_budget  () -> { client = spend?, tags = { [tag] = spend }, expired },
+ *     or nothing without spend caps.
+ * Amounts must be numbers from 0 to 1e15 (nil: 0); events are lists of
+ * sl_push_event tables. */
+int sl_spend_settle(lua_State *L, st_decider *d, int64_t now_ms);
+int sl_spend_charge(lua_State *L, st_decider *d, int64_t now_ms);
+int sl_push_budget(lua_State *L, st_decider *d, int64_t now_ms);
+
 /* Pushes the enum name lists the options schema checks against, and the
  * decision core's defaults in the compiled configuration's shape. */
 void sl_push_enums(lua_State *L);

@@ -653,43 +653,12 @@ static int l_engine_tostring(lua_State *L)
     return 1;
 }
 
-/* Pushes the events of a spend operation as a list (empty when none). */
-static void push_events(lua_State *L, const st_events *ev)
-{
-    unsigned i;
-    lua_createtable(L, (int)ev->n, 0);
-    for (i = 0; i < ev->n; i++) {
-        sl_push_event(L, &ev->ev[i]);
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-}
-
-/* A dollar or token amount argument: a finite number >= 0 (nil: 0). */
-static double amount_arg(lua_State *L, int i, const char *what)
-{
-    lua_Number v = luaL_optnumber(L, i, 0);
-    if (!(v >= 0 && v <= 1e15))
-        sl_error(L, "sturdy: %s must be a number from 0 to 1e15", what);
-    return v;
-}
-
 /* engine:settle(hold, usd, tokens) -> settled, events: the actual cost of a
  * call whose result carried `hold`. */
 static int l_engine_settle(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
-    lua_Number id = luaL_checknumber(L, 2);
-    double usd = amount_arg(L, 3, "the cost"), tokens = amount_arg(L, 4, "the tokens");
-    st_events ev;
-    int done = 0;
-
-    ev.n = ev.dropped = 0;
-    if (id >= 1 && id < 9007199254740992.0 && id == floor(id))
-        done = st_decider_spend_settle(st_engine_decider(le->e), (uint64_t)id, usd, tokens,
-                                       st_engine_now_ms(), &ev);
-    lua_pushboolean(L, done);
-    push_events(L, &ev);
-    return 2;
+    return sl_spend_settle(L, st_engine_decider(le->e), st_engine_now_ms());
 }
 
 /* engine:charge(key, tag, usd, tokens) -> events: spend without a reservation
@@ -697,16 +666,7 @@ static int l_engine_settle(lua_State *L)
 static int l_engine_charge(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
-    const char *key = luaL_optstring(L, 2, NULL), *tag = luaL_optstring(L, 3, NULL);
-    double usd = amount_arg(L, 4, "the cost"), tokens = amount_arg(L, 5, "the tokens");
-    st_decider *d = st_engine_decider(le->e);
-    int64_t now = st_engine_now_ms();
-    st_events ev;
-
-    ev.n = ev.dropped = 0;
-    st_decider_spend_charge(d, key ? st_decider_upstream(d, key, now) : NULL, tag, usd, tokens, now, &ev);
-    push_events(L, &ev);
-    return 1;
+    return sl_spend_charge(L, st_engine_decider(le->e), st_engine_now_ms());
 }
 
 /* engine:budget() -> { client = spend?, tags = { [tag] = spend } }, or nil
@@ -714,28 +674,7 @@ static int l_engine_charge(lua_State *L)
 static int l_engine_budget(lua_State *L)
 {
     l_engine *le = open_engine(L, 1);
-    st_spend_book *b = st_engine_decider(le->e)->spend;
-    int64_t now = st_engine_now_ms();
-    int i;
-
-    if (b == NULL)
-        return 0;
-    lua_createtable(L, 0, 3);
-    if (b->client_capped) {
-        sl_push_spend(L, &b->client, now);
-        lua_setfield(L, -2, "client");
-    }
-    lua_newtable(L);
-    for (i = 0; i < ST_SPEND_BUCKETS; i++) {
-        st_spend_named *n;
-        for (n = b->tags[i]; n; n = n->next) {
-            sl_push_spend(L, &n->spend, now);
-            lua_setfield(L, -2, n->name);
-        }
-    }
-    lua_setfield(L, -2, "tags");
-    set_int(L, "expired", (double)b->expired);
-    return 1;
+    return sl_push_budget(L, st_engine_decider(le->e), st_engine_now_ms());
 }
 
 /* ---- requests ------------------------------------------------------------- */

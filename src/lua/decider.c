@@ -218,6 +218,7 @@ static int l_decider_new(lua_State *L)
     ld->fingerprint = st_upstream_fingerprint(probe);
     st_upstream_free(probe);
     ld->open = 1;
+    sl_read_spend(L, 1, &ld->d, mono_ms()); /* the decider owns the book: a raise leaks nothing */
     return 1;
 }
 
@@ -307,6 +308,8 @@ static int l_decider_call(lua_State *L)
         return luaL_error(L, "sturdy: out of memory");
     st_call_init(&lc->call, &ld->d, now, req.timeout_ms[3], req.attempts, req.priority, req.tokens_in,
                  req.tokens_out);
+    st_call_spend_init(&ld->d, lc->up, &lc->call, req.tag, req.reserve_usd,
+                       req.reserve_tokens >= 0 ? req.reserve_tokens : req.tokens_in + req.tokens_out, now);
     for (i = 0; i < n; i++)
         if ((secret = sl_line_secret(lines[i], &len)) != NULL)
             keep_secret(lc, secret, len);
@@ -371,24 +374,28 @@ static int l_decider_fingerprint(lua_State *L)
 
 static const char *const blob_refusals[] = { "ok", "size", "magic", "version", "layout", "config", "invalid" };
 
-/* Loads a blob (or nil: nothing stored yet) into u: true, or false and why. */
-static int load_blob(lua_State *L, st_upstream *u, int idx)
+/* The blob argument at idx, or NULL when it is nil (nothing stored yet). */
+static const char *blob_arg(lua_State *L, int idx, size_t *len)
 {
-    size_t len;
-    const char *blob;
-    int rc;
+    return lua_isnoneornil(L, idx) ? NULL : luaL_checklstring(L, idx, len);
+}
 
-    if (lua_isnoneornil(L, idx)) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    blob = luaL_checklstring(L, idx, &len);
-    rc = st_upstream_load(u, blob, len);
+/* A load's answer: true, or false and why. */
+static int push_loaded(lua_State *L, int rc)
+{
     lua_pushboolean(L, rc == ST_BLOB_OK);
     if (rc == ST_BLOB_OK)
         return 1;
     lua_pushstring(L, blob_refusals[rc]);
     return 2;
+}
+
+/* Loads a blob (or nil: nothing stored yet) into u: true, or false and why. */
+static int load_blob(lua_State *L, st_upstream *u, int idx)
+{
+    size_t len = 0;
+    const char *blob = blob_arg(L, idx, &len);
+    return push_loaded(L, blob ? st_upstream_load(u, blob, len) : ST_BLOB_OK);
 }
 
 static int save_blob(lua_State *L, l_decider *ld, const st_upstream *u)
@@ -509,6 +516,131 @@ static int l_decider_fleet_counts(lua_State *L)
     if (u == NULL)
         return 0;
     return sl_push_fleet_counts(L, u, mono_ms());
+}
+
+/* ---- spend caps (shared by the caller as blobs) ----------------------------
+ * Every spend of the book (the client's, each capped key's and tag's) has a
+ * scope name: "c|F", "k|F|key", "t|F|tag", where F is the 16 hex digits of its
+ * caps' fingerprint (spends under other caps never share a name). The caller
+ * loads them all before a spend operation (a reservation, call:spend_end,
+ * d:settle, d:charge: any of them may charge parked holds that are due, in
+ * any scope) and saves them after, under one lock. */
+
+static void push_scope(lua_State *L, char kind, const st_spend *s, const char *name)
+{
+    uint64_t f = st_spend_fingerprint(s);
+    char head[20];
+    int i;
+
+    head[0] = kind;
+    head[1] = '|';
+    for (i = 0; i < 16; i++)
+        head[2 + i] = "0123456789abcdef"[(f >> (60 - 4 * i)) & 15];
+    head[18] = '|';
+    lua_pushlstring(L, head, name ? 19 : 18);
+    if (name) {
+        lua_pushstring(L, name);
+        lua_concat(L, 2);
+    }
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+}
+
+static void push_scope_chain(lua_State *L, char kind, st_spend_named *const *buckets)
+{
+    int i;
+    st_spend_named *n;
+    for (i = 0; i < ST_SPEND_BUCKETS; i++)
+        for (n = buckets[i]; n; n = n->next)
+            push_scope(L, kind, &n->spend, n->name);
+}
+
+/* d:spend_scopes(key, tag) -> the scope names of every spend of the book, or
+ * nil without spend caps. key and tag (may be nil) first make the spends that
+ * would cap a charge of them, so that they are among those loaded. */
+static int l_decider_spend_scopes(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    st_spend_book *b = ld->d.spend;
+    const char *key = luaL_optstring(L, 2, NULL), *tag = luaL_optstring(L, 3, NULL);
+    int64_t now = mono_ms();
+
+    if (b == NULL)
+        return 0;
+    if (key && st_decider_upstream(&ld->d, key, now) == NULL)
+        return luaL_error(L, "sturdy: out of memory");
+    if (tag)
+        (void)st_spend_book_tag(b, tag, now, NULL);
+    lua_newtable(L);
+    if (b->client_capped)
+        push_scope(L, 'c', &b->client, NULL);
+    push_scope_chain(L, 'k', b->keys);
+    push_scope_chain(L, 't', b->tags);
+    return 1;
+}
+
+/* The spend a scope name (of d:spend_scopes) names; raises for another name. */
+static st_spend *scope_spend(lua_State *L, l_decider *ld, int idx)
+{
+    size_t len;
+    const char *name = luaL_checklstring(L, idx, &len);
+    st_spend_book *b = ld->d.spend;
+    st_spend_named *n = NULL;
+
+    if (b != NULL && len == 18 && name[0] == 'c' && b->client_capped)
+        return &b->client;
+    if (b != NULL && len > 19 && (name[0] == 'k' || name[0] == 't') && name[1] == '|' && name[18] == '|')
+        n = st_spend_book_find(b, name[0] == 't' ? ST_SCOPE_TAG : ST_SCOPE_KEY, name + 19);
+    if (n == NULL)
+        luaL_error(L, "sturdy: no spend cap has the scope name '%s'", name);
+    return &n->spend;
+}
+
+/* d:spend_load(scope, blob) -> true, or false and why (as d:load); nil blob:
+ * nothing stored yet. */
+static int l_decider_spend_load(lua_State *L)
+{
+    st_spend *s = scope_spend(L, open_decider(L, 1), 2);
+    size_t len = 0;
+    const char *blob = blob_arg(L, 3, &len);
+    return push_loaded(L, blob ? st_spend_load(s, blob, len) : ST_BLOB_OK);
+}
+
+/* d:spend_save(scope) -> the spend as a blob. */
+static int l_decider_spend_save(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    st_spend *s = scope_spend(L, ld, 2);
+    char blob[sizeof(st_spend) + 64]; /* the head and the closing stamp take 28 bytes */
+    lua_pushlstring(L, blob, st_spend_save(s, ++ld->saves, blob, sizeof blob));
+    return 1;
+}
+
+/* d:spend_close(): charges in full, now, the parked holds nobody will settle
+ * once this decider is closed (its spends outlive it in the caller's store). */
+static int l_decider_spend_close(lua_State *L)
+{
+    l_decider *ld = open_decider(L, 1);
+    if (ld->d.spend != NULL)
+        st_spend_book_expire_all(ld->d.spend, mono_ms(), NULL);
+    return 0;
+}
+
+/* d:settle(hold, usd, tokens) -> settled, events (see sl_spend_settle) */
+static int l_decider_settle(lua_State *L)
+{
+    return sl_spend_settle(L, &open_decider(L, 1)->d, mono_ms());
+}
+
+/* d:charge(key, tag, usd, tokens) -> events (see sl_spend_charge) */
+static int l_decider_charge(lua_State *L)
+{
+    return sl_spend_charge(L, &open_decider(L, 1)->d, mono_ms());
+}
+
+/* d:budget() -> the spend caps' state (see sl_push_budget), or nil */
+static int l_decider_budget(lua_State *L)
+{
+    return sl_push_budget(L, &open_decider(L, 1)->d, mono_ms());
 }
 
 static void push_key(void *ud, st_upstream *u)
@@ -755,6 +887,52 @@ static int l_call_release(lua_State *L)
     return 0;
 }
 
+/* call:reserve() -> "start" | "refused", kind, class, detail: reserves the
+ * call's worst case in every spend cap that caps it (st_admit_spend), as its
+ * first admission would; "start" also when nothing caps it. With the spends
+ * loaded, before call:admit (which then reserves nothing more). */
+static int l_call_reserve(lua_State *L)
+{
+    l_call *lc = open_call(L, 1);
+    int64_t now = mono_ms();
+    st_events ev;
+
+    ev.n = ev.dropped = 0;
+    st_admit_spend(&lc->ld->d, lc->up, &lc->call, now, &lc->verdict, &ev);
+    keep_events(lc->ld, &ev);
+    return push_verdict(L, &lc->verdict, now);
+}
+
+/* call:spend_wanted() -> true when the call's spend caps still have to reserve
+ * (call:reserve) or hold its reservation (call:spend_end): a spend operation. */
+static int l_call_spend_wanted(lua_State *L)
+{
+    l_call *lc = open_call(L, 1);
+    unsigned char st = lc->call.spend.state;
+    lua_pushboolean(L, lc->ld->d.spend != NULL && (st == ST_CALL_SPEND_WANTED || st == ST_CALL_SPEND_HELD));
+    return 1;
+}
+
+/* call:spend_end(status) -> hold: the call is over, status its last attempt's
+ * (0/nil: none). A 2xx parks its reservation and returns the id to settle it
+ * by (d:settle); otherwise it is given back and nil is returned. */
+static int l_call_spend_end(lua_State *L)
+{
+    l_call *lc = open_call(L, 1);
+    lua_Number status = luaL_optnumber(L, 2, 0);
+    st_events ev;
+    uint64_t id;
+
+    ev.n = ev.dropped = 0;
+    id = st_call_spend_end(&lc->ld->d, lc->up, &lc->call, status >= 100 && status <= 999 ? (long)status : 0,
+                           mono_ms(), &ev);
+    keep_events(lc->ld, &ev);
+    if (id == 0)
+        return 0;
+    lua_pushnumber(L, (lua_Number)id);
+    return 1;
+}
+
 /* call:unqueue(): its deadline passed while queued. */
 static int l_call_unqueue(lua_State *L)
 {
@@ -890,6 +1068,13 @@ static const luaL_Reg decider_methods[] = {
     { "fleet_window", l_decider_fleet_window },
     { "share", l_decider_share },
     { "fleet_counts", l_decider_fleet_counts },
+    { "spend_scopes", l_decider_spend_scopes },
+    { "spend_load", l_decider_spend_load },
+    { "spend_save", l_decider_spend_save },
+    { "spend_close", l_decider_spend_close },
+    { "settle", l_decider_settle },
+    { "charge", l_decider_charge },
+    { "budget", l_decider_budget },
     { "close", l_decider_close },
     { NULL, NULL }
 };
@@ -902,6 +1087,9 @@ static const luaL_Reg call_methods[] = {
     { "report", l_call_report },
     { "decide", l_call_decide },
     { "release", l_call_release },
+    { "reserve", l_call_reserve },
+    { "spend_wanted", l_call_spend_wanted },
+    { "spend_end", l_call_spend_end },
     { "unqueue", l_call_unqueue },
     { "commit", l_call_commit },
     { "info", l_call_info },

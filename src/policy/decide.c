@@ -293,9 +293,7 @@ static const char *const spend_details[ST_SPEND_SCOPES][ST_SPEND_SPANS * ST_SPEN
     SPEND_SCOPE("client's"), SPEND_SCOPE("key's"), SPEND_SCOPE("tag's")
 };
 
-/* Reserves c's worst case; 0 when refused (out says why). */
-static int spend_reserve(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out,
-                         st_events *ev)
+int st_admit_spend(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out, st_events *ev)
 {
     st_spend_scope scope = ST_SCOPE_CLIENT;
     st_spend_span span = ST_SPEND_HOUR;
@@ -304,8 +302,10 @@ static int spend_reserve(st_decider *d, st_upstream *u, st_call *c, int64_t now_
     st_spend_result r;
     int64_t wait = -1;
 
-    if (d->spend == NULL) /* no book: nothing caps it */
-        return 1;
+    memset(out, 0, sizeof *out);
+    out->verdict = ST_ADMIT_START;
+    if (d->spend == NULL || c->spend.state == ST_CALL_SPEND_NONE || c->spend.state == ST_CALL_SPEND_HELD)
+        return 1; /* nothing caps it, or it holds its reservation */
     w.n = w.dropped = 0;
     if (c->spend.state == ST_CALL_SPEND_NO_ROOM) {
         refuse(out, ST_CLASS_THROTTLED, "budget_exceeded",
@@ -333,10 +333,9 @@ void st_admit(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admi
     /* FIFO: a call starts at once only when nobody waits before it, except that an
      * open breaker, or a shared place too far off, refuses at once even with
      * others queued */
-    memset(out, 0, sizeof *out);
-    if (c->spend.state != ST_CALL_SPEND_NONE && c->spend.state != ST_CALL_SPEND_HELD
-        && !spend_reserve(d, u, c, now_ms, out, ev))
+    if (!st_admit_spend(d, u, c, now_ms, out, ev))
         return;
+    memset(out, 0, sizeof *out);
     if ((u->queued == 0 || (u->breaker_enabled && st_breaker_state_now(&u->breaker) == ST_BREAKER_OPEN)
          || c->not_before_ms - now_ms > st_call_max_wait_ms(d, c, now_ms))
         && try_start(d, u, c, now_ms, out, ev))

@@ -255,6 +255,13 @@ void st_fleet_share(st_upstream *u, int64_t now_ms, double n);
  * key's cap. Call before the first call, or between calls. */
 void st_decider_set_spend(st_decider *d, st_spend_book *b, int64_t now_ms);
 
+/* The spend part of st_admit alone, for a transport that shares the spends
+ * with other processes and so reserves under a lock of its own before st_admit
+ * (which then finds the call's reservation held): reserves c's worst case and
+ * returns 1 (out->verdict ST_ADMIT_START; also when nothing caps the call or it
+ * holds its reservation already), or 0 with out refused as st_admit would. */
+int st_admit_spend(st_decider *d, st_upstream *u, st_call *c, int64_t now_ms, st_admission *out, st_events *ev);
+
 /* Sets up c's spend part: its upstream u's key cap, the tag's (NULL = none) and
  * the worst case: usd (dollars, rounded up to µUSD) and tokens. Without a book
  * the call is not capped. */

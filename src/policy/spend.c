@@ -1,6 +1,7 @@
 #include "spend.h"
 
 #include <stddef.h>
+#include <string.h>
 
 #define NONE INT64_MIN      /* slot_start of a slot that holds no period */
 #define REARM 0.9           /* a warning re-arms below this share of its line */
@@ -284,4 +285,107 @@ int64_t st_spend_used(st_spend *s, int64_t now_ms, st_spend_span span, st_spend_
 int64_t st_spend_reserved(const st_spend *s, st_spend_dim dim)
 {
     return (unsigned)dim < ST_SPEND_DIMS ? s->reserved[dim] : 0;
+}
+
+/* ---- the spend as a blob -------------------------------------------------- */
+
+static const char BLOB_MAGIC[4] = { 's', 't', 'S', '1' };
+
+typedef struct blob_head {
+    uint32_t stamp;
+    char magic[4];
+    uint32_t version, spend_size;
+    uint64_t fingerprint;
+} blob_head;
+
+uint64_t st_spend_fingerprint(const st_spend *s)
+{
+    uint64_t h = ST_FNV_OFFSET;
+    int span, dim;
+    for (span = 0; span < ST_SPEND_SPANS; span++)
+        for (dim = 0; dim < ST_SPEND_DIMS; dim++) {
+            ST_FNV_FIELD(h, s->cap[span][dim]);
+            ST_FNV_FIELD(h, s->warn_at[span][dim]);
+            ST_FNV_FIELD(h, s->rearm_below[span][dim]);
+        }
+    return h;
+}
+
+size_t st_spend_blob_size(void)
+{
+    return sizeof(blob_head) + sizeof(st_spend) + sizeof(uint32_t);
+}
+
+size_t st_spend_save(const st_spend *s, uint32_t stamp, void *out, size_t cap)
+{
+    unsigned char *p = out;
+    blob_head h;
+
+    if (cap < st_spend_blob_size())
+        return 0;
+    memset(&h, 0, sizeof h);
+    h.stamp = stamp;
+    memcpy(h.magic, BLOB_MAGIC, sizeof h.magic);
+    h.version = ST_SPEND_BLOB_VERSION;
+    h.spend_size = (uint32_t)sizeof(st_spend);
+    h.fingerprint = st_spend_fingerprint(s);
+    memcpy(p, &h, sizeof h);
+    p += sizeof h;
+    memcpy(p, s, sizeof *s);
+    p += sizeof *s;
+    memcpy(p, &stamp, sizeof stamp);
+    return st_spend_blob_size();
+}
+
+static int amount_sane(int64_t x)
+{
+    return x >= 0 && x <= ST_SPEND_MAX;
+}
+
+/* Values a blob of the right layout and caps must still hold to be used. */
+static int blob_sane(const st_spend *mine, const st_spend *b)
+{
+    int span, dim;
+    unsigned k;
+
+    for (dim = 0; dim < ST_SPEND_DIMS; dim++)
+        if (!amount_sane(b->reserved[dim]))
+            return 0;
+    for (span = 0; span < ST_SPEND_SPANS; span++) {
+        const st_spend_window *w = &b->win[span];
+        if (w->slot_ms != mine->win[span].slot_ms)
+            return 0;
+        for (dim = 0; dim < ST_SPEND_DIMS; dim++) {
+            if (!amount_sane(w->sum[dim]) || b->warned[span][dim] > 1)
+                return 0;
+            for (k = 0; k < ST_SPEND_SLOTS; k++)
+                if (!amount_sane(w->amount[k][dim]))
+                    return 0;
+        }
+    }
+    return 1;
+}
+
+int st_spend_load(st_spend *s, const void *blob, size_t len)
+{
+    const unsigned char *p = blob;
+    blob_head h;
+    st_spend b;
+
+    if (blob == NULL || len != st_spend_blob_size())
+        return ST_BLOB_SIZE;
+    memcpy(&h, p, sizeof h);
+    if (memcmp(h.magic, BLOB_MAGIC, sizeof h.magic) != 0)
+        return ST_BLOB_MAGIC;
+    if (h.version != ST_SPEND_BLOB_VERSION)
+        return ST_BLOB_VERSION;
+    if (h.spend_size != sizeof b)
+        return ST_BLOB_LAYOUT;
+    if (h.fingerprint != st_spend_fingerprint(s))
+        return ST_BLOB_CONFIG;
+    memcpy(&b, p + sizeof h, sizeof b);
+    if (!blob_sane(s, &b))
+        return ST_BLOB_INVALID;
+    *s = b;
+    return ST_BLOB_OK;
 }

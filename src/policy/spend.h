@@ -61,7 +61,10 @@
 #ifndef STURDY_SPEND_H
 #define STURDY_SPEND_H
 
+#include <stddef.h>
 #include <stdint.h>
+
+#include "blob.h"
 
 #define ST_SPEND_SLOTS 96
 #define ST_SPEND_MAX ((int64_t)1000000000000000)   /* 1e15: a billion dollars in µUSD */
@@ -126,5 +129,32 @@ unsigned st_spend_charge(st_spend *s, int64_t now_ms, const int64_t actual[ST_SP
 /* Settled spend in a span's window now, and what is reserved in flight. */
 int64_t st_spend_used(st_spend *s, int64_t now_ms, st_spend_span span, st_spend_dim dim);
 int64_t st_spend_reserved(const st_spend *s, st_spend_dim dim);
+
+/* An st_spend as a blob, for processes that reserve against one cap together
+ * (the workers of one nginx keep it in an ngx.shared dict): the windows of
+ * settled spend, the reservations in flight, the warnings given and the
+ * counters. The holds stay with the process that reserved them.
+ *
+ * Format, version ST_SPEND_BLOB_VERSION, exactly st_spend_blob_size() bytes:
+ *   stamp                       uint32, the caller's (as in upstream.h)
+ *   "stS1"                      4 bytes
+ *   version, sizeof st_spend    uint32 each
+ *   caps fingerprint            uint64 (st_spend_fingerprint)
+ *   st_spend as in memory, stamp again (uint32)
+ * in the byte order and layout of the process that wrote it: for processes of
+ * one build on one machine. st_spend_load refuses, leaving s unchanged, a blob
+ * of another length, magic, version or layout (ST_BLOB_* of blob.h), of other
+ * caps or warn lines (ST_BLOB_CONFIG), or one whose values are out of range
+ * (ST_BLOB_INVALID: negative amounts, slots of another width). Times in it are
+ * monotonic ms, which all processes of one machine share. */
+#define ST_SPEND_BLOB_VERSION 1
+
+/* FNV-1a over the caps and warning lines of s. */
+uint64_t st_spend_fingerprint(const st_spend *s);
+size_t st_spend_blob_size(void);
+/* Writes the blob into out; returns its size, or 0 when cap is too small. */
+size_t st_spend_save(const st_spend *s, uint32_t stamp, void *out, size_t cap);
+/* Replaces s with the blob's spend. Returns ST_BLOB_OK or why it was refused. */
+int st_spend_load(st_spend *s, const void *blob, size_t len);
 
 #endif

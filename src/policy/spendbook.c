@@ -374,6 +374,20 @@ void st_spend_book_expire(st_spend_book *b, int64_t now_ms, st_spend_warnings *w
     }
 }
 
+void st_spend_book_expire_all(st_spend_book *b, int64_t now_ms, st_spend_warnings *w)
+{
+    uint32_t slot;
+
+    now_ms = clock_of(b, now_ms);
+    for (slot = 0; slot < b->nparked; slot++)
+        if (b->parked[slot].used) {
+            settle_holds(&b->parked[slot].cs, b->parked[slot].cs.amount, now_ms, w);
+            b->expired++;
+            put_slot(b, slot);
+        }
+    b->fifo_head = b->fifo_len = 0; /* every entry is stale now */
+}
+
 uint64_t st_spend_book_end(st_spend_book *b, st_call_spend *cs, int billed, int64_t now_ms, st_spend_warnings *w)
 {
     uint32_t slot;

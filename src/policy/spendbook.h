@@ -168,6 +168,11 @@ void st_spend_book_charge(st_spend_book *b, st_spend_named *key, const char *tag
 /* Charges in full the parked holds due by now. */
 void st_spend_book_expire(st_spend_book *b, int64_t now_ms, st_spend_warnings *w);
 
+/* Charges in full, now, every parked hold, due or not: for a book whose
+ * spends outlive it (shared with other processes), when it goes away and
+ * nobody will settle them. */
+void st_spend_book_expire_all(st_spend_book *b, int64_t now_ms, st_spend_warnings *w);
+
 /* For a refusal's detail: the first capped span and dimension of s that
  * `amount` more would cross (reservations in flight counted); 0 when none. */
 int st_spend_binding(st_spend *s, int64_t now_ms, const int64_t amount[ST_SPEND_DIMS], st_spend_span *span,

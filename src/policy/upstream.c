@@ -136,44 +136,33 @@ typedef struct blob_head {
 
 #define BLOB_PAYLOAD (sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1 + sizeof(uint32_t))
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    size_t i;
-    for (i = 0; i < n; i++)
-        h = (h ^ b[i]) * UINT64_C(0x100000001b3);
-    return h;
-}
-
-/* Each field on its own, so padding bytes never reach the hash. */
-#define FNV_FIELD(h, x) ((h) = fnv((h), &(x), sizeof(x)))
 
 uint64_t st_upstream_fingerprint(const st_upstream *u)
 {
     const st_breaker_config *c = &u->breaker.cfg;
     uint32_t mode = (uint32_t)u->breaker.mode, enabled = (uint32_t)u->breaker_enabled;
-    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    uint64_t h = ST_FNV_OFFSET;
     int i;
 
-    FNV_FIELD(h, enabled);
-    FNV_FIELD(h, mode);
-    FNV_FIELD(h, c->window_ms);
-    FNV_FIELD(h, c->buckets);
-    FNV_FIELD(h, c->min_calls);
-    FNV_FIELD(h, c->failure_rate);
-    FNV_FIELD(h, c->slow_call_ms);
-    FNV_FIELD(h, c->slow_rate);
-    FNV_FIELD(h, c->open_ms);
-    FNV_FIELD(h, c->max_open_ms);
-    FNV_FIELD(h, c->probes);
-    FNV_FIELD(h, c->probe_timeout_ms);
-    FNV_FIELD(h, c->failure_classes);
+    ST_FNV_FIELD(h, enabled);
+    ST_FNV_FIELD(h, mode);
+    ST_FNV_FIELD(h, c->window_ms);
+    ST_FNV_FIELD(h, c->buckets);
+    ST_FNV_FIELD(h, c->min_calls);
+    ST_FNV_FIELD(h, c->failure_rate);
+    ST_FNV_FIELD(h, c->slow_call_ms);
+    ST_FNV_FIELD(h, c->slow_rate);
+    ST_FNV_FIELD(h, c->open_ms);
+    ST_FNV_FIELD(h, c->max_open_ms);
+    ST_FNV_FIELD(h, c->probes);
+    ST_FNV_FIELD(h, c->probe_timeout_ms);
+    ST_FNV_FIELD(h, c->failure_classes);
     for (i = 0; i < ST_DIM_COUNT; i++)
-        FNV_FIELD(h, u->limiter.configured[i]);
-    FNV_FIELD(h, u->limiter.burst_seconds);
-    FNV_FIELD(h, u->budget.ratio);
-    FNV_FIELD(h, u->budget.min_per_s);
-    FNV_FIELD(h, u->budget.slot_ms);
+        ST_FNV_FIELD(h, u->limiter.configured[i]);
+    ST_FNV_FIELD(h, u->limiter.burst_seconds);
+    ST_FNV_FIELD(h, u->budget.ratio);
+    ST_FNV_FIELD(h, u->budget.min_per_s);
+    ST_FNV_FIELD(h, u->budget.slot_ms);
     return h;
 }
 

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "adaptive.h"
+#include "blob.h"
 #include "breaker.h"
 #include "budget.h"
 #include "latency.h"
@@ -114,10 +115,6 @@ void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us
  * its enum, a bucket index beyond the window, more probes out than permits).
  * Times in it are monotonic ms, which all processes of one machine share. */
 #define ST_UPSTREAM_BLOB_VERSION 1
-
-enum {
-    ST_BLOB_OK = 0, ST_BLOB_SIZE, ST_BLOB_MAGIC, ST_BLOB_VERSION, ST_BLOB_LAYOUT, ST_BLOB_CONFIG, ST_BLOB_INVALID
-};
 
 /* FNV-1a over the settings the shared state depends on (see above). */
 uint64_t st_upstream_fingerprint(const st_upstream *u);
