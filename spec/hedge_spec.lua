@@ -217,7 +217,7 @@ describe("hedging", function()
 
   it("hedges concurrent streams without mixing any two", function()
     local c = claude({ hedge = { after = 0.05, max_ratio = 1 } },
-                     { headers = { ["x-mock-steps"] = "200;drip=1;slow=150;slow_share=0.5" },
+                     { headers = { ["x-mock-steps"] = "200;drip=1;slow=1000;slow_share=0.5" },
                        limits = { concurrency = 64 } })
     local streams, seen = {}, {}
     for i = 1, 40 do
