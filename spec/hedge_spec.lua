@@ -101,7 +101,10 @@ describe("hedging", function()
     assert.is_true(plain.p99 >= 1.9)
     assert.is_true(hedged.p99 * 5 <= plain.p99)
     assert.is_true(hedged.hedged <= (ratio + 0.01) * n)
-    assert.equal(n + hedged.hedged, hedged.requests)
+    -- every request past the n calls is a hedge; a hedge cancelled because its primary
+    -- answered before the hedge's request was written never reaches the mock
+    assert.is_true(hedged.requests > n and hedged.requests <= n + hedged.hedged,
+                   hedged.requests .. " requests for " .. hedged.hedged .. " hedges")
     assert.is_true(hedged.lost >= 1 and hedged.lost_cost > 0)
   end)
 
