@@ -531,6 +531,28 @@ static void test_blob(void)
     CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_MAGIC);
     blob[5] ^= 1;
     {
+        /* the frame of blob.h: the stamp at both ends, the version at 8, the
+         * layout (the size of st_spend, then zeros) at 12 */
+        uint32_t first, last, v;
+        memcpy(&first, blob, sizeof first);
+        memcpy(&last, blob + n - sizeof last, sizeof last);
+        CHECK_EQ_INT(first, 3);
+        CHECK_EQ_INT(last, 3);
+        memcpy(&v, blob + 12, sizeof v);
+        CHECK_EQ_INT(v, sizeof(st_spend));
+        v = ST_SPEND_BLOB_VERSION + 1;
+        memcpy(blob + 8, &v, sizeof v);
+        CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_VERSION);
+        v = ST_SPEND_BLOB_VERSION;
+        memcpy(blob + 8, &v, sizeof v);
+        v = 1;
+        memcpy(blob + 16, &v, sizeof v);
+        CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_LAYOUT);
+        v = 0;
+        memcpy(blob + 16, &v, sizeof v);
+        CHECK_EQ_INT(st_spend_load(&b, blob, n), ST_BLOB_OK);
+    }
+    {
         st_spend bad = a;
         bad.reserved[ST_SPEND_COST] = -1;
         n = st_spend_save(&bad, 4, blob, sizeof blob);

@@ -610,7 +610,7 @@ static int l_decider_spend_save(lua_State *L)
 {
     l_decider *ld = open_decider(L, 1);
     st_spend *s = scope_spend(L, ld, 2);
-    char blob[sizeof(st_spend) + 64]; /* the head and the closing stamp take 28 bytes */
+    char blob[sizeof(st_spend) + 64]; /* the frame takes 36 bytes */
     lua_pushlstring(L, blob, st_spend_save(s, ++ld->saves, blob, sizeof blob));
     return 1;
 }

@@ -289,14 +289,9 @@ int64_t st_spend_reserved(const st_spend *s, st_spend_dim dim)
 
 /* ---- the spend as a blob -------------------------------------------------- */
 
-static const char BLOB_MAGIC[4] = { 's', 't', 'S', '1' };
-
-typedef struct blob_head {
-    uint32_t stamp;
-    char magic[4];
-    uint32_t version, spend_size;
-    uint64_t fingerprint;
-} blob_head;
+static const st_blob_kind BLOB = {
+    { 's', 't', 'S', '1' }, ST_SPEND_BLOB_VERSION, { sizeof(st_spend), 0, 0 }, sizeof(st_spend),
+};
 
 uint64_t st_spend_fingerprint(const st_spend *s)
 {
@@ -313,28 +308,17 @@ uint64_t st_spend_fingerprint(const st_spend *s)
 
 size_t st_spend_blob_size(void)
 {
-    return sizeof(blob_head) + sizeof(st_spend) + sizeof(uint32_t);
+    return st_blob_size(&BLOB);
 }
 
 size_t st_spend_save(const st_spend *s, uint32_t stamp, void *out, size_t cap)
 {
-    unsigned char *p = out;
-    blob_head h;
+    unsigned char *p = st_blob_frame(&BLOB, st_spend_fingerprint(s), stamp, out, cap);
 
-    if (cap < st_spend_blob_size())
+    if (p == NULL)
         return 0;
-    memset(&h, 0, sizeof h);
-    h.stamp = stamp;
-    memcpy(h.magic, BLOB_MAGIC, sizeof h.magic);
-    h.version = ST_SPEND_BLOB_VERSION;
-    h.spend_size = (uint32_t)sizeof(st_spend);
-    h.fingerprint = st_spend_fingerprint(s);
-    memcpy(p, &h, sizeof h);
-    p += sizeof h;
     memcpy(p, s, sizeof *s);
-    p += sizeof *s;
-    memcpy(p, &stamp, sizeof stamp);
-    return st_spend_blob_size();
+    return st_blob_size(&BLOB);
 }
 
 static int amount_sane(int64_t x)
@@ -368,22 +352,13 @@ static int blob_sane(const st_spend *mine, const st_spend *b)
 
 int st_spend_load(st_spend *s, const void *blob, size_t len)
 {
-    const unsigned char *p = blob;
-    blob_head h;
+    int why;
+    const unsigned char *p = st_blob_payload(&BLOB, st_spend_fingerprint(s), blob, len, &why);
     st_spend b;
 
-    if (blob == NULL || len != st_spend_blob_size())
-        return ST_BLOB_SIZE;
-    memcpy(&h, p, sizeof h);
-    if (memcmp(h.magic, BLOB_MAGIC, sizeof h.magic) != 0)
-        return ST_BLOB_MAGIC;
-    if (h.version != ST_SPEND_BLOB_VERSION)
-        return ST_BLOB_VERSION;
-    if (h.spend_size != sizeof b)
-        return ST_BLOB_LAYOUT;
-    if (h.fingerprint != st_spend_fingerprint(s))
-        return ST_BLOB_CONFIG;
-    memcpy(&b, p + sizeof h, sizeof b);
+    if (p == NULL)
+        return why;
+    memcpy(&b, p, sizeof b);
     if (!blob_sane(s, &b))
         return ST_BLOB_INVALID;
     *s = b;

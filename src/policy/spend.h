@@ -135,19 +135,14 @@ int64_t st_spend_reserved(const st_spend *s, st_spend_dim dim);
  * settled spend, the reservations in flight, the warnings given and the
  * counters. The holds stay with the process that reserved them.
  *
- * Format, version ST_SPEND_BLOB_VERSION, exactly st_spend_blob_size() bytes:
- *   stamp                       uint32, the caller's (as in upstream.h)
- *   "stS1"                      4 bytes
- *   version, sizeof st_spend    uint32 each
- *   caps fingerprint            uint64 (st_spend_fingerprint)
- *   st_spend as in memory, stamp again (uint32)
- * in the byte order and layout of the process that wrote it: for processes of
- * one build on one machine. st_spend_load refuses, leaving s unchanged, a blob
+ * The frame of blob.h, magic "stS1", version ST_SPEND_BLOB_VERSION, layout the
+ * size of st_spend, fingerprint st_spend_fingerprint; the payload is st_spend
+ * as in memory. st_spend_load refuses, leaving s unchanged, a blob
  * of another length, magic, version or layout (ST_BLOB_* of blob.h), of other
  * caps or warn lines (ST_BLOB_CONFIG), or one whose values are out of range
  * (ST_BLOB_INVALID: negative amounts, slots of another width). Times in it are
  * monotonic ms, which all processes of one machine share. */
-#define ST_SPEND_BLOB_VERSION 1
+#define ST_SPEND_BLOB_VERSION 2
 
 /* FNV-1a over the caps and warning lines of s. */
 uint64_t st_spend_fingerprint(const st_spend *s);

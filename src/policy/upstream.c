@@ -125,17 +125,11 @@ void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us
 
 /* ---- the shared part as a blob -------------------------------------------- */
 
-static const char BLOB_MAGIC[4] = { 's', 't', 'U', '1' };
-
-typedef struct blob_head {
-    uint32_t stamp;
-    char magic[4];
-    uint32_t version, breaker_size, limiter_size, budget_size;
-    uint64_t fingerprint;
-} blob_head;
-
-#define BLOB_PAYLOAD (sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1 + sizeof(uint32_t))
-
+static const st_blob_kind BLOB = {
+    { 's', 't', 'U', '1' }, ST_UPSTREAM_BLOB_VERSION,
+    { sizeof(st_breaker), sizeof(st_limiter), sizeof(st_budget) },
+    sizeof(st_breaker) + sizeof(st_limiter) + sizeof(st_budget) + 1,
+};
 
 uint64_t st_upstream_fingerprint(const st_upstream *u)
 {
@@ -168,35 +162,23 @@ uint64_t st_upstream_fingerprint(const st_upstream *u)
 
 size_t st_upstream_blob_size(void)
 {
-    return sizeof(blob_head) + BLOB_PAYLOAD;
+    return st_blob_size(&BLOB);
 }
 
 size_t st_upstream_save(const st_upstream *u, uint32_t stamp, void *out, size_t cap)
 {
-    unsigned char *p = out;
-    blob_head h;
+    unsigned char *p = st_blob_frame(&BLOB, st_upstream_fingerprint(u), stamp, out, cap);
 
-    if (cap < st_upstream_blob_size())
+    if (p == NULL)
         return 0;
-    memset(&h, 0, sizeof h);
-    h.stamp = stamp;
-    memcpy(h.magic, BLOB_MAGIC, sizeof h.magic);
-    h.version = ST_UPSTREAM_BLOB_VERSION;
-    h.breaker_size = (uint32_t)sizeof(st_breaker);
-    h.limiter_size = (uint32_t)sizeof(st_limiter);
-    h.budget_size = (uint32_t)sizeof(st_budget);
-    h.fingerprint = st_upstream_fingerprint(u);
-    memcpy(p, &h, sizeof h);
-    p += sizeof h;
     memcpy(p, &u->breaker, sizeof u->breaker);
     p += sizeof u->breaker;
     memcpy(p, &u->limiter, sizeof u->limiter);
     p += sizeof u->limiter;
     memcpy(p, &u->budget, sizeof u->budget);
     p += sizeof u->budget;
-    *p++ = (unsigned char)(u->replied != 0);
-    memcpy(p, &stamp, sizeof stamp);
-    return st_upstream_blob_size();
+    *p = (unsigned char)(u->replied != 0);
+    return st_blob_size(&BLOB);
 }
 
 /* Values a blob of the right layout and settings must still hold to be used. */
@@ -219,24 +201,14 @@ static int blob_sane(const st_upstream *u, const st_breaker *b, const st_budget 
 
 int st_upstream_load(st_upstream *u, const void *blob, size_t len)
 {
-    const unsigned char *p = blob;
-    blob_head h;
+    int why;
+    const unsigned char *p = st_blob_payload(&BLOB, st_upstream_fingerprint(u), blob, len, &why);
     st_breaker b;
     st_limiter l;
     st_budget g;
 
-    if (blob == NULL || len != st_upstream_blob_size())
-        return ST_BLOB_SIZE;
-    memcpy(&h, p, sizeof h);
-    if (memcmp(h.magic, BLOB_MAGIC, sizeof h.magic) != 0)
-        return ST_BLOB_MAGIC;
-    if (h.version != ST_UPSTREAM_BLOB_VERSION)
-        return ST_BLOB_VERSION;
-    if (h.breaker_size != sizeof b || h.limiter_size != sizeof l || h.budget_size != sizeof g)
-        return ST_BLOB_LAYOUT;
-    if (h.fingerprint != st_upstream_fingerprint(u))
-        return ST_BLOB_CONFIG;
-    p += sizeof h;
+    if (p == NULL)
+        return why;
     memcpy(&b, p, sizeof b);
     p += sizeof b;
     memcpy(&l, p, sizeof l);

@@ -92,20 +92,10 @@ void st_upstream_record_latency(st_upstream *u, int64_t now_ms, uint64_t ttfb_us
  * has come back (slow start). Latency windows, the in-flight count, the queue and
  * the counters stay with each process.
  *
- * Format, version ST_UPSTREAM_BLOB_VERSION, exactly st_upstream_blob_size() bytes:
- *   stamp                       uint32, the caller's (see below)
- *   "stU1"                      4 bytes
- *   version                     uint32
- *   sizeof st_breaker, sizeof st_limiter, sizeof st_budget   uint32 each
- *   config fingerprint          uint64 (st_upstream_fingerprint)
- *   st_breaker, st_limiter, st_budget as in memory, one byte `replied`,
- *   stamp again                 uint32
- * in the byte order and layout of the process that wrote it: a blob is for
- * processes of one build on one machine, never for storage or the network.
- * The stamp (a save counter, say) opens and closes the blob so that successive
- * blobs differ in their first and last bytes: Lua interns a long string by a
- * hash of a few of its bytes, and blobs alike there would all share one hash
- * chain, making each new one cost a comparison with every other alive.
+ * The frame of blob.h, magic "stU1", version ST_UPSTREAM_BLOB_VERSION, layout
+ * the sizes of st_breaker, st_limiter and st_budget, fingerprint
+ * st_upstream_fingerprint; the payload is st_breaker, st_limiter, st_budget as
+ * in memory and one byte `replied`.
  *
  * st_upstream_load refuses, leaving u unchanged, a blob of another length, magic,
  * version or struct size (another build: after a binary upgrade the old workers'
