@@ -34,7 +34,10 @@ local policy = require "sturdy.policy"
 
 local shared = {}
 
-local monotime = policy.monotime
+--- The monotonic clock (seconds) leases and breaker syncs keep time by;
+-- specs put a virtual one here.
+shared.clock = policy.monotime
+local function monotime() return shared.clock() end
 local floor, ceil, max, min, huge = math.floor, math.ceil, math.max, math.min, math.huge
 local type, tonumber, tostring, pairs, ipairs = type, tonumber, tostring, pairs, ipairs
 local format = string.format
