@@ -401,10 +401,11 @@ describe("sturdy.shared", function()
     end
     -- a lease is at most the key's calls of the last second: on the scope's
     -- clock, stopped here, so a machine that stalls cannot shrink it
-    local scope, real_clock = require "sturdy.shared", require("sturdy.shared").clock
+    local shared_module = require "sturdy.shared"
+    local real_clock = shared_module.clock
     local stopped = real_clock()
-    scope.clock = function() return stopped end
-    finally(function() scope.clock = real_clock end)
+    shared_module.clock = function() return stopped end
+    finally(function() shared_module.clock = real_clock end)
     -- 1, 2, then 4
     conn:config("resetstat")
     for _ = 1, 4 do assert(c:request(post { path = "/echo" })) end

@@ -34,8 +34,8 @@ local policy = require "sturdy.policy"
 
 local shared = {}
 
---- The monotonic clock (seconds) leases and breaker syncs keep time by;
--- specs put a virtual one here.
+--- The monotonic clock (seconds) every scope keeps time by (leases, breaker
+-- syncs, the local share while Redis is away); specs put a virtual one here.
 shared.clock = policy.monotime
 local function monotime() return shared.clock() end
 local floor, ceil, max, min, huge = math.floor, math.ceil, math.max, math.min, math.huge
